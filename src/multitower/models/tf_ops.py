@@ -1,0 +1,228 @@
+"""TensorFlow-exact building blocks on NCHW tensors: "SAME" convolution and max
+pooling, tf.nn.lrn and tf.truncated_normal_initializer.
+
+PyTorch's look-alikes compute different functions: symmetric `padding=1` shifts the
+3x3/2 pooling windows by one pixel (TF puts the extra padding on the bottom/right),
+and nn.LocalResponseNorm divides alpha by the window size. These ops reproduce TF's
+arithmetic so that a TF checkpoint gives the same logits here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from multitower.errors import UserError
+
+
+def _pair(value: int | tuple[int, int], what: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
+        raise UserError(f"{what} must be a positive int or a pair of them, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TF "SAME" padding of one spatial axis: (before, after).
+
+    out = ceil(size / stride); total = max((out - 1) * stride + kernel - size, 0);
+    before = total // 2 and the odd pixel, if any, goes after (bottom/right).
+    """
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def same_output_size(size: int, stride: int) -> int:
+    """Spatial size after a TF "SAME" conv or pool: ceil(size / stride)."""
+    return -(-size // stride)
+
+
+def truncated_normal_(tensor: torch.Tensor, stddev: float, mean: float = 0.0) -> torch.Tensor:
+    """tf.truncated_normal_initializer: a normal cut at 2 stddev (values beyond are
+    redrawn in TF; torch samples the same truncated distribution by inverse CDF)."""
+    return nn.init.trunc_normal_(tensor, mean=mean, std=stddev, a=mean - 2 * stddev, b=mean + 2 * stddev)
+
+
+def conv2d_same(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+) -> torch.Tensor:
+    """tf.nn.conv2d(padding="SAME") on NCHW input with an OIHW weight."""
+    sh, sw = _pair(stride, "stride")
+    kh, kw = weight.shape[-2:]
+    top, bottom = same_padding(x.shape[-2], kh, sh)
+    left, right = same_padding(x.shape[-1], kw, sw)
+    if top == bottom and left == right:
+        # Symmetric: the conv pads on the fly, no extra pass over memory.
+        return F.conv2d(x, weight, bias, (sh, sw), padding=(top, left))
+    return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, (sh, sw))
+
+
+def _ceil_mode_is_same(size: int, kernel: int, stride: int, before: int) -> bool:
+    """Whether max_pool2d(padding=before, ceil_mode=True) has TF's SAME windows.
+
+    Torch's windows start at i*stride - before, like TF's, and are clipped to the
+    input (padding never wins, exactly like TF's -inf padding); the only possible
+    differences are the number of windows and torch's limit padding <= kernel // 2.
+    """
+    if before > kernel // 2:
+        return False
+    out = -(-(size + 2 * before - kernel) // stride) + 1
+    if (out - 1) * stride >= size + before:  # torch drops a window starting in the padding
+        out -= 1
+    return out == same_output_size(size, stride)
+
+
+def max_pool2d_same(
+    x: torch.Tensor,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int],
+) -> torch.Tensor:
+    """tf.nn.max_pool(padding="SAME") on NCHW input, in one pass where possible."""
+    kh, kw = _pair(kernel_size, "kernel_size")
+    sh, sw = _pair(stride, "stride")
+    h, w = x.shape[-2:]
+    top, bottom = same_padding(h, kh, sh)
+    left, right = same_padding(w, kw, sw)
+    if _ceil_mode_is_same(h, kh, sh, top) and _ceil_mode_is_same(w, kw, sw, left):
+        # ceil_mode lets the last window hang over the bottom/right edge, which is
+        # TF's extra after-padding (24->12 and 12->6 for 3x3/2 take this path).
+        return F.max_pool2d(x, (kh, kw), (sh, sw), padding=(top, left), ceil_mode=True)
+    x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
+    return F.max_pool2d(x, (kh, kw), (sh, sw))
+
+
+def _channel_window_sum(t: torch.Tensor, radius: int) -> torch.Tensor:
+    """s[:, c] = sum of t[:, c'] for |c' - c| <= radius, c' within the channels."""
+    s = t.clone()
+    for k in range(1, radius + 1):
+        s[:, k:] += t[:, :-k]
+        s[:, :-k] += t[:, k:]
+    return s
+
+
+class _ChannelWindowSum(torch.autograd.Function):
+    # The window sum is a symmetric band matrix over channels, so its backward is the
+    # same sum applied to the gradient. Done by hand because autograd through the
+    # in-place slice adds is slower, and avg_pool3d over [N, 1, C, H, W] is ~3x slower
+    # still on CPU.
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, radius: int) -> torch.Tensor:
+        ctx.radius = radius
+        return _channel_window_sum(t, radius)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _channel_window_sum(grad, ctx.radius), None
+
+
+def lrn(
+    x: torch.Tensor,
+    depth_radius: int = 5,
+    bias: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """tf.nn.lrn over the channel axis of NCHW input (TF's defaults).
+
+    sqr_sum[c] = sum of x[c']**2 for c' in [c - r, c + r] clipped to the channels;
+    out = x / (bias + alpha * sqr_sum) ** beta. Alpha is not divided by the window
+    size (nn.LocalResponseNorm does divide).
+    """
+    if x.dim() != 4:
+        raise UserError(f"lrn expects NCHW input, got shape {tuple(x.shape)}")
+    sqr_sum = _ChannelWindowSum.apply(x * x, depth_radius)
+    return x * torch.pow(sqr_sum.mul(alpha).add_(bias), -beta)
+
+
+class Conv2dSame(nn.Module):
+    """Conv2d with TF "SAME" padding, truncated-normal weights and constant biases.
+
+    Parameters keep PyTorch's OIHW layout; see cifar10_tf.load_tensorflow_weights
+    for TF's HWIO."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        stddev: float = 5e-2,
+        bias_init: float = 0.0,
+    ):
+        super().__init__()
+        kh, kw = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.stddev = stddev
+        self.bias_init = bias_init
+        # Stride 1 with an odd kernel pads (k-1)/2 on each side whatever the input size.
+        self.static_padding = (
+            ((kh - 1) // 2, (kw - 1) // 2) if self.stride == (1, 1) and kh % 2 and kw % 2 else None
+        )
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kh, kw))
+        self.bias = nn.Parameter(torch.empty(out_channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        truncated_normal_(self.weight, self.stddev)
+        nn.init.constant_(self.bias, self.bias_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.static_padding is not None:
+            return F.conv2d(x, self.weight, self.bias, self.stride, padding=self.static_padding)
+        return conv2d_same(x, self.weight, self.bias, self.stride)
+
+    def extra_repr(self) -> str:
+        o, i, kh, kw = self.weight.shape
+        return f"{i}, {o}, kernel_size=({kh}, {kw}), stride={self.stride}, padding=SAME"
+
+
+class MaxPool2dSame(nn.Module):
+    """tf.nn.max_pool with "SAME" padding."""
+
+    def __init__(self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int]):
+        super().__init__()
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return max_pool2d_same(x, self.kernel_size, self.stride)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding=SAME"
+
+
+class LRN(nn.Module):
+    """tf.nn.lrn as a module (TF's argument names and defaults)."""
+
+    def __init__(self, depth_radius: int = 5, bias: float = 1.0, alpha: float = 1.0, beta: float = 0.5):
+        super().__init__()
+        if not isinstance(depth_radius, int) or depth_radius < 0:
+            raise UserError(f"LRN depth_radius must be an int >= 0, got {depth_radius!r}")
+        self.depth_radius = depth_radius
+        self.bias = bias
+        self.alpha = alpha
+        self.beta = beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lrn(x, self.depth_radius, self.bias, self.alpha, self.beta)
+
+    def extra_repr(self) -> str:
+        return f"depth_radius={self.depth_radius}, bias={self.bias}, alpha={self.alpha:.6g}, beta={self.beta}"
+
+
+__all__ = [
+    "LRN",
+    "Conv2dSame",
+    "MaxPool2dSame",
+    "conv2d_same",
+    "lrn",
+    "max_pool2d_same",
+    "same_output_size",
+    "same_padding",
+    "truncated_normal_",
+]
