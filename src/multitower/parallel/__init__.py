@@ -1,0 +1,7 @@
+"""Parallel training strategies, one module each, behind parallel.base.Strategy."""
+
+from multitower.parallel.single import Single
+from multitower.parallel.sync import Sync
+
+# The registry is a plain dict: name -> class taking (ParallelConfig, device, loss_fn).
+STRATEGIES = {"single": Single, "sync": Sync}

@@ -1,0 +1,5 @@
+import sys
+
+from multitower.cli import main
+
+sys.exit(main())

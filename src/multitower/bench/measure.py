@@ -1,0 +1,62 @@
+"""Honest timing: warm-up excluded, median of repetitions, the machine described in JSON."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def median_rate(run_once: Callable[[], int], *, repetitions: int = 5, warmup: int = 1) -> dict:
+    """Call `run_once` (which returns the number of items it processed) warmup + repetitions
+    times; report items/sec of each timed repetition and their median."""
+    for _ in range(warmup):
+        run_once()
+    rates = []
+    for _ in range(repetitions):
+        start = time.perf_counter()
+        items = run_once()
+        rates.append(items / (time.perf_counter() - start))
+    return {"median": statistics.median(rates), "all": rates}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    """Hardware, versions and revision, recorded with every benchmark result."""
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+            "python": platform.python_version(), "git": git_revision(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return info
+
+
+def write_json(path: str | Path, result: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

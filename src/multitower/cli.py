@@ -1,0 +1,258 @@
+"""`multitower` command line: argparse subcommands -> a Config or arguments -> one call.
+
+Every user mistake ends with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from multitower.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig
+from multitower.errors import UserError
+
+# Where the demo looks for the real CIFAR-10 images when no imported data set exists.
+SHARED_CIFAR10 = Path("../shared/datasets/cifar10-jpeg/train")
+
+
+def _whole_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    return value
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    d, m, o, par, r = DataConfig(), ModelConfig(), OptimConfig(), ParallelConfig(), RunConfig()
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=d.dir, help="data-set directory made by `multitower data` (required for train)")
+    g.add_argument("--label", default=d.label, choices=["fine", "coarse"], help="CIFAR-100 label byte (default: %(default)s)")
+    g.add_argument("--batch-size", type=_whole_number, default=d.batch_size,
+                   help="global batch, examples per step over all workers (default: %(default)s)")
+    g.add_argument("--prefetch", type=_whole_number, default=d.prefetch, help="batches prepared ahead (default: %(default)s)")
+    g.add_argument("--eval-split", default=d.eval_split, help="split evaluated by `eval` (default: %(default)s)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=m.name, help="model name (default: %(default)s)")
+    g.add_argument("--width", type=_whole_number, default=m.width, help="channel multiplier (default: %(default)s)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=o.lr, help="initial learning rate (default: %(default)s)")
+    g.add_argument("--lr-decay-factor", type=float, default=o.lr_decay_factor, help="staircase decay factor (default: %(default)s)")
+    g.add_argument("--epochs-per-decay", type=float, default=o.epochs_per_decay, help="epochs between decays (default: %(default)s)")
+    g.add_argument("--ema-decay", type=float, default=o.ema_decay, help="weight moving-average decay (default: %(default)s)")
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--strategy", default=par.strategy,
+                   help="how workers cooperate: single, sync; auto = single for 1 worker, sync for more "
+                        "(default: %(default)s)")
+    g.add_argument("--workers", type=_whole_number, default=par.workers, help="worker processes (default: %(default)s)")
+    g.add_argument("--device", default=par.device, choices=["auto", "cpu", "cuda"], help="device (default: %(default)s)")
+    g.add_argument("--threads", type=_whole_number, default=par.threads,
+                   help="CPU threads per worker, 0 = cores / workers (default: %(default)s)")
+    g.add_argument("--grad-compression", default=par.grad_compression, choices=["none", "bf16", "powersgd"],
+                   help="gradient all-reduce compression, sync strategy (default: %(default)s)")
+    g.add_argument("--accumulate", type=_whole_number, default=par.accumulate,
+                   help="micro-batches per step per worker, one all-reduce (default: %(default)s)")
+    g.add_argument("--timeout", type=float, default=par.timeout_s,
+                   help="seconds a collective waits for a silent rank before failing (default: %(default)s)")
+    g.add_argument("--max-restarts", type=_whole_number, default=par.max_restarts,
+                   help="restarts of the worker group after a failure, resuming from the last checkpoint "
+                        "(default: %(default)s)")
+    g = p.add_argument_group("run")
+    g.add_argument("--run-dir", default=r.run_dir, help="run directory (default: %(default)s)")
+    g.add_argument("--steps", type=_whole_number, default=r.steps, help="total training steps (default: %(default)s)")
+    g.add_argument("--seed", type=_whole_number, default=r.seed, help="seed of weights, data order, distortions (default: %(default)s)")
+    g.add_argument("--log-every", type=_whole_number, default=r.log_every, help="steps between log lines (default: %(default)s)")
+    g.add_argument("--summary-every", type=_whole_number, default=r.summary_every,
+                   help="steps between TensorBoard summaries, 0 = off (default: %(default)s)")
+    g.add_argument("--checkpoint-every", type=_whole_number, default=r.checkpoint_every,
+                   help="steps between checkpoints (default: %(default)s)")
+    g.add_argument("--keep-checkpoints", type=_whole_number, default=r.keep_checkpoints,
+                   help="newest checkpoints kept (default: %(default)s)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    g.add_argument("--progress", default=r.progress, choices=["auto", "on", "off"],
+                   help="progress bar; auto = only on a terminal (default: %(default)s)")
+    g.add_argument("--dry-run", action="store_true", help="check the configuration and data, then exit")
+
+
+def config_from_args(a: argparse.Namespace) -> Config:
+    return Config(
+        data=DataConfig(dir=a.data, label=a.label, batch_size=a.batch_size, prefetch=a.prefetch, eval_split=a.eval_split),
+        model=ModelConfig(name=a.model, width=a.width),
+        optim=OptimConfig(lr=a.lr, lr_decay_factor=a.lr_decay_factor, epochs_per_decay=a.epochs_per_decay,
+                          ema_decay=a.ema_decay),
+        parallel=ParallelConfig(strategy=a.strategy, workers=a.workers, device=a.device, threads=a.threads,
+                                grad_compression=a.grad_compression, accumulate=a.accumulate,
+                                timeout_s=a.timeout, max_restarts=a.max_restarts),
+        run=RunConfig(run_dir=a.run_dir, steps=a.steps, seed=a.seed, log_every=a.log_every,
+                      summary_every=a.summary_every, checkpoint_every=a.checkpoint_every,
+                      keep_checkpoints=a.keep_checkpoints, resume=a.resume, progress=a.progress),
+    ).validate()
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    cfg = config_from_args(a)
+    if not cfg.data.dir:
+        raise UserError("--data is required: make one with `multitower data import|download|synth`, "
+                        "or run `multitower demo`")
+    from multitower.parallel import STRATEGIES
+    if cfg.parallel.strategy not in ("auto", *STRATEGIES):
+        raise UserError(f"unknown --strategy {cfg.parallel.strategy!r}; known: auto, {', '.join(STRATEGIES)}")
+    from multitower.launch import in_launched_worker, launch
+    if a.dry_run:
+        print(preflight(cfg))
+        return
+    if cfg.parallel.workers > 1 and not in_launched_worker():
+        preflight(cfg)
+        result = launch(cfg)
+    else:
+        from multitower.train.loop import train
+        result = train(cfg).__dict__
+        if int(os.environ.get("RANK", 0)) != 0:
+            return
+    print(f"done: step {result['step']}, loss {result['loss']:.3f}, {result['wall_time_s']:.1f} s, "
+          f"{result['examples_per_sec']:.1f} examples/sec")
+
+
+def preflight(cfg: Config) -> str:
+    """Everything train() checks before the first step, without touching the run
+    directory; run before workers start, so that a bad flag fails once, here."""
+    from multitower.data.records import open_dataset
+    from multitower.models import build_model
+    from multitower.train.loop import check_run_dir, describe_data, resolve_device
+    dataset = open_dataset(cfg.data.dir, label=cfg.data.label)
+    split = dataset.split("train")
+    device = resolve_device(cfg.parallel.device)
+    model = build_model(cfg.model.name, num_classes=dataset.fmt.num_classes, width=cfg.model.width)
+    check_run_dir(Path(cfg.run.run_dir), cfg)
+    params = sum(p.numel() for p in model.parameters())
+    return (f"{describe_data(dataset)}\n"
+            f"dry run: {cfg.model.name} ({params:,} parameters) on {device}, {len(split)} training examples, "
+            f"global batch {cfg.data.batch_size}, {cfg.run.steps} steps, strategy {cfg.parallel.strategy} "
+            f"x {cfg.parallel.workers}; run dir {cfg.run.run_dir}")
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from multitower import eval as evaluation
+    if a.once:
+        result = evaluation.evaluate_run(a.run_dir, split=a.split, step=a.step, data_dir=a.data, device=a.device,
+                                         batch_size=a.batch_size, use_ema=not a.raw_weights)
+        print(result.table())
+    else:
+        evaluation.watch(a.run_dir, interval_s=a.interval, split=a.split, data_dir=a.data, device=a.device,
+                         batch_size=a.batch_size, max_evals=a.max_evals)
+
+
+def cmd_data(a: argparse.Namespace) -> None:
+    from multitower.data import sources
+    if a.data_command == "download":
+        ds = sources.download_cifar10(a.out, url=a.url, md5=a.md5)
+    elif a.data_command == "import":
+        ds = sources.import_imagefolder(a.src, a.out, val=a.val, seed=a.seed, workers=a.workers or None)
+    else:
+        ds = sources.make_synthetic(a.out, train=a.train, val=a.val, seed=a.seed)
+    counts = ", ".join(f"{name} {len(ds.split(name))}" for name in ds.splits)
+    label = " (GENERATED data)" if ds.generated else ""
+    print(f"wrote {ds.root}{label}: {counts} examples, {len(ds.class_names)} classes")
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    """The README's main job: find or make a data set, train briefly, evaluate once."""
+    from multitower.data import sources
+    from multitower.data.records import open_dataset
+    from multitower.eval import evaluate_run
+    from multitower.train.loop import train
+    data_dir = Path(a.data_root) / "cifar10"
+    synth_dir = Path(a.data_root) / "synthetic"
+    if (data_dir / "multitower.json").exists():
+        chosen = data_dir
+    elif a.cifar_images.is_dir():
+        print(f"importing CIFAR-10 from {a.cifar_images} into {data_dir} (once; ~1 min)", flush=True)
+        sources.import_imagefolder(a.cifar_images, data_dir, val=5000, seed=0)
+        chosen = data_dir
+    else:
+        print(f"no CIFAR-10 found at {a.cifar_images}: using GENERATED data instead", flush=True)
+        if not (synth_dir / "multitower.json").exists():
+            sources.make_synthetic(synth_dir)
+        chosen = synth_dir
+    run_dir = Path(a.run_dir)
+    resume = (run_dir / "config.json").exists()
+    cfg = Config(data=DataConfig(dir=str(chosen)),
+                 run=RunConfig(run_dir=str(run_dir), steps=a.steps, resume=resume,
+                               checkpoint_every=max(1, a.steps // 2))).validate()
+    result = train(cfg)
+    print(f"trained {result.step} steps in {result.wall_time_s:.1f} s ({result.examples_per_sec:.1f} examples/sec)")
+    evaluation = evaluate_run(run_dir)
+    print(evaluation.table())
+    if open_dataset(chosen).generated:
+        print("note: these figures are on GENERATED data, not CIFAR-10")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multitower", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model")
+    add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's checkpoints (moving-average weights)")
+    p.add_argument("run_dir", help="run directory written by train")
+    p.add_argument("--once", action="store_true", help="evaluate the newest checkpoint and exit")
+    p.add_argument("--interval", type=float, default=60.0, help="seconds between looks for new checkpoints (default: %(default)s)")
+    p.add_argument("--max-evals", type=_whole_number, default=None, help="stop after this many evaluations")
+    p.add_argument("--split", default=None, help="split to evaluate (default: the run's --eval-split)")
+    p.add_argument("--step", type=_whole_number, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--data", default=None, help="data-set directory (default: the run's)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default: %(default)s)")
+    p.add_argument("--batch-size", type=_whole_number, default=500, help="examples per batch (default: %(default)s)")
+    p.add_argument("--raw-weights", action="store_true", help="evaluate the trained weights, not their moving average")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="make a data set: download, import an image folder, or generate")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SOURCE")
+    from multitower.data.sources import CIFAR10_MD5, CIFAR10_URL
+    q = data_sub.add_parser("download", help="download the official CIFAR-10 binary release (checksum-verified)")
+    q.add_argument("--out", required=True, help="new directory for the data set")
+    q.add_argument("--url", default=CIFAR10_URL, help="tarball address (default: the official one)")
+    q.add_argument("--md5", default=CIFAR10_MD5, help="expected MD5 of the tarball (default: the official one)")
+    q = data_sub.add_parser("import", help="convert an ImageFolder tree (class sub-folders) to the record format")
+    q.add_argument("src", help="folder with one sub-folder of images per class")
+    q.add_argument("--out", required=True, help="new directory for the data set")
+    q.add_argument("--val", type=_whole_number, default=5000, help="images held out as the val split (default: %(default)s)")
+    q.add_argument("--seed", type=_whole_number, default=0, help="seed of the val split (default: %(default)s)")
+    q.add_argument("--workers", type=_whole_number, default=0, help="decoding processes, 0 = all cores (default: %(default)s)")
+    q = data_sub.add_parser("synth", help="generate a learnable synthetic data set (labelled as generated)")
+    q.add_argument("--out", required=True, help="new directory for the data set")
+    q.add_argument("--train", type=_whole_number, default=20000, help="training images (default: %(default)s)")
+    q.add_argument("--val", type=_whole_number, default=2000, help="validation images (default: %(default)s)")
+    q.add_argument("--seed", type=_whole_number, default=0, help="generator seed (default: %(default)s)")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("demo", help="the README's main job: a short real training run plus evaluation")
+    p.add_argument("--run-dir", default="runs/demo", help="run directory (default: %(default)s)")
+    p.add_argument("--steps", type=_whole_number, default=300, help="training steps (default: %(default)s)")
+    p.add_argument("--data-root", default="data", help="where data sets are kept (default: %(default)s)")
+    p.add_argument("--cifar-images", type=Path, default=SHARED_CIFAR10,
+                   help="CIFAR-10 ImageFolder to import when present (default: %(default)s)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"multitower: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("multitower: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The whole configuration of a run as nested dataclasses: one place for defaults.
+
+Every field has a real default and says its unit. `validate()` raises a one-line
+UserError naming the bad value. The resolved configuration is written into the
+run directory (config.json) and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from multitower.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""
+    """Data-set directory in the CIFAR record format (see `multitower data`).
+    Empty: the train command refuses; the demo finds or generates one."""
+    label: str = "fine"
+    """CIFAR-100 only: which label byte to train on, "fine" (100 classes) or "coarse" (20)."""
+    batch_size: int = 128
+    """Global batch in examples per synchronous step, summed over all workers (tutorial: 128)."""
+    prefetch: int = 2
+    """Batches prepared ahead by the background thread of each worker."""
+    eval_split: str = "val"
+    """Split that `eval` uses by default: "val" (import/synth) or "test" (official download)."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cifar10-tf"
+    """Model from the registry in multitower.models."""
+    width: int = 1
+    """Channel/unit multiplier of cifar10-tf (1 = the tutorial's network)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    """Initial learning rate (tutorial INITIAL_LEARNING_RATE)."""
+    lr_decay_factor: float = 0.1
+    """Staircase decay factor (tutorial LEARNING_RATE_DECAY_FACTOR)."""
+    epochs_per_decay: float = 350.0
+    """Epochs between decays, converted to steps as the tutorial does (NUM_EPOCHS_PER_DECAY)."""
+    ema_decay: float = 0.9999
+    """Decay of the moving average of the weights used for evaluation (MOVING_AVERAGE_DECAY)."""
+    loss_average_decay: float = 0.9
+    """Decay of the moving average of the losses shown in logs and summaries."""
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "auto"
+    """How workers cooperate: a key of multitower.parallel.STRATEGIES, or "auto"
+    (single for one worker, sync for several)."""
+    workers: int = 1
+    """Worker processes on this machine (one per GPU on CUDA)."""
+    device: str = "auto"
+    """"auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
+    threads: int = 0
+    """Intra-op CPU threads per worker; 0 = the machine's cores divided among the workers."""
+    grad_compression: str = "none"
+    """Gradient all-reduce compression (sync): "none", "bf16" (half the bytes) or "powersgd" (rank 1)."""
+    accumulate: int = 1
+    """Micro-batches per step on each worker; gradients are all-reduced once, after the last."""
+    timeout_s: float = 300.0
+    """Seconds a collective may wait for a silent rank before the job fails."""
+    max_restarts: int = 0
+    """Times the launcher restarts the worker group after a failure (resuming from the last checkpoint)."""
+
+    def resolved_strategy(self, world_size: int) -> str:
+        if self.strategy != "auto":
+            return self.strategy
+        return "sync" if world_size > 1 else "single"
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/cifar10"
+    """Directory of this run: config, checkpoints, events, metrics."""
+    steps: int = 2000
+    """Total synchronous training steps (global_step at the end)."""
+    seed: int = 0
+    """Seed of the initial weights, the data order and the distortions."""
+    log_every: int = 10
+    """Steps between log lines and metrics.jsonl records (tutorial: 10)."""
+    summary_every: int = 100
+    """Steps between TensorBoard summaries (tutorial: 100); 0 disables them."""
+    checkpoint_every: int = 1000
+    """Steps between checkpoints (tutorial: 1000); one is always written at the end."""
+    keep_checkpoints: int = 5
+    """How many of the newest checkpoints to keep."""
+    resume: bool = False
+    """Continue the run found in run_dir instead of refusing to touch it."""
+    progress: str = "auto"
+    """Progress bar: "auto" (only on an interactive terminal), "on" or "off"."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "Config":
+        """Raise UserError for the first impossible setting; return self."""
+        positive = {
+            "--batch-size": self.data.batch_size,
+            "--steps": self.run.steps,
+            "--log-every": self.run.log_every,
+            "--checkpoint-every": self.run.checkpoint_every,
+            "--keep-checkpoints": self.run.keep_checkpoints,
+            "--workers": self.parallel.workers,
+            "--width": self.model.width,
+            "--prefetch": self.data.prefetch,
+        }
+        for flag, value in positive.items():
+            if value < 1:
+                raise UserError(f"{flag} must be at least 1, got {value}")
+        if self.run.summary_every < 0:
+            raise UserError(f"--summary-every must be 0 (off) or positive, got {self.run.summary_every}")
+        if self.parallel.accumulate < 1:
+            raise UserError(f"--accumulate must be at least 1, got {self.parallel.accumulate}")
+        if self.parallel.grad_compression not in ("none", "bf16", "powersgd"):
+            raise UserError(f"--grad-compression must be none, bf16 or powersgd, got {self.parallel.grad_compression!r}")
+        if not self.parallel.timeout_s > 0:
+            raise UserError(f"--timeout must be positive seconds, got {self.parallel.timeout_s}")
+        if self.parallel.max_restarts < 0:
+            raise UserError(f"--max-restarts must be 0 or more, got {self.parallel.max_restarts}")
+        if self.parallel.threads < 0:
+            raise UserError(f"--threads must be 0 (automatic) or positive, got {self.parallel.threads}")
+        if not self.optim.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.optim.lr}")
+        if not 0 < self.optim.lr_decay_factor <= 1:
+            raise UserError(f"--lr-decay-factor must be in (0, 1], got {self.optim.lr_decay_factor}")
+        if not self.optim.epochs_per_decay > 0:
+            raise UserError(f"--epochs-per-decay must be positive, got {self.optim.epochs_per_decay}")
+        if not 0 <= self.optim.ema_decay < 1:
+            raise UserError(f"--ema-decay must be in [0, 1), got {self.optim.ema_decay}")
+        if self.parallel.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"--device must be auto, cpu or cuda, got {self.parallel.device!r}")
+        if self.data.label not in ("fine", "coarse"):
+            raise UserError(f"--label must be fine or coarse, got {self.data.label!r}")
+        if self.run.progress not in ("auto", "on", "off"):
+            raise UserError(f"--progress must be auto, on or off, got {self.run.progress!r}")
+        if self.data.batch_size % (self.parallel.workers * self.parallel.accumulate):
+            raise UserError(
+                f"--batch-size {self.data.batch_size} is the global batch and must divide evenly "
+                f"among --workers {self.parallel.workers} x --accumulate {self.parallel.accumulate} micro-batches"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        """Rebuild from to_dict() output; unknown keys (from a newer version) are an error."""
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, value in raw.items():
+            if name not in sections:
+                raise UserError(f"unknown configuration section {name!r}")
+            section_cls = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
+                           "parallel": ParallelConfig, "run": RunConfig}[name]
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            unknown = set(value) - known
+            if unknown:
+                raise UserError(f"unknown configuration keys in {name}: {sorted(unknown)}")
+            kwargs[name] = section_cls(**value)
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

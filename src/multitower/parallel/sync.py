@@ -1,0 +1,151 @@
+"""Synchronous data parallelism: the tutorial's towers and average_gradients, as
+DistributedDataParallel.
+
+Every worker holds a full replica and computes gradients on its shard of the global
+batch; DDP all-reduces them in buckets while backward is still running (the
+tutorial's average_gradients, overlapped with compute), so every replica applies
+the same averaged update. One process per device: gloo on CPU, NCCL on GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+from torch.nn.parallel import DistributedDataParallel
+
+from multitower.config import ParallelConfig
+from multitower.data.loader import Batch
+from multitower.errors import UserError
+from multitower.parallel.base import LossFn, StepMetrics
+
+
+def init_process_group(device: torch.device, timeout_s: float) -> None:
+    """Join the process group described by the launcher's environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT); a collective that waits longer than `timeout_s` fails."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+class CommTimer:
+    """Wall time during which at least one all-reduce is in flight, and bytes sent.
+
+    Wraps a DDP communication hook: a bucket's interval runs from the moment DDP hands
+    it to the hook until its future completes. Intervals of overlapping buckets are
+    merged, so the total is the time communication was going on, not a sum."""
+
+    def __init__(self, bytes_per_element: float | None):
+        self.bytes_per_element = bytes_per_element  # None: use the buffer's own element size
+        self._lock = threading.Lock()  # futures complete on the backend's threads
+        self._intervals: list[tuple[float, float]] = []
+        self.bytes = 0
+
+    def wrap(self, hook):
+        def timed_hook(state, bucket):
+            start = time.perf_counter()
+            buffer = bucket.buffer()
+            size = buffer.element_size() if self.bytes_per_element is None else self.bytes_per_element
+            with self._lock:
+                self.bytes += int(buffer.numel() * size)
+
+            def finished(fut):
+                with self._lock:
+                    self._intervals.append((start, time.perf_counter()))
+                return fut.value()
+            return hook(state, bucket).then(finished)
+        return timed_hook
+
+    def take(self) -> tuple[float, int]:
+        """Seconds with communication in flight and bytes since the last call."""
+        with self._lock:
+            intervals, self._intervals = sorted(self._intervals), []
+            sent, self.bytes = self.bytes, 0
+        busy, end = 0.0, float("-inf")
+        for lo, hi in intervals:
+            if hi > end:
+                busy += hi - max(lo, end)
+                end = hi
+        return busy, sent
+
+
+class Sync:
+    def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):
+        init_process_group(device, cfg.timeout_s)
+        self.cfg = cfg
+        self.device = device
+        self.loss_fn = loss_fn
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.is_rank0 = self.rank == 0
+        self.model: nn.Module | None = None
+        self.ddp: DistributedDataParallel | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.timer: CommTimer | None = None
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+        # DDP broadcasts rank 0's parameters at construction: all replicas start equal.
+        self.ddp = DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
+        compression = self.cfg.grad_compression
+        if compression == "none":
+            hook, state, per_element = default_hooks.allreduce_hook, None, None
+        elif compression == "bf16":
+            hook, state, per_element = default_hooks.bf16_compress_hook, None, 2
+        else:  # powersgd: rank-1 approximations after 10 exact warm-up steps
+            state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1,
+                                                start_powerSGD_iter=10, use_error_feedback=True,
+                                                warm_start=True, random_seed=0)
+            hook, per_element = powerSGD_hook.powerSGD_hook, None
+        self.timer = CommTimer(per_element)
+        self.ddp.register_comm_hook(state, self.timer.wrap(hook))
+
+    def step(self, batch: Batch) -> StepMetrics:
+        self.optimizer.zero_grad(set_to_none=True)
+        accumulate = self.cfg.accumulate
+        images, labels = batch.images.chunk(accumulate), batch.labels.chunk(accumulate)
+        if len(images) != accumulate:
+            raise UserError(f"--accumulate {accumulate} needs at least that many examples per worker, "
+                            f"got {batch.labels.shape[0]}")
+        total = torch.zeros((), device=self.device)
+        cross_entropy = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(zip(images, labels)):
+            # Gradients are all-reduced only on the last micro-batch (DDP's no_sync).
+            sync_now = i == accumulate - 1
+            with contextlib.nullcontext() if sync_now else self.ddp.no_sync():
+                loss, ce = self.loss_fn(self.model, self.ddp(x), y)
+                (loss * (y.shape[0] / batch.labels.shape[0])).backward()
+            total += loss.detach() * (y.shape[0] / batch.labels.shape[0])
+            cross_entropy += ce.detach() * (y.shape[0] / batch.labels.shape[0])
+        self.optimizer.step()
+        comm_s, _ = self.timer.take()
+        return StepMetrics(loss=total, cross_entropy=cross_entropy,
+                           examples=batch.labels.shape[0] * self.world_size, comm_s=comm_s)
+
+    def all_ranks(self, value: float) -> list[float]:
+        """`value` from every rank, in rank order (a collective: every rank must call it)."""
+        mine = torch.tensor([value], dtype=torch.float64, device=self.device)  # NCCL needs device tensors
+        gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine)
+        return [float(t) for t in gathered]
+
+    def state_dict(self) -> dict:
+        # The unwrapped module: the same keys at any world size, loadable by eval.
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,233 @@
+"""The training loop (the tutorial's train()), the same for every strategy:
+batch -> strategy.step -> learning rate -> moving average -> log -> summaries -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from multitower.config import Config
+from multitower.data.loader import TrainBatches
+from multitower.data.records import Dataset, open_dataset
+from multitower.errors import UserError
+from multitower.faults import maybe_inject
+from multitower.models import build_model
+from multitower.models.cifar10_tf import tower_loss
+from multitower.parallel import STRATEGIES
+from multitower.train.checkpoint import CheckpointDir, atomic_write_bytes
+from multitower.train.ema import ExponentialMovingAverage, LossAverage
+from multitower.train.schedule import decay_steps_for, staircase_lr
+from multitower.train.summaries import Summaries, capture_activations
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    loss: float
+    wall_time_s: float
+    examples_per_sec: float
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device of this process: with several GPUs, worker LOCAL_RANK takes cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def threads_per_worker(requested: int, workers: int) -> int:
+    """Divide this machine's cores among the workers on it, so that they do not oversubscribe them."""
+    if requested:
+        return requested
+    local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", workers))
+    return max(1, len(os.sched_getaffinity(0)) // local_workers)
+
+
+def describe_data(dataset: Dataset) -> str:
+    kind = "GENERATED (synthetic) data, not CIFAR-10" if dataset.generated else f"{dataset.fmt.name} data"
+    return f"data: {kind} from {dataset.root}"
+
+
+def check_run_dir(run_dir: Path, cfg: Config) -> None:
+    """Refuse to touch a directory that is not ours to write: an existing run without
+    --resume (the tutorial deletes train_dir; multitower never does), a run of another
+    model, or a non-empty directory that is not a run."""
+    config_path = run_dir / "config.json"
+    if config_path.exists():
+        try:
+            old = json.loads(config_path.read_text())
+        except ValueError:
+            raise UserError(f"{config_path} is unreadable; choose another --run-dir") from None
+        if not cfg.run.resume:
+            raise UserError(f"{run_dir} already holds a run; pass --resume to continue it "
+                            f"or choose another --run-dir")
+        old_model = old.get("model", {})
+        if (old_model.get("name"), old_model.get("width")) != (cfg.model.name, cfg.model.width):
+            raise UserError(f"{run_dir} holds a run of model {old_model.get('name')} (width "
+                            f"{old_model.get('width')}), not {cfg.model.name} (width {cfg.model.width})")
+    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise UserError(f"{run_dir} exists and is not a multitower run directory; choose another --run-dir")
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config) -> None:
+    check_run_dir(run_dir, cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / "config.json", cfg.to_json().encode())
+
+
+def write_status(run_dir: Path, state: str, step: int) -> None:
+    atomic_write_bytes(run_dir / "status.json", json.dumps({"state": state, "step": step}).encode())
+
+
+def train(cfg: Config) -> TrainResult:
+    cfg.validate()
+    device = resolve_device(cfg.parallel.device)
+    torch.set_num_threads(threads_per_worker(cfg.parallel.threads, cfg.parallel.workers))
+    dataset = open_dataset(cfg.data.dir, label=cfg.data.label)
+    train_split = dataset.split("train")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by the launcher in each worker
+    strategy_name = cfg.parallel.resolved_strategy(world_size)
+    if strategy_name not in STRATEGIES:
+        raise UserError(f"unknown --strategy {strategy_name!r}; known: auto, {', '.join(STRATEGIES)}")
+    strategy = STRATEGIES[strategy_name](cfg.parallel, device, tower_loss)
+    run_dir = Path(cfg.run.run_dir)
+    if strategy.is_rank0:
+        print(describe_data(dataset), flush=True)
+        prepare_run_dir(run_dir, cfg)
+
+    torch.manual_seed(cfg.run.seed)  # the initial weights depend on the seed alone
+    model = build_model(cfg.model.name, num_classes=dataset.fmt.num_classes, width=cfg.model.width).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
+    strategy.wrap(model, optimizer)
+    ema = ExponentialMovingAverage(model, cfg.optim.ema_decay)
+    loss_avg, ce_avg = LossAverage(cfg.optim.loss_average_decay), LossAverage(cfg.optim.loss_average_decay)
+    checkpoints = CheckpointDir(run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
+
+    step = 0
+    if cfg.run.resume and checkpoints.entries():
+        state = checkpoints.load(map_location=device)
+        strategy.load_state_dict(state)
+        ema.load_state_dict(state["ema"])
+        loss_avg.value, ce_avg.value = state["loss_average"], state["cross_entropy_average"]
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+        if strategy.is_rank0:
+            print(f"resumed {run_dir} at step {step}", flush=True)
+
+    decay_steps = decay_steps_for(len(train_split), cfg.data.batch_size, cfg.optim.epochs_per_decay)
+    summaries = Summaries(run_dir) if strategy.is_rank0 else None
+    show_bar = strategy.is_rank0 and (cfg.run.progress == "on" or (cfg.run.progress == "auto" and sys.stderr.isatty()))
+    bar = tqdm(total=cfg.run.steps, initial=step, disable=not show_bar, unit="step", dynamic_ncols=True)
+    say = bar.write if show_bar else (lambda line: print(line, flush=True))
+
+    def save_checkpoint() -> None:
+        if strategy.is_rank0:
+            checkpoints.save({**strategy.state_dict(), "ema": ema.state_dict(), "rng": torch.get_rng_state(),
+                              "loss_average": loss_avg.value, "cross_entropy_average": ce_avg.value,
+                              "config": cfg.to_json(), "model_name": cfg.model.name,
+                              "data_position": {"global_step": step, "global_batch_size": cfg.data.batch_size,
+                                                "seed": cfg.run.seed}}, step)
+
+    if strategy.is_rank0:
+        write_status(run_dir, "running", step)
+    batches = TrainBatches(train_split, global_batch_size=cfg.data.batch_size, rank=strategy.rank,
+                           world_size=strategy.world_size, seed=cfg.run.seed, start_step=step,
+                           prefetch=cfg.data.prefetch, device=device)
+    start_time = window_start = time.perf_counter()
+    start_step, window_steps, window_examples, data_wait_s, comm_s = step, 0, 0, 0.0, 0.0
+    loss_value = float("nan")
+    try:
+        batch_iter = iter(batches)
+        while step < cfg.run.steps:
+            wait_start = time.perf_counter()
+            batch = next(batch_iter)
+            data_wait_s += time.perf_counter() - wait_start
+            lr = staircase_lr(step, cfg.optim.lr, decay_steps, cfg.optim.lr_decay_factor)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            summarize = summaries is not None and cfg.run.summary_every and step % cfg.run.summary_every == 0
+            with capture_activations(model) if summarize else contextlib.nullcontext({}) as activations:
+                metrics = strategy.step(batch)
+            step += 1
+            maybe_inject(strategy.rank, step)
+            ema.update(model, step)
+            window_steps += 1
+            window_examples += metrics.examples
+            comm_s += metrics.comm_s
+
+            # One host sync per step on CPU is free; on CUDA check only when logging.
+            if device.type == "cpu" or step % cfg.run.log_every == 0 or step == cfg.run.steps:
+                loss_value = metrics.loss.item()
+                if not math.isfinite(loss_value):
+                    last = checkpoints.latest_step()
+                    kept = f"the last good checkpoint is step {last}" if last is not None else "no checkpoint was written"
+                    raise TrainingDiverged(f"loss is {loss_value} at step {step}; {kept} in {checkpoints.directory}")
+                loss_avg.update(loss_value)
+                ce_avg.update(metrics.cross_entropy.item())
+
+            if summarize:
+                summaries.training_summaries(step, model, activations, batch.images)
+                summaries.scalars({"learning_rate": lr, "total_loss (raw)": loss_value,
+                                   "total_loss": loss_avg.value,
+                                   "cross_entropy (raw)": metrics.cross_entropy.item(),
+                                   "cross_entropy": ce_avg.value}, step)
+            if step % cfg.run.log_every == 0 or step == cfg.run.steps:
+                elapsed = time.perf_counter() - window_start
+                # Collectives: every rank takes part, rank 0 writes. Throughput per rank
+                # shows a straggler; the loss is the mean over all shards of the batch.
+                rank_examples_per_sec = strategy.all_ranks(window_examples / strategy.world_size / elapsed)
+                rank_comm_fraction = strategy.all_ranks(comm_s / elapsed)
+                mean_loss = sum(strategy.all_ranks(loss_value)) / strategy.world_size
+                record = {"step": step, "loss": mean_loss, "loss_avg": loss_avg.value,
+                          "cross_entropy": ce_avg.value, "lr": lr,
+                          "examples_per_sec": window_examples / elapsed, "sec_per_batch": elapsed / window_steps,
+                          "data_wait_fraction": data_wait_s / elapsed,
+                          "comm_fraction": max(rank_comm_fraction),
+                          "rank_examples_per_sec": rank_examples_per_sec,
+                          "world_size": strategy.world_size, "wall_time": time.time()}
+                if summaries is not None:
+                    summaries.append_jsonl("metrics.jsonl", record)
+                    line = (f"step {step}, loss = {mean_loss:.2f} (avg {loss_avg.value:.2f}) "
+                            f"({record['examples_per_sec']:.1f} examples/sec; {record['sec_per_batch']:.3f} sec/batch)")
+                    if strategy.world_size > 1:
+                        line += (f" [per rank: {', '.join(f'{r:.0f}' for r in rank_examples_per_sec)} examples/sec;"
+                                 f" comm {100 * record['comm_fraction']:.0f}% of step time]")
+                    say(line)
+                window_start, window_steps, window_examples, data_wait_s, comm_s = time.perf_counter(), 0, 0, 0.0, 0.0
+            bar.update(1)
+            if step % cfg.run.checkpoint_every == 0 and step < cfg.run.steps:
+                save_checkpoint()
+        save_checkpoint()
+        if strategy.is_rank0:
+            write_status(run_dir, "finished", step)
+    except BaseException:
+        if strategy.is_rank0 and run_dir.exists():
+            write_status(run_dir, "failed", step)
+        raise
+    finally:
+        batches.close()
+        bar.close()
+        if summaries is not None:
+            summaries.close()
+        strategy.close()
+    wall = time.perf_counter() - start_time
+    return TrainResult(step=step, loss=loss_value, wall_time_s=wall,
+                       examples_per_sec=(step - start_step) * cfg.data.batch_size / max(wall, 1e-9))
