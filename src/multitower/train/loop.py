@@ -139,8 +139,9 @@ def train(cfg: Config) -> TrainResult:
     say = bar.write if show_bar else (lambda line: print(line, flush=True))
 
     def save_checkpoint() -> None:
+        state = strategy.state_dict()  # on every rank: a strategy may need a collective to gather it
         if strategy.is_rank0:
-            checkpoints.save({**strategy.state_dict(), "ema": ema.state_dict(), "rng": torch.get_rng_state(),
+            checkpoints.save({**state, "ema": ema.state_dict(), "rng": torch.get_rng_state(),
                               "loss_average": loss_avg.value, "cross_entropy_average": ce_avg.value,
                               "config": cfg.to_json(), "model_name": cfg.model.name,
                               "data_position": {"global_step": step, "global_batch_size": cfg.data.batch_size,
