@@ -58,7 +58,7 @@ def test_crash_while_writing_keeps_previous_latest(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt_mod.torch, "save", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="No space left on device; earlier checkpoints are intact \\(latest: step 1\\)"):
         ckpts.save(state(2), 2)
     monkeypatch.undo()
     assert [e.step for e in ckpts.entries()] == [1]
@@ -77,10 +77,11 @@ def test_crash_between_file_and_index_leaves_previous_latest(tmp_path, monkeypat
         return real_replace(src, dst)
 
     monkeypatch.setattr(ckpt_mod.os, "replace", fail_on_index)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="could not write the checkpoint of step 2"):
         ckpts.save(state(2), 2)
     monkeypatch.undo()
     assert ckpts.load()["step"] == 1
+    assert not (tmp_path / "step-00000002.pt").exists(), "an unindexed checkpoint file was left behind"
 
 
 class Exploit:

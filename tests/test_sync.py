@@ -19,7 +19,7 @@ from multitower.data.records import open_dataset
 from multitower.models import build_model
 from multitower.models.cifar10_tf import tower_loss
 from multitower.parallel.single import Single
-from multitower.parallel.sync import Sync
+from multitower.parallel.sync import CommTimer, Sync
 from multitower.train.checkpoint import CheckpointDir
 from multitower.train.ema import ExponentialMovingAverage
 
@@ -91,12 +91,46 @@ def test_two_workers_match_one_worker_with_the_global_batch(two_workers, synth_d
 def test_accumulation_and_compression_keep_replicas_equal_and_close(tmp_path, synth_dir, two_workers):
     accumulated = spawn_two(tmp_path, synth_dir, accumulate=2)
     bf16 = spawn_two(tmp_path, synth_dir, compression="bf16")
-    for result in (accumulated, bf16):
+    powersgd = spawn_two(tmp_path, synth_dir, compression="powersgd")
+    for result in (accumulated, bf16, powersgd):
         for name, tensor in result[0]["model"].items():
             assert torch.equal(tensor, result[1]["model"][name])
     for name, tensor in two_workers[0]["model"].items():
         torch.testing.assert_close(accumulated[0]["model"][name], tensor, rtol=1e-3, atol=5e-5)
         torch.testing.assert_close(bf16[0]["model"][name], tensor, rtol=0.05, atol=2e-3)
+
+
+class FakeBucket:
+    def __init__(self, numel):
+        self._buffer = torch.zeros(numel)
+
+    def buffer(self):
+        return self._buffer
+
+
+def test_comm_timer_merges_overlapping_buckets_and_counts_bytes():
+    timer = CommTimer()
+    pending = []
+
+    def hook(_state, _bucket):
+        future = torch.futures.Future()
+        pending.append(future)
+        return future
+
+    timed = timer.wrap(hook)
+    first, second = timed(None, FakeBucket(1000)), timed(None, FakeBucket(500))
+    time.sleep(0.05)
+    pending[0].set_result(torch.zeros(1))
+    time.sleep(0.05)
+    pending[1].set_result(torch.zeros(1))
+    first.wait(), second.wait()
+    busy, sent = timer.take()
+    assert 0.09 <= busy < 0.5, busy  # one merged interval of ~0.1 s, not 0.05 + 0.1
+    assert sent == 1500 * 4
+    assert timer.take() == (0.0, 0)
+    half = CommTimer(bytes_per_element=2)
+    half.wrap(lambda _s, _b: torch.futures.Future())(None, FakeBucket(1000))
+    assert half.take()[1] == 2000
 
 
 def multitower(*args, env=None, timeout=600):

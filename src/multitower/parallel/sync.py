@@ -40,10 +40,13 @@ class CommTimer:
 
     Wraps a DDP communication hook: a bucket's interval runs from the moment DDP hands
     it to the hook until its future completes. Intervals of overlapping buckets are
-    merged, so the total is the time communication was going on, not a sum."""
+    merged, so the total is the time communication was going on, not a sum. Bytes are
+    what this rank contributes to the all-reduces: the bucket at 4 bytes an element,
+    2 for bf16, and for PowerSGD the elements of its P and Q factors (read from the
+    PowerSGD state's public counters) once compression has started."""
 
-    def __init__(self, bytes_per_element: float | None):
-        self.bytes_per_element = bytes_per_element  # None: use the buffer's own element size
+    def __init__(self, bytes_per_element: float | None = None):
+        self.bytes_per_element = bytes_per_element  # None: the buffer's own element size
         self._lock = threading.Lock()  # futures complete on the backend's threads
         self._intervals: list[tuple[float, float]] = []
         self.bytes = 0
@@ -53,14 +56,21 @@ class CommTimer:
             start = time.perf_counter()
             buffer = bucket.buffer()
             size = buffer.element_size() if self.bytes_per_element is None else self.bytes_per_element
+            compressed_before = getattr(state, "total_numel_after_compression", None)
+            future = hook(state, bucket)
+            compressed = getattr(state, "total_numel_after_compression", None)
+            if compressed is not None and compressed != compressed_before:
+                sent = (compressed - compressed_before) * buffer.element_size()
+            else:
+                sent = buffer.numel() * size
             with self._lock:
-                self.bytes += int(buffer.numel() * size)
+                self.bytes += int(sent)
 
             def finished(fut):
                 with self._lock:
                     self._intervals.append((start, time.perf_counter()))
                 return fut.value()
-            return hook(state, bucket).then(finished)
+            return future.then(finished)
         return timed_hook
 
     def take(self) -> tuple[float, int]:

@@ -100,18 +100,26 @@ class CheckpointDir:
         name = f"step-{step:08d}.pt"
         path = self.directory / name
         tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
+        previous = self.entries()
         try:
-            torch.save({**state, "format_version": FORMAT_VERSION, "step": step}, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            sha = _sha256_file(tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        entries = [e for e in self.entries() if e.step != step] + [CheckpointEntry(step, name, sha)]
-        entries.sort(key=lambda e: e.step)
-        kept, dropped = entries[-self.keep:], entries[:-self.keep]
-        self._write_index(kept)
+            try:
+                torch.save({**state, "format_version": FORMAT_VERSION, "step": step}, tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                sha = _sha256_file(tmp)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            entries = [e for e in previous if e.step != step] + [CheckpointEntry(step, name, sha)]
+            entries.sort(key=lambda e: e.step)
+            kept, dropped = entries[-self.keep:], entries[:-self.keep]
+            self._write_index(kept)
+        except OSError as exc:  # e.g. ENOSPC: the index still names only the earlier checkpoints
+            if not any(e.step == step for e in previous):
+                path.unlink(missing_ok=True)
+            latest = f"step {previous[-1].step}" if previous else "none"
+            raise UserError(f"could not write the checkpoint of step {step} to {self.directory}: "
+                            f"{exc.strerror or exc}; earlier checkpoints are intact (latest: {latest})") from None
         for entry in dropped:  # only after the new index no longer names them
             (self.directory / entry.file).unlink(missing_ok=True)
         return path

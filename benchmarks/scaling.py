@@ -1,0 +1,141 @@
+"""Benchmark: synchronous data parallelism on this machine's cores.
+
+    python benchmarks/scaling.py [--batch-size 128] [--steps 15] [--reps 5]
+
+Compares, in one run, the full training step (batches from the record files through
+the distortions, forward, backward, all-reduce, update, EMA) of
+  * 1 worker using every core (the Single strategy, threads = cores), against
+  * N workers with cores / N threads each (the Sync strategy: DDP over gloo on
+    loopback), with gradient compression none, bf16 and PowerSGD,
+all at the same global batch. Repetitions alternate the configurations so that
+machine noise hits all of them; medians are reported. Also reported: the fraction
+of step time with an all-reduce in flight and the bytes all-reduced per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from multitower.bench.measure import environment, write_json
+from multitower.config import ParallelConfig
+from multitower.data.loader import TrainBatches
+from multitower.data.records import open_dataset
+from multitower.data.sources import make_synthetic
+from multitower.models import build_model
+from multitower.models.cifar10_tf import tower_loss
+from multitower.parallel.single import Single
+from multitower.parallel.sync import Sync
+from multitower.train.ema import ExponentialMovingAverage
+
+
+def timed_steps(strategy, split, batch_size: int, warmup: int, steps: int, rank: int, world: int) -> dict:
+    """Run warmup + steps training steps; return examples/sec, comm fraction, bytes/step."""
+    torch.manual_seed(0)
+    model = build_model("cifar10-tf")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    strategy.wrap(model, optimizer)
+    ema = ExponentialMovingAverage(model, 0.9999)
+    timer = getattr(strategy, "timer", None)
+    with TrainBatches(split, global_batch_size=batch_size, rank=rank, world_size=world, seed=0) as batches:
+        iterator = iter(batches)
+        for step in range(warmup):
+            strategy.step(next(iterator)).loss.item()
+            ema.update(model, step + 1)
+        if timer is not None:
+            timer.take()
+        if world > 1:
+            dist.barrier()
+        start = time.perf_counter()
+        comm_s = 0.0
+        for step in range(warmup, warmup + steps):
+            metrics = strategy.step(next(iterator))
+            metrics.loss.item()
+            comm_s += metrics.comm_s
+            ema.update(model, step + 1)
+        elapsed = time.perf_counter() - start
+    sent = 0
+    if timer is not None:
+        _, sent = timer.take()
+    return {"examples_per_sec": steps * batch_size / elapsed, "comm_fraction": comm_s / elapsed,
+            "bytes_per_step": sent / steps}
+
+
+def worker(rank: int, world: int, store_path: str, data_dir: str, compression: str, batch_size: int,
+           warmup: int, steps: int, out_path: str) -> None:
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    strategy = Sync(ParallelConfig(grad_compression=compression), torch.device("cpu"), tower_loss)
+    result = timed_steps(strategy, open_dataset(data_dir).split("train"), batch_size, warmup, steps, rank, world)
+    if rank == 0:
+        torch.save(result, out_path)
+    strategy.close()
+
+
+def run_workers(world: int, data_dir: str, compression: str, args, tmp: str, tag: str) -> dict:
+    out = os.path.join(tmp, f"{tag}.pt")
+    mp.spawn(worker, nprocs=world, join=True,
+             args=(world, os.path.join(tmp, f"store-{tag}"), data_dir, compression, args.batch_size,
+                   args.warmup, args.steps, out))
+    return torch.load(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=128, help="global batch")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per repetition")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", default="bench-results/scaling.json")
+    args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0))
+
+    configs = [("1 worker x %d threads" % cores, 1, "none")] + [
+        (f"{args.workers} workers x {max(1, cores // args.workers)} thread(s), {c}", args.workers, c)
+        for c in ("none", "bf16", "powersgd")]
+    samples: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = str(make_synthetic(f"{tmp}/synthetic", train=10000, val=100).root)
+        split = open_dataset(data_dir).split("train")
+        for rep in range(args.reps):
+            for name, world, compression in configs:
+                if world == 1:
+                    torch.set_num_threads(cores)
+                    single = Single(ParallelConfig(), torch.device("cpu"), tower_loss)
+                    samples[name].append(timed_steps(single, split, args.batch_size, args.warmup, args.steps, 0, 1))
+                else:
+                    samples[name].append(run_workers(world, data_dir, compression, args, tmp, f"{rep}-{compression}"))
+                print(f"rep {rep + 1}/{args.reps} {name}: {samples[name][-1]['examples_per_sec']:.1f} examples/sec",
+                      flush=True)
+
+    baseline = statistics.median(s["examples_per_sec"] for s in samples[configs[0][0]])
+    table = []
+    for name, world, compression in configs:
+        rates = [s["examples_per_sec"] for s in samples[name]]
+        table.append({"config": name, "workers": world, "compression": compression,
+                      "examples_per_sec": statistics.median(rates), "all": rates,
+                      "ratio_to_1_worker": statistics.median(rates) / baseline,
+                      "comm_fraction": statistics.median(s["comm_fraction"] for s in samples[name]),
+                      "allreduce_bytes_per_step": statistics.median(s["bytes_per_step"] for s in samples[name])})
+    result = {"benchmark": "scaling", "environment": environment(),
+              "config": {"model": "cifar10-tf", "global_batch": args.batch_size, "steps_per_rep": args.steps,
+                         "warmup": args.warmup, "reps": args.reps, "data": "generated"},
+              "results": table}
+    path = write_json(args.out, result)
+    print(f"\n{'configuration':<40}{'images/sec':>11}{'ratio':>7}{'comm %':>8}{'MB all-reduced/step':>21}")
+    for row in table:
+        print(f"{row['config']:<40}{row['examples_per_sec']:>11.1f}{row['ratio_to_1_worker']:>7.2f}"
+              f"{100 * row['comm_fraction']:>8.1f}{row['allreduce_bytes_per_step'] / 1e6:>21.2f}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
