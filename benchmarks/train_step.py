@@ -21,6 +21,7 @@ import time
 import torch
 
 from multitower.bench.measure import environment, write_json
+from multitower.config import ParallelConfig
 from multitower.data.loader import TrainBatches
 from multitower.data.records import open_dataset
 from multitower.data.sources import make_synthetic
@@ -52,7 +53,7 @@ def multitower_step(split, batch_size: int, steps: int):
     torch.manual_seed(0)
     model = build_model("cifar10-tf")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    strategy = Single(torch.device("cpu"), tower_loss)
+    strategy = Single(ParallelConfig(), torch.device("cpu"), tower_loss)
     strategy.wrap(model, optimizer)
     ema = ExponentialMovingAverage(model, 0.9999)
     batches = TrainBatches(split, global_batch_size=batch_size, seed=0)

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from multitower.errors import UserError
 from multitower.models import MODELS, Cifar10TF, build_model

@@ -366,8 +366,8 @@ def test_synthetic_is_deterministic_balanced_and_marked(tmp_path):
     np.testing.assert_array_equal(np.bincount(first.split("train").labels), [30] * 10)
     np.testing.assert_array_equal(np.bincount(first.split("val").labels), [5] * 10)
 
-    same = make_synthetic(tmp_path / "b", train=300, val=50, seed=5)
-    other = make_synthetic(tmp_path / "c", train=300, val=50, seed=6)
+    make_synthetic(tmp_path / "b", train=300, val=50, seed=5)
+    make_synthetic(tmp_path / "c", train=300, val=50, seed=6)
     for name in ("data_batch_1.bin", "val_batch.bin"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
         assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "c" / name).read_bytes()

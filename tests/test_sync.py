@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from multitower.config import Config, DataConfig, ParallelConfig, RunConfig
+from multitower.config import ParallelConfig
 from multitower.data.loader import TrainBatches
 from multitower.data.records import open_dataset
 from multitower.models import build_model

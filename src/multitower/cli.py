@@ -44,8 +44,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ema-decay", type=float, default=o.ema_decay, help="weight moving-average decay (default: %(default)s)")
     g = p.add_argument_group("parallelism")
     g.add_argument("--strategy", default=par.strategy,
-                   help="how workers cooperate: single, sync; auto = single for 1 worker, sync for more "
-                        "(default: %(default)s)")
+                   help="how workers cooperate: single, sync, local-sgd, hogwild, downpour; "
+                        "auto = single for 1 worker, sync for more (default: %(default)s)")
     g.add_argument("--workers", type=_whole_number, default=par.workers, help="worker processes (default: %(default)s)")
     g.add_argument("--device", default=par.device, choices=["auto", "cpu", "cuda"], help="device (default: %(default)s)")
     g.add_argument("--threads", type=_whole_number, default=par.threads,
@@ -58,6 +58,19 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="seconds a collective waits for a silent rank before failing (default: %(default)s)")
     g.add_argument("--max-restarts", type=_whole_number, default=par.max_restarts,
                    help="restarts of the worker group after a failure, resuming from the last checkpoint "
+                        "(default: %(default)s)")
+    g.add_argument("--sync-every", type=_whole_number, default=par.sync_every,
+                   help="local-sgd: steps between averages of the workers' weights (default: %(default)s)")
+    g.add_argument("--local-sgd-warmup", type=_whole_number, default=par.local_sgd_warmup,
+                   help="local-sgd: fully synchronous steps before local steps begin (default: %(default)s)")
+    g.add_argument("--ps", type=_whole_number, default=par.ps,
+                   help="downpour: parameter-server processes, besides the --workers (default: %(default)s)")
+    g.add_argument("--n-fetch", type=_whole_number, default=par.n_fetch,
+                   help="downpour: steps between a worker's parameter fetches (default: %(default)s)")
+    g.add_argument("--n-push", type=_whole_number, default=par.n_push,
+                   help="downpour: steps between a worker's gradient pushes (default: %(default)s)")
+    g.add_argument("--ps-optimizer", default=par.ps_optimizer, choices=["sgd", "adagrad"],
+                   help="downpour: update applied by the servers; adagrad wants a ~20x smaller --lr "
                         "(default: %(default)s)")
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", default=r.run_dir, help="run directory (default: %(default)s)")
@@ -84,7 +97,9 @@ def config_from_args(a: argparse.Namespace) -> Config:
                           ema_decay=a.ema_decay),
         parallel=ParallelConfig(strategy=a.strategy, workers=a.workers, device=a.device, threads=a.threads,
                                 grad_compression=a.grad_compression, accumulate=a.accumulate,
-                                timeout_s=a.timeout, max_restarts=a.max_restarts),
+                                timeout_s=a.timeout, max_restarts=a.max_restarts,
+                                sync_every=a.sync_every, local_sgd_warmup=a.local_sgd_warmup,
+                                ps=a.ps, n_fetch=a.n_fetch, n_push=a.n_push, ps_optimizer=a.ps_optimizer),
         run=RunConfig(run_dir=a.run_dir, steps=a.steps, seed=a.seed, log_every=a.log_every,
                       summary_every=a.summary_every, checkpoint_every=a.checkpoint_every,
                       keep_checkpoints=a.keep_checkpoints, resume=a.resume, progress=a.progress),
@@ -103,7 +118,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     if a.dry_run:
         print(preflight(cfg))
         return
-    if cfg.parallel.workers > 1 and not in_launched_worker():
+    if cfg.parallel.processes() > 1 and not in_launched_worker():
         preflight(cfg)
         result = launch(cfg)
     else:
@@ -126,6 +141,9 @@ def preflight(cfg: Config) -> str:
     device = resolve_device(cfg.parallel.device)
     model = build_model(cfg.model.name, num_classes=dataset.fmt.num_classes, width=cfg.model.width)
     check_run_dir(Path(cfg.run.run_dir), cfg)
+    if cfg.parallel.strategy == "downpour":  # --ps beyond the tensor count: fail before starting processes
+        from multitower.parallel.downpour import balance_shards
+        balance_shards([p.numel() for p in model.parameters()], cfg.parallel.ps)
     params = sum(p.numel() for p in model.parameters())
     return (f"{describe_data(dataset)}\n"
             f"dry run: {cfg.model.name} ({params:,} parameters) on {device}, {len(split)} training examples, "
@@ -189,8 +207,117 @@ def cmd_demo(a: argparse.Namespace) -> None:
         print("note: these figures are on GENERATED data, not CIFAR-10")
 
 
+def cmd_devices(a: argparse.Namespace) -> None:
+    from multitower.devices import run
+    print(run(as_json=a.json))
+
+
+def add_plan_flags(p: argparse.ArgumentParser) -> None:
+    from multitower.bench.cost_model import LINKS
+    from multitower.plan import PlanOptions
+    o = PlanOptions()
+    g = p.add_argument_group("workload")
+    g.add_argument("--model", default=o.model, help="model name (default: %(default)s)")
+    g.add_argument("--width", type=_whole_number, default=o.width, help="channel multiplier (default: %(default)s)")
+    g.add_argument("--batch-size", type=_whole_number, default=o.batch_size,
+                   help="examples per device per step; with --strong-scaling the global batch (default: %(default)s)")
+    g.add_argument("--strong-scaling", action="store_true", help="keep the global batch fixed and split it over the devices")
+    g.add_argument("--compute-ms-per-example", type=float, default=o.compute_ms_per_example,
+                   help="ms of forward+backward+update per example on one device; 0 = measure it (default: %(default)s)")
+    g.add_argument("--from-benchmark", default=o.from_benchmark,
+                   help="read the compute time from a benchmarks/train_step.py JSON (default: measure)")
+    g.add_argument("--threads", type=_whole_number, default=o.threads,
+                   help="CPU threads of the profiling run, 0 = all cores (default: %(default)s)")
+    g.add_argument("--profile-steps", type=_whole_number, default=o.profile_steps,
+                   help="timed steps of the profiling run, median taken (default: %(default)s)")
+    g = p.add_argument_group("interconnect")
+    g.add_argument("--link", default=o.link, choices=list(LINKS), help="link between nodes (default: %(default)s)")
+    g.add_argument("--intra-link", default=o.intra_link, choices=list(LINKS),
+                   help="link between the devices of a node (default: %(default)s)")
+    g.add_argument("--devices-per-node", type=_whole_number, default=o.devices_per_node,
+                   help="devices in one node (default: %(default)s)")
+    g.add_argument("--nics-per-node", type=_whole_number, default=o.nics_per_node,
+                   help="inter-node links per node (default: %(default)s)")
+    g.add_argument("--bandwidth-gbps", type=float, default=o.bandwidth_gbps,
+                   help="measured inter-node bandwidth, Gbit/s; 0 = the --link preset's (default: %(default)s)")
+    g.add_argument("--latency-us", type=float, default=o.latency_us,
+                   help="measured inter-node latency per message, microseconds; 0 = the preset's (default: %(default)s)")
+    g.add_argument("--calibration", default=o.calibration,
+                   help="use the alpha/beta of a `plan --calibrate` JSON as the inter-node link (default: none)")
+    g = p.add_argument_group("strategies")
+    g.add_argument("--no-overlap", action="store_true",
+                   help="sync: all-reduce after backward instead of overlapped with it (default: overlapped)")
+    g.add_argument("--sync-every", type=_whole_number, default=o.sync_every,
+                   help="local SGD: steps between weight averages (default: %(default)s)")
+    g.add_argument("--ps", type=_whole_number, default=o.ps, help="downpour: parameter servers (default: %(default)s)")
+    g.add_argument("--ps-period", type=_whole_number, default=o.ps_period,
+                   help="downpour: steps between a worker's push+fetch (default: %(default)s)")
+    g.add_argument("--stages", type=_whole_number, default=o.stages, help="pipeline: stages (default: %(default)s)")
+    g.add_argument("--micro-batches", type=_whole_number, default=o.micro_batches,
+                   help="pipeline: micro-batches per step, 0 = 4 x stages (default: %(default)s)")
+    g.add_argument("--tolerance", type=float, default=o.tolerance,
+                   help="fraction by which an approximate strategy (local SGD, downpour) must beat an exact one "
+                        "to win (default: %(default)s)")
+    g.add_argument("--max-devices", type=_whole_number, default=o.max_devices,
+                   help="largest device count in the table (default: %(default)s)")
+    g = p.add_argument_group("modes and output")
+    g.add_argument("--out-dir", default=o.out_dir, help="where plan.json, plan.png and the calibration and "
+                                                        "validation JSON go (default: %(default)s)")
+    g.add_argument("--calibrate", action="store_true",
+                   help="measure gloo all-reduce alpha and beta on loopback with 2 processes (1 KB .. 16 MB), ~1 min")
+    g.add_argument("--validate", action="store_true",
+                   help="predict this machine's 1- and 2-worker sync runs and compare with real ones, ~2 min a round")
+    g.add_argument("--validate-steps", type=_whole_number, default=30,
+                   help="training steps of each measured run (default: %(default)s)")
+    g.add_argument("--validate-reps", type=_whole_number, default=2,
+                   help="rounds of profile + run per worker count, medians compared (default: %(default)s)")
+    g.add_argument("--data", default="", help="data set for --validate (default: a generated one)")
+    g.add_argument("--dry-run", action="store_true", help="print the plan's inputs and exit, measuring nothing")
+
+
+def cmd_plan(a: argparse.Namespace) -> None:
+    from multitower import plan
+    opts = plan.PlanOptions(
+        model=a.model, width=a.width, batch_size=a.batch_size, strong_scaling=a.strong_scaling,
+        compute_ms_per_example=a.compute_ms_per_example, from_benchmark=a.from_benchmark, threads=a.threads,
+        profile_steps=a.profile_steps, link=a.link, intra_link=a.intra_link, devices_per_node=a.devices_per_node,
+        nics_per_node=a.nics_per_node, bandwidth_gbps=a.bandwidth_gbps, latency_us=a.latency_us,
+        calibration=a.calibration, overlap=not a.no_overlap, sync_every=a.sync_every, ps=a.ps,
+        ps_period=a.ps_period, stages=a.stages, micro_batches=a.micro_batches, tolerance=a.tolerance,
+        max_devices=a.max_devices, out_dir=a.out_dir).validate()
+    if a.calibrate and a.validate:
+        raise UserError("--calibrate and --validate are separate runs (--validate calibrates by itself "
+                        "unless given --calibration FILE)")
+    if a.dry_run:
+        mode = "calibrate" if a.calibrate else "validate" if a.validate else "plan"
+        print(f"dry run ({mode}), nothing measured or written:\n{plan.describe_inputs(opts)}")
+    elif a.calibrate:
+        print(plan.calibrate(opts))
+    elif a.validate:
+        from multitower.bench.validate_plan import run_validation
+        print(run_validation(opts, steps=a.validate_steps, data_dir=a.data, reps=a.validate_reps))
+    else:
+        print(plan.run(opts))
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from multitower.report import check_runs, write_report
+    if a.dry_run:
+        print(check_runs(a.run_dirs))
+        return
+    print(f"wrote {write_report(a.run_dirs, a.out)}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (argparse prints the usage too)."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix("multitower").strip()
+        self.exit(2, f"multitower: error: {where + ': ' if where else ''}{message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multitower", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="multitower", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model")
@@ -237,6 +364,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cifar-images", type=Path, default=SHARED_CIFAR10,
                    help="CIFAR-10 ImageFolder to import when present (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("devices", help="what this machine offers for training, and what train would pick")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("plan", help="predict each strategy's scaling to 1024 devices (alpha-beta cost model)")
+    add_plan_flags(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("report", help="one self-contained HTML page comparing runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by train")
+    p.add_argument("--out", default="report.html", help="HTML file to write (default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="check the run directories, print what they hold, write nothing")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -71,6 +71,22 @@ class ParallelConfig:
     """Seconds a collective may wait for a silent rank before the job fails."""
     max_restarts: int = 0
     """Times the launcher restarts the worker group after a failure (resuming from the last checkpoint)."""
+    sync_every: int = 4
+    """Local SGD: steps between averages of the workers' weights (K; 1 = every step, like sync)."""
+    local_sgd_warmup: int = 0
+    """Local SGD: fully synchronous steps (gradients all-reduced) before local steps begin (W)."""
+    ps: int = 1
+    """Downpour: parameter-server processes, started besides the workers; each owns a shard of the parameters."""
+    n_fetch: int = 1
+    """Downpour: steps between a worker's fetches of fresh parameters from the servers."""
+    n_push: int = 1
+    """Downpour: steps between a worker's pushes of its accumulated gradients to the servers."""
+    ps_optimizer: str = "sgd"
+    """Downpour: update the servers apply, "sgd" or "adagrad" (the paper's; wants a ~20x smaller --lr, e.g. 0.005)."""
+
+    def processes(self) -> int:
+        """Processes the launcher starts: the workers, plus downpour's parameter servers."""
+        return self.workers + (self.ps if self.strategy == "downpour" else 0)
 
     def resolved_strategy(self, world_size: int) -> str:
         if self.strategy != "auto":
@@ -133,6 +149,16 @@ class Config:
             raise UserError(f"--timeout must be positive seconds, got {self.parallel.timeout_s}")
         if self.parallel.max_restarts < 0:
             raise UserError(f"--max-restarts must be 0 or more, got {self.parallel.max_restarts}")
+        if self.parallel.sync_every < 1:
+            raise UserError(f"--sync-every must be at least 1 step, got {self.parallel.sync_every}")
+        if self.parallel.local_sgd_warmup < 0:
+            raise UserError(f"--local-sgd-warmup must be 0 or more steps, got {self.parallel.local_sgd_warmup}")
+        for flag, value, unit in (("--ps", self.parallel.ps, "process"), ("--n-fetch", self.parallel.n_fetch, "step"),
+                                  ("--n-push", self.parallel.n_push, "step")):
+            if value < 1:
+                raise UserError(f"{flag} must be at least 1 {unit}, got {value}")
+        if self.parallel.ps_optimizer not in ("sgd", "adagrad"):
+            raise UserError(f"--ps-optimizer must be sgd or adagrad, got {self.parallel.ps_optimizer!r}")
         if self.parallel.threads < 0:
             raise UserError(f"--threads must be 0 (automatic) or positive, got {self.parallel.threads}")
         if not self.optim.lr > 0:

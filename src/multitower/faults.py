@@ -6,6 +6,8 @@ of that rank injects the fault when it reaches that global step:
   exit   os._exit(3) (the process dies without cleaning up)
   kill   SIGKILL to itself (kill -9, OOM killer)
   hang   sleeps forever (a rank that stops responding)
+  slow   sleeps after every step from STEP on: a straggler; "RANK:STEP:slow:SECONDS"
+         sets the delay per step (default 0.2 s)
 Only the first attempt of a job injects it: after an elastic restart
 (TORCHELASTIC_RESTART_COUNT > 0) the run goes on, as after a real one-off fault.
 Unset, this costs one comparison per step.
@@ -18,7 +20,8 @@ import signal
 import time
 
 _SPEC = os.environ.get("MULTITOWER_FAULT", "")
-KINDS = ("raise", "exit", "kill", "hang")
+KINDS = ("raise", "exit", "kill", "hang", "slow")
+SLOW_DEFAULT_S = 0.2
 
 
 class InjectedFault(RuntimeError):
@@ -28,17 +31,31 @@ class InjectedFault(RuntimeError):
 def parse(spec: str) -> tuple[int, int, str] | None:
     if not spec:
         return None
-    rank, step, kind = spec.split(":")
+    rank, step, kind, *delay = spec.split(":")
     if kind not in KINDS:
         raise ValueError(f"MULTITOWER_FAULT kind must be one of {KINDS}, got {kind!r}")
+    if delay and (kind != "slow" or len(delay) > 1):
+        raise ValueError(f"MULTITOWER_FAULT is RANK:STEP:KIND, or RANK:STEP:slow:SECONDS; got {spec!r}")
     return int(rank), int(step), kind
 
 
+def _slow_delay_s(spec: str) -> float:
+    parts = spec.split(":")
+    return float(parts[3]) if len(parts) == 4 else SLOW_DEFAULT_S
+
+
 _FAULT = parse(_SPEC)
+_SLOW_S = _slow_delay_s(_SPEC) if _FAULT is not None and _FAULT[2] == "slow" else 0.0
 
 
 def maybe_inject(rank: int, step: int) -> None:
-    if _FAULT is None or (_FAULT[0], _FAULT[1]) != (rank, step):
+    if _FAULT is None or _FAULT[0] != rank:
+        return
+    if _FAULT[2] == "slow":
+        if step >= _FAULT[1] and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
+            time.sleep(_SLOW_S)
+        return
+    if _FAULT[1] != step:
         return
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
         return

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import traceback
 import uuid
 
@@ -49,14 +50,20 @@ def worker_main(config_json: str) -> dict:
 
 
 def launch(cfg: Config) -> dict:
-    """Run cfg.parallel.workers workers on this machine; return rank 0's TrainResult fields.
+    """Run cfg.parallel.processes() processes (the workers, and downpour's parameter servers)
+    on this machine; return rank 0's TrainResult fields.
     A failure on any rank stops the whole group and becomes one UserError naming the rank."""
     # The agent logs every state change, and each failure with a traceback of its own
     # machinery; the failure is reported below in one line instead.
     for name in ("torch.distributed.elastic", "torch.multiprocessing"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    # When the agent kills a failed group, multiprocessing's resource tracker (a process
+    # of its own, started with our -W options) warns about the workers' semaphores
+    # after our one-line message; they are the agent's, and the tracker frees them.
+    if "ignore::UserWarning:multiprocessing.resource_tracker" not in sys.warnoptions:
+        sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
     launch_config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=cfg.parallel.workers,
+        min_nodes=1, max_nodes=1, nproc_per_node=cfg.parallel.processes(),
         run_id=f"multitower-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}",  # loopback only
         rdzv_configs={"timeout": 120}, local_addr="127.0.0.1",
@@ -65,6 +72,9 @@ def launch(cfg: Config) -> dict:
         results = elastic_launch(launch_config, worker_main)(cfg.to_json())
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
+        if failure.exitcode < 0:  # killed by a signal: the OOM killer, kill -9
+            raise UserError(f"worker rank {rank} failed: killed by {failure.signal_name()} "
+                            f"(out of memory, or killed)") from None
         raise UserError(f"worker rank {rank} failed: {first_line(failure.message)}") from None
     return results[0]
 

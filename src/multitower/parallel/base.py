@@ -7,7 +7,7 @@ shard of the global batch. The loop never branches on a strategy's name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
@@ -26,6 +26,9 @@ class StepMetrics:
     cross_entropy: torch.Tensor
     examples: int                # examples processed by all workers in this step
     comm_s: float = 0.0          # seconds this worker spent waiting on communication
+    # Other scalars this step measured (e.g. downpour's "staleness"); the loop writes each
+    # key's mean over the log window's steps that reported it into metrics.jsonl.
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 class Strategy(Protocol):
@@ -42,3 +45,7 @@ class Strategy(Protocol):
 
     @property
     def is_rank0(self) -> bool: ...
+
+    # Optional: a process with a role other than training (downpour's parameter servers)
+    # has `trains = False`; train() then calls its `serve()`, which returns when the job
+    # is done, and skips the training loop. Strategies without the attribute train.

@@ -10,7 +10,6 @@ the same averaged update. One process per device: gloo on CPU, NCCL on GPUs.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import threading
 import time
 
@@ -24,15 +23,7 @@ from multitower.config import ParallelConfig
 from multitower.data.loader import Batch
 from multitower.errors import UserError
 from multitower.parallel.base import LossFn, StepMetrics
-
-
-def init_process_group(device: torch.device, timeout_s: float) -> None:
-    """Join the process group described by the launcher's environment (RANK, WORLD_SIZE,
-    MASTER_ADDR, MASTER_PORT); a collective that waits longer than `timeout_s` fails."""
-    if dist.is_initialized():
-        return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+from multitower.parallel.process_group import gather_floats, init_process_group
 
 
 class CommTimer:
@@ -88,7 +79,7 @@ class CommTimer:
 
 class Sync:
     def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):
-        init_process_group(device, cfg.timeout_s)
+        init_process_group(device, cfg.timeout_s, "sync")
         self.cfg = cfg
         self.device = device
         self.loss_fn = loss_fn
@@ -142,11 +133,7 @@ class Sync:
                            examples=batch.labels.shape[0] * self.world_size, comm_s=comm_s)
 
     def all_ranks(self, value: float) -> list[float]:
-        """`value` from every rank, in rank order (a collective: every rank must call it)."""
-        mine = torch.tensor([value], dtype=torch.float64, device=self.device)  # NCCL needs device tensors
-        gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(gathered, mine)
-        return [float(t) for t in gathered]
+        return gather_floats(value, self.world_size, self.device)
 
     def state_dict(self) -> dict:
         # The unwrapped module: the same keys at any world size, loadable by eval.

@@ -5,6 +5,7 @@ batch -> strategy.step -> learning rate -> moving average -> log -> summaries ->
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from multitower.train.checkpoint import CheckpointDir, atomic_write_bytes
 from multitower.train.ema import ExponentialMovingAverage, LossAverage
 from multitower.train.schedule import decay_steps_for, staircase_lr
 from multitower.train.summaries import Summaries, capture_activations
+from multitower.heartbeat import Heartbeat
 
 
 class TrainingDiverged(UserError):
@@ -99,6 +101,10 @@ def write_status(run_dir: Path, state: str, step: int) -> None:
 
 def train(cfg: Config) -> TrainResult:
     cfg.validate()
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+        # The elastic agent restarted the worker group after a failure: continue the
+        # run from its last checkpoint rather than refusing the existing run directory.
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=True))
     device = resolve_device(cfg.parallel.device)
     torch.set_num_threads(threads_per_worker(cfg.parallel.threads, cfg.parallel.workers))
     dataset = open_dataset(cfg.data.dir, label=cfg.data.label)
@@ -108,6 +114,13 @@ def train(cfg: Config) -> TrainResult:
     if strategy_name not in STRATEGIES:
         raise UserError(f"unknown --strategy {strategy_name!r}; known: auto, {', '.join(STRATEGIES)}")
     strategy = STRATEGIES[strategy_name](cfg.parallel, device, tower_loss)
+    if not getattr(strategy, "trains", True):
+        # A process with another role (downpour's parameter servers) serves the workers
+        # until they are done; it reads no data and writes nothing.
+        start_time = time.perf_counter()
+        strategy.serve()
+        return TrainResult(step=0, loss=float("nan"), wall_time_s=time.perf_counter() - start_time,
+                           examples_per_sec=0.0)
     run_dir = Path(cfg.run.run_dir)
     if strategy.is_rank0:
         print(describe_data(dataset), flush=True)
@@ -130,7 +143,9 @@ def train(cfg: Config) -> TrainResult:
         torch.set_rng_state(state["rng"])
         step = state["step"]
         if strategy.is_rank0:
-            print(f"resumed {run_dir} at step {step}", flush=True)
+            restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+            after = f" (restart {restarts} after a worker failure)" if restarts else ""
+            print(f"resumed {run_dir} at step {step}{after}", flush=True)
 
     decay_steps = decay_steps_for(len(train_split), cfg.data.batch_size, cfg.optim.epochs_per_decay)
     summaries = Summaries(run_dir) if strategy.is_rank0 else None
@@ -147,6 +162,7 @@ def train(cfg: Config) -> TrainResult:
                               "data_position": {"global_step": step, "global_batch_size": cfg.data.batch_size,
                                                 "seed": cfg.run.seed}}, step)
 
+    heartbeat = Heartbeat.from_environment(strategy.rank, strategy.world_size)
     if strategy.is_rank0:
         write_status(run_dir, "running", step)
     batches = TrainBatches(train_split, global_batch_size=cfg.data.batch_size, rank=strategy.rank,
@@ -154,10 +170,12 @@ def train(cfg: Config) -> TrainResult:
                            prefetch=cfg.data.prefetch, device=device)
     start_time = window_start = time.perf_counter()
     start_step, window_steps, window_examples, data_wait_s, comm_s = step, 0, 0, 0.0, 0.0
-    loss_value = float("nan")
+    window_extra: dict[str, list[float]] = {}  # StepMetrics.extra: key -> values this window
+    loss_value = mean_loss = float("nan")
     try:
         batch_iter = iter(batches)
         while step < cfg.run.steps:
+            heartbeat.beat(step + 1)
             wait_start = time.perf_counter()
             batch = next(batch_iter)
             data_wait_s += time.perf_counter() - wait_start
@@ -173,6 +191,8 @@ def train(cfg: Config) -> TrainResult:
             window_steps += 1
             window_examples += metrics.examples
             comm_s += metrics.comm_s
+            for key, value in metrics.extra.items():
+                window_extra.setdefault(key, []).append(value)
 
             # One host sync per step on CPU is free; on CUDA check only when logging.
             if device.type == "cpu" or step % cfg.run.log_every == 0 or step == cfg.run.steps:
@@ -203,7 +223,8 @@ def train(cfg: Config) -> TrainResult:
                           "data_wait_fraction": data_wait_s / elapsed,
                           "comm_fraction": max(rank_comm_fraction),
                           "rank_examples_per_sec": rank_examples_per_sec,
-                          "world_size": strategy.world_size, "wall_time": time.time()}
+                          "world_size": strategy.world_size, "wall_time": time.time(),
+                          **{key: sum(values) / len(values) for key, values in window_extra.items()}}
                 if summaries is not None:
                     summaries.append_jsonl("metrics.jsonl", record)
                     line = (f"step {step}, loss = {mean_loss:.2f} (avg {loss_avg.value:.2f}) "
@@ -213,15 +234,22 @@ def train(cfg: Config) -> TrainResult:
                                  f" comm {100 * record['comm_fraction']:.0f}% of step time]")
                     say(line)
                 window_start, window_steps, window_examples, data_wait_s, comm_s = time.perf_counter(), 0, 0, 0.0, 0.0
+                window_extra = {}
             bar.update(1)
             if step % cfg.run.checkpoint_every == 0 and step < cfg.run.steps:
                 save_checkpoint()
         save_checkpoint()
         if strategy.is_rank0:
             write_status(run_dir, "finished", step)
-    except BaseException:
+    except BaseException as exc:
         if strategy.is_rank0 and run_dir.exists():
             write_status(run_dir, "failed", step)
+        # A collective that timed out or lost its peer: name the rank that fell behind.
+        if isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("Timed out", "timed out", "Connection closed")):
+            stalled = heartbeat.laggards()
+            if stalled:
+                raise UserError(f"{stalled}; rank {strategy.rank} gave up waiting for it "
+                                f"(--timeout {cfg.parallel.timeout_s:g} s)") from None
         raise
     finally:
         batches.close()
@@ -230,5 +258,5 @@ def train(cfg: Config) -> TrainResult:
             summaries.close()
         strategy.close()
     wall = time.perf_counter() - start_time
-    return TrainResult(step=step, loss=loss_value, wall_time_s=wall,
+    return TrainResult(step=step, loss=mean_loss, wall_time_s=wall,
                        examples_per_sec=(step - start_step) * cfg.data.batch_size / max(wall, 1e-9))

@@ -1,0 +1,119 @@
+"""Measure the alpha and beta of this machine's gloo all-reduce: 2 processes on loopback.
+
+Each message size is all-reduced back to back by both ranks (a loop of several calls per
+sample, so that the start skew between the ranks is spread over many of them); rank 0's
+median time per call is then fitted to the ring model t = 2(n-1)/n * bytes/beta +
+2(n-1) * alpha by least squares on the relative error, so that 1 KB messages (where
+alpha shows) weigh as much as 16 MB ones (where beta shows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from multitower.bench.cost_model import Link
+from multitower.errors import UserError
+
+MESSAGE_BYTES = [1024 * 4 ** k for k in range(8)]  # 1 KB ... 16 MB
+
+
+def fit_alpha_beta(sizes_bytes: list[float], times_s: list[float], world_size: int = 2) -> tuple[float, float]:
+    """(alpha seconds, beta bytes/s) of the ring model fitted to per-call times, minimising
+    the sum of squared relative errors ((a + b*m - t) / t)^2 over a = 2(n-1)alpha and
+    b = 2(n-1)/n / beta. Raises UserError when the timings give no positive fit."""
+    if len(sizes_bytes) != len(times_s) or len(sizes_bytes) < 2:
+        raise UserError(f"need at least 2 (size, time) pairs to fit alpha and beta, got {len(times_s)}")
+    # Weighted normal equations for t ~ a + b m with weights 1/t^2.
+    s00 = s01 = s11 = r0 = r1 = 0.0
+    for m, t in zip(sizes_bytes, times_s):
+        weight = 1.0 / (t * t)
+        s00 += weight
+        s01 += weight * m
+        s11 += weight * m * m
+        r0 += weight * t
+        r1 += weight * m * t
+    det = s00 * s11 - s01 * s01
+    if det <= 0:
+        raise UserError("message sizes must differ to fit alpha and beta")
+    a = (r0 * s11 - r1 * s01) / det
+    b = (s00 * r1 - s01 * r0) / det
+    if b <= 0:
+        raise UserError(f"all-reduce time does not grow with message size (slope {b:.3g} s/byte): "
+                        f"the machine is too noisy to calibrate now; try again or pass --bandwidth-gbps")
+    steps = world_size - 1
+    alpha = max(a, 0.0) / (2 * steps)  # a noisy negative intercept means alpha below resolution
+    beta = 2 * steps / world_size / b
+    return alpha, beta
+
+
+def _calls_per_sample(nbytes: int) -> int:
+    # ~4 MB of traffic per sample, between 2 and 100 calls.
+    return max(2, min(100, 4 * 2 ** 20 // max(nbytes, 1)))
+
+
+def _worker(rank: int, world_size: int, store_path: str, sizes: list[int], samples: int, out_path: str) -> None:
+    torch.set_num_threads(1)  # gloo's own threads do the work; keep the ranks off each other's core
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world_size), rank=rank,
+                            world_size=world_size)
+    try:
+        medians = {}
+        for nbytes in sizes:
+            tensor = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
+            calls = _calls_per_sample(nbytes)
+            for _ in range(2):  # warm-up: connections, buffers
+                dist.all_reduce(tensor)
+            per_call = []
+            for _ in range(samples):
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    dist.all_reduce(tensor)
+                per_call.append((time.perf_counter() - start) / calls)
+            medians[nbytes] = {"median_s": statistics.median(per_call), "all_s": per_call, "calls": calls}
+        if rank == 0:
+            with open(out_path, "w") as f:
+                json.dump({str(k): v for k, v in medians.items()}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_allreduce(sizes: list[int] = MESSAGE_BYTES, samples: int = 5, world_size: int = 2) -> dict:
+    """Spawn `world_size` gloo processes on a FileStore; return the timings and the fit
+    (alpha_s, beta_Bps) as a JSON-ready dict."""
+    with tempfile.TemporaryDirectory(prefix="multitower-calibrate-") as tmp:
+        out_path = os.path.join(tmp, "timings.json")
+        mp.spawn(_worker, nprocs=world_size, join=True,
+                 args=(world_size, os.path.join(tmp, "store"), list(sizes), samples, out_path))
+        with open(out_path) as f:
+            timings = {int(k): v for k, v in json.load(f).items()}
+    sizes = sorted(timings)
+    times = [timings[m]["median_s"] for m in sizes]
+    alpha, beta = fit_alpha_beta(sizes, times, world_size)
+    fitted = [2 * (world_size - 1) / world_size * m / beta + 2 * (world_size - 1) * alpha for m in sizes]
+    return {"backend": "gloo", "transport": "loopback", "world_size": world_size,
+            "alpha_s": alpha, "beta_Bps": beta,
+            "latency_us": alpha * 1e6, "bandwidth_gbps": beta * 8 / 1e9,
+            "samples": [{"bytes": m, "median_s": timings[m]["median_s"], "fitted_s": f,
+                         "calls_per_sample": timings[m]["calls"], "all_s": timings[m]["all_s"]}
+                        for m, f in zip(sizes, fitted)]}
+
+
+def link_from_calibration(path: str | Path) -> Link:
+    """The Link recorded by `multitower plan --calibrate` in a JSON file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        return Link(f"measured ({path.name})", float(data["beta_Bps"]), float(data["alpha_s"]))
+    except FileNotFoundError:
+        raise UserError(f"--calibration {path}: no such file; make one with `multitower plan --calibrate`") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--calibration {path} is not a calibration JSON ({exc})") from None

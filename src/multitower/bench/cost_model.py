@@ -1,0 +1,279 @@
+"""An alpha-beta cost model of one training step under each parallel strategy.
+
+A message of m bytes over a link costs alpha + m / beta seconds (alpha: latency per
+message, beta: bandwidth in bytes/s). One step of one device costs its compute
+(examples x seconds per example, measured on the device at hand) plus whatever
+communication the strategy cannot hide behind that compute. Everything is in bytes,
+seconds and bytes/s; only the presets speak in Gbit/s and microseconds, as vendors do.
+
+What the model leaves out, on purpose: statistical efficiency (local SGD and downpour
+take more steps to the same accuracy than sync; here only throughput is compared),
+stragglers, congestion beyond the links named, and compute that gets less efficient
+at small per-device batches. The planner therefore prefers an exact strategy (sync,
+pipeline: the same gradient as one device) unless an approximate one is clearly faster.
+
+Used by `multitower plan` (plan.py) and its validation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Link:
+    """One direction of a point-to-point link, as a collective library sees it."""
+    name: str
+    bandwidth_Bps: float   # beta, bytes per second in each direction
+    latency_s: float       # alpha, seconds per message
+
+    @classmethod
+    def from_gbps(cls, name: str, gbps: float, latency_us: float) -> "Link":
+        return cls(name, gbps * 1e9 / 8, latency_us * 1e-6)
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.bandwidth_Bps * 8 / 1e9:g} Gbit/s, {self.latency_s * 1e6:g} us"
+
+
+# Bandwidth: each direction, from the public specifications named. Latency: the vendor's
+# figure where one is published (InfiniBand adapters); otherwise a typical per-message
+# figure for a collective library on that link (marked "typical"), not a specification.
+# Measure your own with `multitower plan --calibrate` or pass --bandwidth-gbps/--latency-us.
+LINKS: dict[str, Link] = {
+    # PCI-SIG PCIe 4.0 base spec: 16 GT/s per lane, 128b/130b coding; x16 = 16*16*128/130 = 252 Gbit/s
+    # (31.5 GB/s) each way. Latency: typical ~2 us for a GPU-to-GPU copy through the root complex.
+    "pcie4": Link.from_gbps("PCIe 4.0 x16", 252, 2.0),
+    # PCI-SIG PCIe 5.0 base spec: 32 GT/s per lane -> 504 Gbit/s (63 GB/s) each way. Latency: typical.
+    "pcie5": Link.from_gbps("PCIe 5.0 x16", 504, 2.0),
+    # NVIDIA A100 datasheet: third-generation NVLink 600 GB/s per GPU, both directions together
+    # -> 300 GB/s = 2400 Gbit/s each way. Latency: typical ~1 us for an NCCL step.
+    "nvlink3": Link.from_gbps("NVLink 3 (A100)", 2400, 1.0),
+    # NVIDIA H100 datasheet: fourth-generation NVLink 900 GB/s per GPU (SXM) -> 450 GB/s each way.
+    "nvlink4": Link.from_gbps("NVLink 4 (H100 SXM)", 3600, 1.0),
+    # NVIDIA ConnectX-6 VPI product brief: HDR InfiniBand 200 Gb/s per port, sub-600 ns latency.
+    "ib-hdr": Link.from_gbps("InfiniBand HDR", 200, 0.6),
+    # NVIDIA ConnectX-7 product brief: NDR InfiniBand 400 Gb/s per port; latency taken as HDR's.
+    "ib-ndr": Link.from_gbps("InfiniBand NDR", 400, 0.6),
+    # IEEE 802.3ae / 802.3by / 802.3ba line rates. Latency: typical one-way kernel TCP
+    # (10-20 us is common; faster NICs and RDMA do better).
+    "10gbe": Link.from_gbps("10 GbE", 10, 15.0),
+    "25gbe": Link.from_gbps("25 GbE", 25, 10.0),
+    "100gbe": Link.from_gbps("100 GbE", 100, 8.0),
+}
+
+# Exact strategies compute the gradient one device would; approximate ones do not.
+EXACT = ("sync", "pipeline")
+APPROXIMATE = ("local-sgd", "downpour")
+STRATEGY_NAMES = EXACT + APPROXIMATE
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one device does per step."""
+    compute_s_per_example: float           # forward + backward + update, measured on one device
+    param_bytes: float                     # what an all-reduce, push or fetch moves
+    batch_per_device: float                # examples per device per step
+    activation_bytes_per_example: float = 0.0   # crossing one pipeline stage boundary
+    # Share of compute that is backward, which DDP overlaps with its all-reduce:
+    # backward costs about twice forward (2 of the 6 FLOPs per parameter and example).
+    backward_fraction: float = 2 / 3
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """`devices` in all, packed `devices_per_node` to a node; nodes joined by `inter`."""
+    devices: int
+    devices_per_node: int
+    intra: Link                            # between devices of one node
+    inter: Link                            # between nodes: one NIC of this link per node
+    nics_per_node: int = 1
+
+    @property
+    def nodes(self) -> int:
+        return math.ceil(self.devices / self.devices_per_node)
+
+    @property
+    def local_devices(self) -> int:
+        return min(self.devices, self.devices_per_node)
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Strategy settings (defaults: `multitower train`'s)."""
+    overlap: bool = True       # sync: all-reduce hidden behind backward (DDP buckets); downpour: pushes async
+    local_sgd_period: int = 4  # K: steps between weight averages (--sync-every)
+    ps: int = 1                # downpour: parameter servers (--ps)
+    ps_period: int = 1         # downpour: steps between push+fetch (--n-push, --n-fetch)
+    stages: int = 4            # pipeline: S stages per model replica
+    micro_batches: int = 0     # pipeline: M per step; 0 = 4 x stages (GPipe's M >= 4S advice)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    strategy: str
+    devices: int
+    step_s: float
+    compute_s: float            # the step's compute (pipeline: including its bubble)
+    exposed_comm_s: float       # communication not hidden behind compute
+    comm_s: float               # all communication time, hidden or not
+    images_per_sec: float       # all devices together
+    efficiency: float           # images/sec / (devices x one device's compute-only images/sec)
+
+
+def ring_allreduce_s(nbytes: float, n: int, link: Link) -> float:
+    """Ring all-reduce of `nbytes` over n ranks: reduce-scatter then all-gather, 2(n-1)
+    steps each moving nbytes/n: 2(n-1)/n * nbytes/beta + 2(n-1) * alpha. Zero for n = 1."""
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) / n * nbytes / link.bandwidth_Bps + 2 * (n - 1) * link.latency_s
+
+
+def hierarchical_allreduce_s(nbytes: float, local: int, nodes: int, intra: Link, inter: Link,
+                             nics_per_node: int = 1) -> float:
+    """All-reduce over nodes x local ranks: ring reduce-scatter inside each node, then each
+    local rank all-reduces its 1/local share across nodes (the local ranks sharing the
+    node's NICs, so that leg moves nbytes per node), then ring all-gather inside the node.
+    With one node it is a ring on the intra link. Cheaper than one flat ring over the
+    inter link, which pays 2(N-1) inter-node latencies instead of 2(nodes-1)."""
+    inside = ring_allreduce_s(nbytes, local, intra)  # reduce-scatter + all-gather together
+    if nodes <= 1:
+        return inside
+    node_link = Link(inter.name, inter.bandwidth_Bps * nics_per_node, inter.latency_s)
+    across = 2 * (nodes - 1) / nodes * nbytes / node_link.bandwidth_Bps + 2 * (nodes - 1) * inter.latency_s
+    return inside + across
+
+
+def cluster_allreduce_s(nbytes: float, cluster: Cluster) -> float:
+    return hierarchical_allreduce_s(nbytes, cluster.local_devices, cluster.nodes, cluster.intra,
+                                    cluster.inter, cluster.nics_per_node)
+
+
+def bubble_fraction(stages: int, micro_batches: int) -> float:
+    """Idle share of a GPipe step: (S-1)/(M+S-1)."""
+    return (stages - 1) / (micro_batches + stages - 1)
+
+
+def _prediction(strategy: str, w: Workload, devices: int, compute_s: float, exposed_s: float,
+                comm_s: float) -> Prediction:
+    step_s = compute_s + exposed_s
+    images = devices * w.batch_per_device / step_s
+    ideal = devices / w.compute_s_per_example
+    return Prediction(strategy, devices, step_s, compute_s, exposed_s, comm_s, images, images / ideal)
+
+
+def predict_sync(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> Prediction:
+    """Synchronous data parallelism: compute, plus the gradient all-reduce. Overlapped (DDP):
+    only the part longer than backward shows; not overlapped: all of it."""
+    compute_s = w.batch_per_device * w.compute_s_per_example
+    comm_s = cluster_allreduce_s(w.param_bytes, cluster)
+    exposed = max(0.0, comm_s - w.backward_fraction * compute_s) if knobs.overlap else comm_s
+    return _prediction("sync", w, cluster.devices, compute_s, exposed, comm_s)
+
+
+def predict_local_sgd(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> Prediction:
+    """Local SGD: local steps, and every K steps an all-reduce of the weights after the
+    optimizer step (nothing to overlap it with): comm / K per step."""
+    compute_s = w.batch_per_device * w.compute_s_per_example
+    comm_s = cluster_allreduce_s(w.param_bytes, cluster) / knobs.local_sgd_period
+    return _prediction("local-sgd", w, cluster.devices, compute_s, comm_s, comm_s)
+
+
+def predict_downpour(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> Prediction:
+    """Downpour: every `ps_period` steps each worker pushes its gradients (param_bytes) and
+    fetches the parameters (param_bytes), spread over P servers. A worker's own link moves
+    2 x bytes per exchange; the servers' links together move 2 x bytes x N, so each
+    server link is busy 2 x bytes x N / (P x beta) per round: with N > P they are the
+    bottleneck, and throughput is capped at what they carry. Push and fetch are counted one
+    after the other (not full duplex). Servers are P extra processes, not counted as devices,
+    reached over the intra link when the job fits one node of several devices, else over the
+    inter-node link. With overlap, a
+    push travels during the next step's compute (multitower's worker keeps one in flight)."""
+    n, period = cluster.devices, knobs.ps_period
+    link = cluster.intra if cluster.nodes == 1 and cluster.devices_per_node > 1 else cluster.inter
+    compute_s = w.batch_per_device * w.compute_s_per_example
+    one_way_s = w.param_bytes / link.bandwidth_Bps + link.latency_s
+    push_s = fetch_s = one_way_s
+    exposed = (fetch_s + (max(0.0, push_s - compute_s) if knobs.overlap else push_s)) / period
+    server_busy_s = 2 * w.param_bytes * n / (knobs.ps * link.bandwidth_Bps) / period
+    step_s = max(compute_s + exposed, server_busy_s)
+    return _prediction("downpour", w, n, compute_s, step_s - compute_s, (push_s + fetch_s) / period)
+
+
+def predict_pipeline(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> Prediction | None:
+    """GPipe-style pipeline of S stages, data-parallel over D = N/S replicas; None unless S
+    divides N. Stages are assumed balanced (compute / S each). A replica takes the batch of
+    its S devices in M micro-batches: (M+S-1) slots of one micro-batch's stage compute plus
+    its activation transfer forward and gradient transfer backward, i.e. the bubble
+    (S-1)/(M+S-1); then each stage all-reduces its 1/S of the parameters over the D replicas
+    (not overlapped). A replica's stages sit in one node when S <= devices per node."""
+    s = knobs.stages
+    m = knobs.micro_batches or 4 * s
+    n = cluster.devices
+    if s < 2 or n < s or n % s:
+        return None
+    replicas = n // s
+    examples_per_micro = w.batch_per_device * s / m
+    stage_compute_s = examples_per_micro * w.compute_s_per_example / s
+    act_link = cluster.intra if s <= cluster.devices_per_node else cluster.inter
+    transfer_s = 2 * (act_link.latency_s + w.activation_bytes_per_example * examples_per_micro / act_link.bandwidth_Bps)
+    slots = m + s - 1
+    pipe_s = slots * (stage_compute_s + transfer_s)
+    # One stage's replicas: devices_per_node // S of them share a node (1 when a replica spans nodes).
+    local = max(1, min(replicas, cluster.devices_per_node // s))
+    nodes = math.ceil(replicas / local)
+    allreduce_s = hierarchical_allreduce_s(w.param_bytes / s, local, nodes, cluster.intra, cluster.inter,
+                                           cluster.nics_per_node)
+    compute_s = slots * stage_compute_s
+    comm_s = slots * transfer_s + allreduce_s
+    return _prediction("pipeline", w, n, compute_s, pipe_s - compute_s + allreduce_s, comm_s)
+
+
+def predict_all(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> dict[str, Prediction]:
+    """Every strategy that applies at this size, by name."""
+    found = {"sync": predict_sync(w, cluster, knobs), "pipeline": predict_pipeline(w, cluster, knobs),
+             "local-sgd": predict_local_sgd(w, cluster, knobs), "downpour": predict_downpour(w, cluster, knobs)}
+    return {name: p for name, p in found.items() if p is not None}
+
+
+def winner(predictions: dict[str, Prediction], tolerance: float = 0.05) -> str:
+    """The fastest strategy, except that an exact one (sync, pipeline) within `tolerance`
+    of the fastest is preferred: an approximate one must buy more than that in throughput
+    to pay for the extra steps it usually needs. At one device: "single"."""
+    if next(iter(predictions.values())).devices == 1:
+        return "single"
+    best = max(p.images_per_sec for p in predictions.values())
+    exact = [p for p in predictions.values() if p.strategy in EXACT and p.images_per_sec >= (1 - tolerance) * best]
+    pool = exact or list(predictions.values())
+    return max(pool, key=lambda p: p.images_per_sec).strategy
+
+
+def device_counts(max_devices: int) -> list[int]:
+    """1, 2, 4, ... up to max_devices (included even when not a power of two)."""
+    counts, n = [], 1
+    while n < max_devices:
+        counts.append(n)
+        n *= 2
+    return counts + [max_devices]
+
+
+def scan(w: Workload, max_devices: int, devices_per_node: int, intra: Link, inter: Link,
+         knobs: Knobs = Knobs(), nics_per_node: int = 1, tolerance: float = 0.05,
+         strong_scaling_batch: float | None = None) -> list[dict]:
+    """One row per device count: every strategy's prediction and the winner. With
+    `strong_scaling_batch` the global batch is fixed and split over the devices (rows where a
+    device would get less than one example are left out); otherwise each device keeps
+    w.batch_per_device (weak scaling)."""
+    rows = []
+    for n in device_counts(max_devices):
+        work = w
+        if strong_scaling_batch is not None:
+            if strong_scaling_batch / n < 1:
+                break
+            work = replace(w, batch_per_device=strong_scaling_batch / n)
+        cluster = Cluster(n, devices_per_node, intra, inter, nics_per_node)
+        predictions = predict_all(work, cluster, knobs)
+        rows.append({"devices": n, "nodes": cluster.nodes, "devices_per_node": cluster.local_devices,
+                     "batch_per_device": work.batch_per_device, "predictions": predictions,
+                     "winner": winner(predictions, tolerance)})
+    return rows

@@ -1,0 +1,123 @@
+"""Hogwild!: worker processes on one machine update ONE model in shared memory, without
+locks (Niu et al. 2011, https://arxiv.org/abs/1106.5730): the chapter's A3C-style
+single-node multi-core data parallelism, as in PyTorch's mnist_hogwild example.
+
+That example forks workers from a parent that calls model.share_memory_(). Ours are
+started by torch's elastic launcher and inherit nothing, so the parameters are shared
+through a file instead: rank 0 writes its initial parameters as one flat float32 file in
+/dev/shm, every rank maps it (torch.from_file, shared=True) and points its parameters
+at views of the mapping, and a gloo barrier orders the writing before any use. Then
+each worker computes gradients on its own shard (its rank's slice of every global
+batch) in private memory, and its optimizer writes the update straight into the shared
+parameters: no lock, no collective. The paper's argument for why lost updates do not
+matter assumes sparse updates; ours are dense, so concurrent writes to the same weight
+do clobber each other now and then: the price of never waiting.
+
+Once every rank has mapped the file, rank 0 unlinks it: the memory lives on until the
+last worker exits, and nothing is left in /dev/shm even if a worker is killed later.
+
+What "step" means here: the loop's global_step counts this worker's own updates, each
+on --batch-size / workers examples; the shared model has received about
+workers x global_step updates. The learning-rate schedule follows the per-worker count.
+Workers wait for each other only at log lines (the loop's all-gather of metrics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from multitower.config import ParallelConfig
+from multitower.data.loader import Batch
+from multitower.errors import UserError
+from multitower.parallel.base import LossFn, StepMetrics
+from multitower.parallel.process_group import gather_floats, init_process_group
+
+# Memory-backed on Linux, so the "file" is just shared pages; elsewhere a temp file.
+SHARED_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+FILE_PREFIX = "multitower-hogwild-"
+
+
+class Hogwild:
+    def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):
+        if device.type != "cpu":
+            raise UserError(f"--strategy hogwild shares CPU memory between processes; got device {device}, "
+                            f"use --device cpu")
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if local_world_size != world_size:
+            raise UserError(f"--strategy hogwild runs on one machine, but this job spans {world_size} workers "
+                            f"of which {local_world_size} are here; use --strategy local-sgd or sync across machines")
+        # gloo only orders initialisation and gathers metrics; no gradient goes through it.
+        init_process_group(device, cfg.timeout_s, "hogwild")
+        self.device = device
+        self.loss_fn = loss_fn
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.is_rank0 = self.rank == 0
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.shared: torch.Tensor | None = None  # the flat float32 mapping all parameters view
+        self.buffer_path: str | None = None  # gone once every rank has mapped it
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+        params = list(model.parameters())
+        if any(p.dtype != torch.float32 for p in params):
+            raise UserError("--strategy hogwild shares float32 parameters only")
+        numel = sum(p.numel() for p in params)
+        path = [None]
+        try:
+            if self.is_rank0:
+                fd, path[0] = tempfile.mkstemp(prefix=FILE_PREFIX, suffix=".f32", dir=SHARED_DIR)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(torch.cat([p.detach().reshape(-1) for p in params]).numpy().tobytes())
+            dist.broadcast_object_list(path, src=0)
+            self.buffer_path = path[0]
+            self.shared = torch.from_file(self.buffer_path, shared=True, size=numel, dtype=torch.float32)
+            offset = 0
+            for p in params:
+                # Re-pointing .data keeps the Parameter objects, so the optimizer (built on
+                # them) now updates the shared memory in place; torch's model averager
+                # re-points parameters the same way.
+                p.data = self.shared[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+            dist.barrier()  # every rank has mapped the file: rank 0 may unlink it
+        finally:
+            if self.is_rank0 and path[0] is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path[0])
+
+    def step(self, batch: Batch) -> StepMetrics:
+        self.optimizer.zero_grad(set_to_none=True)  # gradients live in this process's memory
+        logits = self.model(batch.images)
+        loss, cross_entropy = self.loss_fn(self.model, logits, batch.labels)
+        loss.backward()
+        self.optimizer.step()  # in place on the shared parameters, no lock: Hogwild!
+        return StepMetrics(loss=loss.detach(), cross_entropy=cross_entropy.detach(),
+                           examples=batch.labels.shape[0] * self.world_size)
+
+    def all_ranks(self, value: float) -> list[float]:
+        return gather_floats(value, self.world_size, self.device)
+
+    def state_dict(self) -> dict:
+        """A copy of the shared parameters, taken tensor by tensor while the other workers
+        keep updating them: consistent to within the few updates that land meanwhile,
+        which is all Hogwild's model ever is. The optimizer is this rank's."""
+        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.is_rank0:  # one writer into the shared parameters
+            self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        dist.barrier()  # nobody trains on the parameters before they are loaded
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,136 @@
+"""Local SGD: every worker trains its own replica and every K steps the replicas'
+weights are averaged (the chapter's supervisor, which collects the workers' weights,
+averages them and pushes the average back), optionally after W fully synchronous
+warm-up steps: post-local SGD (Lin et al. 2018, https://arxiv.org/abs/1808.07217).
+
+Built from torch's documented post-local-SGD recipe, nothing home-made:
+  - DDP with post_localSGD_hook: for the first W steps the hook all-reduces the
+    gradients (exactly the sync strategy); afterwards it hands each worker its own
+    gradient back, so backward sends nothing and the optimizer steps locally;
+  - PeriodicModelAverager after every optimizer step: on averaging steps it
+    all-reduces all parameters as one flat buffer divided by the world size, on the
+    others it does nothing.
+Averages happen after global steps W+K, W+2K, ... (see wrap). With K=1 and plain SGD,
+averaging the weights after each step equals averaging the gradients: sync, up to rounding.
+
+Moving average (EMA): the loop keeps one per process, over that process's replica, and
+checkpoints rank 0's. We keep it that way rather than spend a collective on it: rank 0's
+replica is at most K-1 local steps away from the consensus, early in training the EMA
+(TF's num_updates rule) follows it closely anyway, and later its horizon (~10,000 steps
+at decay 0.9999) spans many averaging periods, over which the drift averages out.
+
+Checkpoints hold the mean of the replicas (the supervisor's model, what eval should
+see), computed on a copy; training replicas are untouched. Resuming restarts every
+replica at that mean: the same trajectory when the checkpoint fell on an averaging step
+(replicas were equal), otherwise one extra averaging in effect.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import post_localSGD_hook
+from torch.distributed.algorithms.model_averaging import averagers
+from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import parameters_to_vector
+
+from multitower.config import ParallelConfig
+from multitower.data.loader import Batch
+from multitower.parallel.base import LossFn, StepMetrics
+from multitower.parallel.process_group import gather_floats, init_process_group
+from multitower.parallel.sync import CommTimer
+
+
+class LocalSGD:
+    def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):
+        init_process_group(device, cfg.timeout_s, "local-sgd")
+        self.cfg = cfg
+        self.device = device
+        self.loss_fn = loss_fn
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.is_rank0 = self.rank == 0
+        self.model: nn.Module | None = None
+        self.ddp: DistributedDataParallel | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.timer: CommTimer | None = None
+        self.hook_state: post_localSGD_hook.PostLocalSGDState | None = None
+        self.averager: averagers.PeriodicModelAverager | None = None
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+        every, warmup = self.cfg.sync_every, self.cfg.local_sgd_warmup
+        # DDP broadcasts rank 0's parameters (and buffers) at construction: all replicas
+        # start equal. forward_sync_buffers=False: a buffer broadcast before every forward
+        # would be a collective per step; buffers (cifar10-tf has none) then stay per
+        # worker, as the averager averages parameters only.
+        self.ddp = DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            gradient_as_bucket_view=True, forward_sync_buffers=False)
+        # post_local_gradient_allreduce=False: after warm-up no gradient leaves the worker.
+        # (torch's default keeps all-reducing within each machine, which on one machine
+        # would be the sync strategy plus averaging.)
+        self.hook_state = post_localSGD_hook.PostLocalSGDState(
+            process_group=None, subgroup=None, start_localSGD_iter=warmup, post_local_gradient_allreduce=False)
+        self.timer = CommTimer()
+        self.ddp.register_comm_hook(self.hook_state, self.timer.wrap(post_localSGD_hook.post_localSGD_hook))
+        # The averager averages when its step counter s (0-based: the step just taken)
+        # has s >= warmup_steps and (s - warmup_steps) % period == 0. torch's example sets
+        # warmup_steps = W, which averages right after the first local step (replicas one
+        # step apart) and every K after that. W + K - 1 instead averages after 1-based
+        # steps W+K, W+2K, ...: every K-th local step, on multiples of K when W = 0.
+        self.averager = averagers.PeriodicModelAverager(period=every, warmup_steps=warmup + every - 1)
+
+    def averages_now(self) -> bool:
+        """Whether the averager's next call averages (its own rule, from its public fields)."""
+        s, avg = self.averager.step, self.averager
+        return s >= avg.warmup_steps and (s - avg.warmup_steps) % avg.period == 0
+
+    def step(self, batch: Batch) -> StepMetrics:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, cross_entropy = self.loss_fn(self.model, self.ddp(batch.images), batch.labels)
+        loss.backward()  # warm-up: gradients all-reduced by the hook; afterwards local
+        self.optimizer.step()
+        averaging_s = 0.0
+        if self.averages_now():
+            start = time.perf_counter()
+            self.averager.average_parameters(self.model.parameters())
+            if self.device.type == "cuda":
+                # NCCL returns before the all-reduce ends; one sync every K steps buys an honest time.
+                torch.cuda.synchronize(self.device)
+            averaging_s = time.perf_counter() - start
+        else:
+            self.averager.average_parameters(self.model.parameters())  # only counts the step
+        hook_s, _ = self.timer.take()
+        return StepMetrics(loss=loss.detach(), cross_entropy=cross_entropy.detach(),
+                           examples=batch.labels.shape[0] * self.world_size, comm_s=hook_s + averaging_s)
+
+    def all_ranks(self, value: float) -> list[float]:
+        return gather_floats(value, self.world_size, self.device)
+
+    @torch.no_grad()
+    def state_dict(self) -> dict:
+        """The mean of the replicas under the unwrapped module's keys, and this rank's
+        optimizer. A collective (an all-reduce of the parameters): every rank calls it."""
+        params = list(self.model.parameters())
+        mean = parameters_to_vector(params) / self.world_size
+        dist.all_reduce(mean)
+        model_state = self.model.state_dict()
+        offset = 0
+        for name, p in self.model.named_parameters():
+            model_state[name] = mean[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        return {"model": model_state, "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        # Both schedules count steps from 0; a resumed run goes on where it stopped.
+        self.hook_state.iter = self.averager.step = int(state["step"])
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

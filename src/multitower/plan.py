@@ -1,0 +1,320 @@
+"""`multitower plan`: how each parallel strategy would scale from 1 to 1024 devices.
+
+Inputs: the model's compute time per example on the device at hand (a short profiling
+run of its real forward + backward + update, a benchmark JSON, or a number), its
+parameter bytes, and the links between devices (presets, measured figures, or a
+calibration made here by `--calibrate`). Output: predicted step time, images/sec and
+scaling efficiency of every strategy at 1, 2, 4, ... devices, and the winner at each,
+as a table, a JSON file and a PNG plot. The formulas are in bench/cost_model.py.
+
+Every device is assumed to be like the one measured: on a CPU, "a device" is this
+whole machine (all its cores); several workers sharing one machine's cores are what
+`--validate` (bench/validate_plan.py) models instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from multitower.bench.cost_model import LINKS, STRATEGY_NAMES, Knobs, Link, Workload, scan
+from multitower.config import ParallelConfig
+from multitower.errors import UserError
+
+STRATEGY_COLOURS = {"sync": "#1f77b4", "pipeline": "#9467bd", "local-sgd": "#2ca02c", "downpour": "#ff7f0e"}
+
+
+@dataclass
+class PlanOptions:
+    """Everything `multitower plan` needs; cli.py fills it from the flags."""
+    model: str = "cifar10-tf"
+    """Model from the registry in multitower.models."""
+    width: int = 1
+    """Channel multiplier of the model."""
+    batch_size: int = 128
+    """Examples per device per step (weak scaling); with strong_scaling, the global batch."""
+    strong_scaling: bool = False
+    """Keep the global batch fixed at batch_size and split it over the devices."""
+    compute_ms_per_example: float = 0.0
+    """Milliseconds of forward + backward + update per example on one device; 0 = measure it."""
+    from_benchmark: str = ""
+    """A benchmarks/train_step.py JSON to read the compute time from (its eager fp32 step)."""
+    threads: int = 0
+    """CPU threads of the profiling run; 0 = all cores of this process."""
+    profile_steps: int = 5
+    """Timed steps of the profiling run (median taken; 2 warm-up steps before)."""
+    link: str = "25gbe"
+    """Link between nodes: a key of cost_model.LINKS."""
+    intra_link: str = "pcie4"
+    """Link between the devices of one node: a key of cost_model.LINKS."""
+    devices_per_node: int = 1
+    """Devices in one node (8 for a typical GPU server)."""
+    nics_per_node: int = 1
+    """Inter-node links per node (their bandwidths add up)."""
+    bandwidth_gbps: float = 0.0
+    """Measured inter-node bandwidth in Gbit/s, replacing the preset's; 0 = the preset's."""
+    latency_us: float = 0.0
+    """Measured inter-node latency per message in microseconds, replacing the preset's; 0 = the preset's."""
+    calibration: str = ""
+    """A JSON written by `plan --calibrate` whose alpha and beta become the inter-node link."""
+    overlap: bool = True
+    """Sync: all-reduce overlapped with backward (DDP); downpour: pushes overlapped with compute."""
+    # The strategy settings default to `multitower train`'s.
+    sync_every: int = ParallelConfig.sync_every
+    """Local SGD: steps between weight averages (K)."""
+    ps: int = ParallelConfig.ps
+    """Downpour: parameter servers."""
+    ps_period: int = ParallelConfig.n_push
+    """Downpour: steps between a worker's push + fetch."""
+    stages: int = 4
+    """Pipeline: stages per model replica (S)."""
+    micro_batches: int = 0
+    """Pipeline: micro-batches per step (M); 0 = 4 x stages."""
+    tolerance: float = 0.05
+    """An exact strategy within this fraction of the fastest wins over an approximate one."""
+    max_devices: int = 1024
+    """Largest device count in the table."""
+    out_dir: str = "bench-results"
+    """Directory for plan.json and plan.png (and the calibration and validation JSON)."""
+
+    def validate(self) -> "PlanOptions":
+        for flag, value in {"--batch-size": self.batch_size, "--profile-steps": self.profile_steps,
+                            "--devices-per-node": self.devices_per_node, "--nics-per-node": self.nics_per_node,
+                            "--sync-every": self.sync_every, "--ps": self.ps, "--ps-period": self.ps_period,
+                            "--max-devices": self.max_devices, "--width": self.width}.items():
+            if value < 1:
+                raise UserError(f"{flag} must be at least 1, got {value}")
+        for flag, value in {"--compute-ms-per-example": self.compute_ms_per_example, "--threads": self.threads,
+                            "--bandwidth-gbps": self.bandwidth_gbps, "--latency-us": self.latency_us,
+                            "--micro-batches": self.micro_batches}.items():
+            if value < 0:
+                raise UserError(f"{flag} must be 0 (the default) or positive, got {value}")
+        if self.stages < 2:
+            raise UserError(f"--stages must be at least 2 (one stage is plain data parallelism), got {self.stages}")
+        if not 0 <= self.tolerance < 1:
+            raise UserError(f"--tolerance must be a fraction in [0, 1), got {self.tolerance}")
+        for flag, name in (("--link", self.link), ("--intra-link", self.intra_link)):
+            if name not in LINKS:
+                raise UserError(f"unknown {flag} {name!r}; presets: {', '.join(LINKS)}")
+        return self
+
+
+def model_bytes(model_name: str, width: int) -> tuple[int, float]:
+    """(parameter bytes, mean activation bytes per example at the boundaries between the
+    model's top-level children, i.e. what a pipeline stage would send on)."""
+    import torch
+    from multitower.models import build_model
+    model = build_model(model_name, width=width)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    boundary_bytes: list[int] = []
+    hooks = [child.register_forward_hook(lambda _m, _i, out: boundary_bytes.append(out[0].numel() * out.element_size()))
+             for child in list(model.children())[:-1]]  # the last child's output is the logits
+    with torch.no_grad():
+        model(torch.zeros(1, 3, getattr(model, "image_size", 24), getattr(model, "image_size", 24)))
+    for hook in hooks:
+        hook.remove()
+    return param_bytes, (statistics.mean(boundary_bytes) if boundary_bytes else 0.0)
+
+
+def profile_compute(model_name: str, width: int, batch_size: int, threads: int, steps: int = 5,
+                    warmup: int = 2) -> float:
+    """Seconds per example of the real model's forward, tower loss, backward and SGD update
+    on random inputs at `threads` CPU threads (or the GPU when present); median of `steps`."""
+    import torch
+    from multitower.models import build_model
+    from multitower.models.cifar10_tf import tower_loss
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    try:
+        torch.manual_seed(0)
+        model = build_model(model_name, width=width).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        side = getattr(model, "image_size", 24)
+        images = torch.randn(batch_size, 3, side, side, device=device)
+        labels = torch.randint(0, getattr(model, "num_classes", 10), (batch_size,), device=device)
+        times = []
+        for i in range(warmup + steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # the clock starts with the device idle
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = tower_loss(model, model(images), labels)
+            loss.backward()
+            optimizer.step()
+            loss.item()  # waits for the device
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        return statistics.median(times) / batch_size
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def compute_from_benchmark(path: str) -> float:
+    """Seconds per example from a benchmarks/train_step.py result (its plain eager step)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return 1.0 / float(data["eager_fp32_images_per_sec"]["median"])
+    except FileNotFoundError:
+        raise UserError(f"--from-benchmark {path}: no such file; make one with `make bench`") from None
+    except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
+        raise UserError(f"--from-benchmark {path} is not a train_step benchmark JSON ({exc!r})") from None
+
+
+def links_from(opts: PlanOptions) -> tuple[Link, Link]:
+    """(intra-node, inter-node) links: presets, overridden by a calibration or measured figures."""
+    intra, inter = LINKS[opts.intra_link], LINKS[opts.link]
+    if opts.calibration:
+        from multitower.bench.calibrate import link_from_calibration
+        inter = link_from_calibration(opts.calibration)
+    if opts.bandwidth_gbps or opts.latency_us:
+        inter = Link(f"{inter.name}, measured",
+                     opts.bandwidth_gbps * 1e9 / 8 if opts.bandwidth_gbps else inter.bandwidth_Bps,
+                     opts.latency_us * 1e-6 if opts.latency_us else inter.latency_s)
+    return intra, inter
+
+
+def describe_inputs(opts: PlanOptions) -> str:
+    """The plan's inputs in words (what --dry-run prints)."""
+    intra, inter = links_from(opts)
+    if opts.compute_ms_per_example:
+        compute = f"{opts.compute_ms_per_example:g} ms/example (given)"
+    elif opts.from_benchmark:
+        compute = f"read from {opts.from_benchmark}"
+    else:
+        compute = (f"measured: {opts.profile_steps} steps of {opts.model} at batch {opts.batch_size}, "
+                   f"{opts.threads or len(os.sched_getaffinity(0))} threads")
+    scaling = (f"global batch {opts.batch_size} split over the devices" if opts.strong_scaling
+               else f"{opts.batch_size} examples per device")
+    return "\n".join([
+        f"model: {opts.model} (width {opts.width}); {scaling}",
+        f"compute: {compute}",
+        f"devices: 1 .. {opts.max_devices}, {opts.devices_per_node} per node, {opts.nics_per_node} NIC(s) per node",
+        f"intra-node link: {intra.describe()}",
+        f"inter-node link: {inter.describe()}",
+        f"sync: all-reduce {'overlapped with' if opts.overlap else 'after'} backward; local SGD K={opts.sync_every}; "
+        f"downpour {opts.ps} server(s), exchange every {opts.ps_period} step(s); pipeline S={opts.stages}, "
+        f"M={opts.micro_batches or 4 * opts.stages}"])
+
+
+def make_plan(opts: PlanOptions) -> dict:
+    """Measure (or read) the inputs and predict every strategy at every device count."""
+    param_bytes, activation_bytes = model_bytes(opts.model, opts.width)
+    if opts.compute_ms_per_example:
+        compute_s, source = opts.compute_ms_per_example / 1e3, "given"
+    elif opts.from_benchmark:
+        compute_s, source = compute_from_benchmark(opts.from_benchmark), opts.from_benchmark
+    else:
+        compute_s = profile_compute(opts.model, opts.width, opts.batch_size, opts.threads, opts.profile_steps)
+        source = "measured"
+    workload = Workload(compute_s, param_bytes, opts.batch_size, activation_bytes)
+    intra, inter = links_from(opts)
+    knobs = Knobs(opts.overlap, opts.sync_every, opts.ps, opts.ps_period, opts.stages, opts.micro_batches)
+    rows = scan(workload, opts.max_devices, opts.devices_per_node, intra, inter, knobs, opts.nics_per_node,
+                opts.tolerance, strong_scaling_batch=opts.batch_size if opts.strong_scaling else None)
+    return {"inputs": {"model": opts.model, "width": opts.width, "compute_s_per_example": compute_s,
+                       "compute_source": source, "param_bytes": param_bytes,
+                       "activation_bytes_per_example": activation_bytes,
+                       "intra_link": asdict(intra), "inter_link": asdict(inter), "knobs": asdict(knobs),
+                       "options": asdict(opts)},
+            "rows": [{**{k: v for k, v in row.items() if k != "predictions"},
+                      "predictions": {name: asdict(p) for name, p in row["predictions"].items()}}
+                     for row in rows]}
+
+
+def format_table(plan: dict) -> str:
+    """One line per device count: images/sec and efficiency of each strategy, and the winner."""
+    inputs = plan["inputs"]
+    head = (f"{inputs['model']}: {inputs['compute_s_per_example'] * 1e3:.3f} ms/example ({inputs['compute_source']}), "
+            f"{inputs['param_bytes'] / 1e6:.2f} MB of parameters")
+    lines = [head, f"{'devices':>7}  {'nodes x per':<11}  {'batch/dev':>9}  "
+             + "  ".join(f"{name + ' img/s (eff)':>24}" for name in STRATEGY_NAMES) + "  winner"]
+    for row in plan["rows"]:
+        cells = []
+        for name in STRATEGY_NAMES:
+            p = row["predictions"].get(name)
+            cells.append(f"{'-':>24}" if p is None else f"{p['images_per_sec']:>16,.0f} ({100 * p['efficiency']:>3.0f}%)")
+        layout = f"{row['nodes']} x {row['devices_per_node']}"
+        lines.append(f"{row['devices']:>7}  {layout:<11}  {row['batch_per_device']:>9g}  " + "  ".join(cells)
+                     + f"  {row['winner']}")
+    lines.append("eff = images/sec / (devices x one device's compute-only images/sec); throughput only: local SGD and "
+                 "downpour usually need more steps to the same accuracy")
+    return "\n".join(lines)
+
+
+def plot(plan: dict, path: Path) -> Path:
+    """Two panels: images/sec (log-log, with linear scaling dashed) and scaling efficiency;
+    each device count's winner ringed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = plan["rows"]
+    fig, (ax_rate, ax_eff) = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
+    devices = [r["devices"] for r in rows]
+    one_device = 1 / plan["inputs"]["compute_s_per_example"]  # images/sec of one device, compute only
+    ax_rate.plot(devices, [n * one_device for n in devices], "k--", lw=1, label="linear scaling")
+    for name in STRATEGY_NAMES:
+        points = [(r["devices"], r["predictions"][name]) for r in rows if name in r["predictions"]]
+        if not points:
+            continue
+        xs = [n for n, _ in points]
+        ax_rate.plot(xs, [p["images_per_sec"] for _, p in points], "o-", ms=4, color=STRATEGY_COLOURS[name], label=name)
+        ax_eff.plot(xs, [100 * p["efficiency"] for _, p in points], "o-", ms=4, color=STRATEGY_COLOURS[name], label=name)
+        wins = [(n, p) for n, p in points if any(r["devices"] == n and r["winner"] == name for r in rows)]
+        for ax, key, scale in ((ax_rate, "images_per_sec", 1), (ax_eff, "efficiency", 100)):
+            ax.scatter([n for n, _ in wins], [scale * p[key] for _, p in wins], s=140, facecolors="none",
+                       edgecolors=STRATEGY_COLOURS[name], linewidths=2)
+    per_node = plan["inputs"]["options"]["devices_per_node"]
+    for ax in (ax_rate, ax_eff):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(devices, [str(n) for n in devices])
+        ax.minorticks_off()
+        ax.set_xlabel("devices")
+        ax.grid(True, which="both", alpha=0.3)
+        if 1 < per_node < devices[-1]:
+            ax.axvline(per_node, color="grey", ls=":", lw=1)
+            ax.text(per_node, ax.get_ylim()[1], " node full", va="top", fontsize=8, color="grey")
+    ax_rate.set_yscale("log")
+    ax_rate.set_ylabel("images / sec (all devices)")
+    ax_eff.set_ylabel("scaling efficiency (%)")
+    ax_eff.set_ylim(0, 105)
+    ax_rate.legend(fontsize=8, loc="upper left")
+    inputs = plan["inputs"]
+    fig.suptitle(f"{inputs['model']}: {inputs['compute_s_per_example'] * 1e3:.2f} ms/example, "
+                 f"{inputs['param_bytes'] / 1e6:.1f} MB params; intra {inputs['intra_link']['name']}, "
+                 f"inter {inputs['inter_link']['name']} (ringed: the winner)", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def run(opts: PlanOptions) -> str:
+    """The plan command's work: predict, write plan.json and plan.png, return the table."""
+    from multitower.bench.measure import environment, write_json
+    plan = make_plan(opts)
+    out = Path(opts.out_dir)
+    json_path = write_json(out / "plan.json", {"benchmark": "plan", "environment": environment(), **plan})
+    png_path = plot(plan, out / "plan.png")
+    return f"{format_table(plan)}\nwrote {json_path} and {png_path}"
+
+
+def calibrate(opts: PlanOptions) -> str:
+    """`plan --calibrate`: fit this machine's gloo loopback alpha and beta; write the JSON."""
+    from multitower.bench.calibrate import measure_allreduce
+    from multitower.bench.measure import environment, write_json
+    result = measure_allreduce()
+    path = write_json(Path(opts.out_dir) / "plan_calibration.json",
+                      {"benchmark": "plan_calibration", "environment": environment(), **result})
+    lines = [f"{'message':>10}  {'measured':>10}  {'fitted':>10}  {'error':>6}"]
+    for s in result["samples"]:
+        lines.append(f"{s['bytes'] / 1024:>8,.0f}KB  {s['median_s'] * 1e3:>8.3f}ms  {s['fitted_s'] * 1e3:>8.3f}ms  "
+                     f"{100 * (s['fitted_s'] / s['median_s'] - 1):>+5.0f}%")
+    lines.append(f"gloo all-reduce, 2 processes on loopback: alpha = {result['latency_us']:.1f} us per message, "
+                 f"beta = {result['bandwidth_gbps']:.2f} Gbit/s ({result['beta_Bps'] / 1e9:.2f} GB/s)")
+    lines.append(f"wrote {path}; use it with `multitower plan --calibration {path}`")
+    return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""Local SGD on real gloo: replicas are bitwise equal right after an average and apart
+between averages; K=1 is synchronous data parallelism; warm-up steps are sync steps;
+checkpoints hold the mean of the replicas; the CLI end to end with eval; one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.utils import parameters_to_vector
+
+from multitower.cli import main
+from multitower.config import ParallelConfig
+from multitower.data.loader import TrainBatches
+from multitower.data.records import open_dataset
+from multitower.models import build_model
+from multitower.models.cifar10_tf import tower_loss
+from multitower.parallel.local_sgd import LocalSGD
+from multitower.parallel.single import Single
+
+GLOBAL_BATCH = 32
+# (sync_every K, warm-up W, steps): averages after steps W+K, W+2K, ...
+SCENARIOS = {"k2-w2": (2, 2, 6), "k1": (1, 0, 3)}
+CHECKPOINT_AFTER = 5  # in "k2-w2": a step between averages, where replicas differ
+
+
+def run_steps(strategy, data_dir, rank, world_size, steps, checkpoint_after=None):
+    """`steps` steps of the tutorial's network; the flat parameters after each, and the
+    comm_s and checkpointed model (flat) at `checkpoint_after`."""
+    torch.manual_seed(0)
+    model = build_model("cifar10-tf")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    strategy.wrap(model, optimizer)
+    split = open_dataset(data_dir).split("train")
+    out = {"params": [], "comm_s": [], "checkpoint": None, "after_checkpoint": None}
+    with TrainBatches(split, global_batch_size=GLOBAL_BATCH, rank=rank, world_size=world_size, seed=0) as batches:
+        for step, batch in zip(range(1, steps + 1), batches):
+            metrics = strategy.step(batch)
+            out["params"].append(parameters_to_vector(model.parameters()).detach().clone())
+            out["comm_s"].append(metrics.comm_s)
+            if step == checkpoint_after:
+                state = strategy.state_dict()  # a collective: both ranks call it here
+                out["checkpoint"] = torch.cat([state["model"][n].reshape(-1) for n, _ in model.named_parameters()])
+                out["after_checkpoint"] = parameters_to_vector(model.parameters()).detach().clone()
+    out["params"] = torch.stack(out["params"])
+    return out
+
+
+def spawned_worker(rank, world_size, tmp_dir, data_dir):
+    torch.set_num_threads(1)
+    results = {}
+    for name, (every, warmup, steps) in SCENARIOS.items():  # one process pair, two process groups
+        store = dist.FileStore(os.path.join(tmp_dir, f"store-{name}"), world_size)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+        strategy = LocalSGD(ParallelConfig(sync_every=every, local_sgd_warmup=warmup), torch.device("cpu"), tower_loss)
+        results[name] = run_steps(strategy, data_dir, rank, world_size, steps,
+                                  checkpoint_after=CHECKPOINT_AFTER if name == "k2-w2" else None)
+        strategy.close()
+    torch.save(results, os.path.join(tmp_dir, f"rank{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory, synth_dir):
+    tmp = tmp_path_factory.mktemp("local_sgd")
+    mp.spawn(spawned_worker, nprocs=2, join=True, args=(2, str(tmp), str(synth_dir)))
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def single_worker(synth_dir):
+    """The trusted control: one worker, the whole global batch, plain SGD."""
+    torch.set_num_threads(1)
+    return run_steps(Single(ParallelConfig(), torch.device("cpu"), tower_loss), synth_dir, 0, 1, steps=6)
+
+
+def test_replicas_are_equal_right_after_an_average_and_apart_between(two_workers):
+    rank0, rank1 = (w["k2-w2"] for w in two_workers)
+    # K=2, W=2: steps 1-2 are synchronous, 3 and 5 local, averages after 4 and 6.
+    for step in (1, 2, 4, 6):
+        assert torch.equal(rank0["params"][step - 1], rank1["params"][step - 1]), f"replicas differ after step {step}"
+    for step in (3, 5):
+        apart = (rank0["params"][step - 1] - rank1["params"][step - 1]).abs().max().item()
+        assert apart > 1e-4, f"replicas after local step {step} are {apart} apart: they did not train locally"
+    # Averaging is communication, local steps are not (their hook returns at once).
+    for step in (1, 2, 4, 6):
+        assert rank0["comm_s"][step - 1] > 0
+
+
+def test_checkpoint_holds_the_mean_of_the_replicas_and_leaves_them_alone(two_workers):
+    rank0, rank1 = (w["k2-w2"] for w in two_workers)
+    mean = (rank0["params"][CHECKPOINT_AFTER - 1] + rank1["params"][CHECKPOINT_AFTER - 1]) / 2
+    assert torch.equal(rank0["checkpoint"], rank1["checkpoint"])
+    torch.testing.assert_close(rank0["checkpoint"], mean, rtol=0, atol=1e-7)
+    # The mean is computed on a copy: the training replicas stay as they were.
+    for rank in (rank0, rank1):
+        assert torch.equal(rank["after_checkpoint"], rank["params"][CHECKPOINT_AFTER - 1])
+    assert not torch.equal(rank0["params"][CHECKPOINT_AFTER - 1], rank0["checkpoint"])
+
+
+def test_k1_and_warm_up_steps_match_synchronous_training(two_workers, single_worker):
+    # With plain SGD, averaging weights after a step averages the gradients: 2 x 16
+    # with K=1 is 1 x 32 up to rounding (~2e-5 after 5 steps, as in test_sync).
+    for step in range(1, 4):
+        for rank in (0, 1):
+            torch.testing.assert_close(two_workers[rank]["k1"]["params"][step - 1],
+                                       single_worker["params"][step - 1], rtol=1e-3, atol=5e-5,
+                                       msg=f"K=1, rank {rank}, step {step}: differs from 1 x 32")
+    for step in (1, 2):  # warm-up steps: gradients all-reduced, as in sync
+        torch.testing.assert_close(two_workers[0]["k2-w2"]["params"][step - 1],
+                                   single_worker["params"][step - 1], rtol=1e-3, atol=5e-5)
+    torch.manual_seed(0)
+    initial = parameters_to_vector(build_model("cifar10-tf").parameters())
+    assert (single_worker["params"][-1] - initial).abs().max() > 1e-3, "weights did not move: vacuous comparison"
+    # A local step is not a sync step: step 3 of k2-w2 differs from the control.
+    assert (two_workers[0]["k2-w2"]["params"][2] - single_worker["params"][2]).abs().max() > 1e-4
+
+
+def multitower(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "multitower", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_trains_with_two_workers_and_eval_reads_the_run(capsys, synth_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    trained = multitower("train", "--data", str(synth_dir), "--run-dir", str(run_dir), "--steps", "4",
+                         "--batch-size", str(GLOBAL_BATCH), "--summary-every", "0", "--log-every", "4",
+                         "--strategy", "local-sgd", "--sync-every", "4", "--workers", "2")
+    assert trained.returncode == 0, trained.stderr
+    assert "step 4, loss =" in trained.stdout and "per rank:" in trained.stdout
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["world_size"] == 2 and 0 < records[-1]["comm_fraction"] <= 1
+    assert json.loads((run_dir / "config.json").read_text())["parallel"]["sync_every"] == 4
+    # `multitower eval --once`, in this process (a second interpreter would only add start-up time).
+    assert main(["eval", str(run_dir), "--once", "--device", "cpu"]) == 0
+    assert "step 4: precision @ 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sync-every", "0"], "--sync-every must be at least 1 step, got 0"),
+    (["--local-sgd-warmup", "-1"], "--local-sgd-warmup must be 0 or more steps, got -1"),
+    ([], "--strategy local-sgd runs several worker processes: pass --workers 2 or more"),
+])
+def test_bad_settings_are_one_line_errors(capsys, synth_dir, tmp_path, flags, message):
+    code = main(["train", "--data", str(synth_dir), "--run-dir", str(tmp_path / "run"), "--strategy", "local-sgd",
+                 "--batch-size", "16", "--steps", "1", "--progress", "off", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert message in err
+
+
+def test_dry_run(capsys, synth_dir, tmp_path):
+    code = main(["train", "--data", str(synth_dir), "--run-dir", str(tmp_path / "run"), "--strategy", "local-sgd",
+                 "--workers", "2", "--sync-every", "8", "--dry-run"])
+    assert code == 0 and "strategy local-sgd x 2" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,194 @@
+"""`multitower plan`: the alpha-beta cost model on hand-computed cases, the calibration
+fit, and the command end to end with a given compute time."""
+
+import json
+import math
+
+import pytest
+from PIL import Image
+
+from multitower.bench.calibrate import fit_alpha_beta, measure_allreduce
+from multitower.bench.cost_model import (LINKS, Cluster, Knobs, Link, Workload, bubble_fraction,
+                                         hierarchical_allreduce_s, predict_downpour, predict_local_sgd,
+                                         predict_pipeline, predict_sync, ring_allreduce_s, scan, winner)
+from multitower.cli import main
+from multitower.errors import UserError
+from multitower.plan import model_bytes, profile_compute
+
+GBPS_1 = Link("1 GB/s, 10 us", 1e9, 10e-6)
+
+
+def flat(n: int, link: Link = GBPS_1) -> Cluster:
+    """n devices, one per node, every hop over the same link."""
+    return Cluster(n, 1, link, link)
+
+
+def test_ring_allreduce_by_hand():
+    assert ring_allreduce_s(4e6, 1, GBPS_1) == 0.0  # one device: no communication
+    # 4 ranks: 2 * 3/4 * 1 MB / 1 GB/s = 1.5 ms, plus 2 * 3 * 10 us = 60 us.
+    assert ring_allreduce_s(1e6, 4, GBPS_1) == pytest.approx(1.5e-3 + 60e-6)
+    # Bytes on the wire per rank approach 2x the message as N grows.
+    assert ring_allreduce_s(1e6, 1024, Link("no latency", 1e9, 0.0)) == pytest.approx(2 * 1023 / 1024 * 1e-3)
+
+
+def test_hierarchical_allreduce_by_hand():
+    intra, inter = Link("intra", 100e9, 1e-6), Link("inter", 10e9, 10e-6)
+    # Inside a node of 4: 2*3/4*8 MB/100 GB/s + 6 us; across 2 nodes: 2*1/2*8 MB/10 GB/s + 2*10 us.
+    expected = (1.2e-4 + 6e-6) + (8e-4 + 2e-5)
+    assert hierarchical_allreduce_s(8e6, 4, 2, intra, inter) == pytest.approx(expected)
+    assert hierarchical_allreduce_s(8e6, 4, 1, intra, inter) == pytest.approx(1.2e-4 + 6e-6)
+    assert hierarchical_allreduce_s(8e6, 4, 2, intra, inter, nics_per_node=2) == pytest.approx(1.26e-4 + 4e-4 + 2e-5)
+    assert expected < ring_allreduce_s(8e6, 8, inter)  # better than one flat ring over the slow link
+
+
+def test_one_device_has_no_communication():
+    work = Workload(compute_s_per_example=2e-3, param_bytes=4e6, batch_per_device=128)
+    for predict in (predict_sync, predict_local_sgd):
+        p = predict(work, flat(1))
+        assert p.comm_s == 0.0 and p.exposed_comm_s == 0.0
+        assert p.step_s == pytest.approx(0.256) and p.efficiency == pytest.approx(1.0)
+        assert p.images_per_sec == pytest.approx(500.0)
+
+
+def test_sync_overlap_is_explicit():
+    # compute 0.1 s (2/3 of it backward, 66.7 ms); all-reduce 2*1/2*50 MB/1 GB/s + 2*10 us = 50.02 ms.
+    work = Workload(1e-3, 50e6, 100)
+    hidden = predict_sync(work, flat(2), Knobs(overlap=True))
+    serial = predict_sync(work, flat(2), Knobs(overlap=False))
+    assert hidden.comm_s == pytest.approx(0.05002) and hidden.exposed_comm_s == 0.0
+    assert serial.step_s == pytest.approx(0.15002)
+    bigger = predict_sync(Workload(1e-3, 150e6, 100), flat(2), Knobs(overlap=True))
+    assert bigger.exposed_comm_s == pytest.approx(0.15002 - 0.1 * 2 / 3)
+
+
+def test_local_sgd_pays_one_allreduce_per_period():
+    work = Workload(1e-3, 50e6, 100)
+    p = predict_local_sgd(work, flat(2), Knobs(local_sgd_period=5))
+    assert p.exposed_comm_s == pytest.approx(0.05002 / 5)
+
+
+def test_downpour_servers_are_the_bottleneck():
+    # Each worker moves 2 x 1 MB per exchange (2 ms on its own link); 8 workers on 2 servers
+    # keep each server link busy 2 * 1 MB * 8 / 2 / 1 GB/s = 8 ms per step.
+    work, link = Workload(1e-3, 1e6, 1), Link("no latency", 1e9, 0.0)
+    knobs = Knobs(overlap=False, ps=2)
+    assert predict_downpour(work, flat(8, link), knobs).step_s == pytest.approx(8e-3)
+    assert predict_downpour(work, flat(8, link), Knobs(overlap=False, ps=8)).step_s == pytest.approx(3e-3)
+    assert predict_downpour(work, flat(8, link), Knobs(overlap=False, ps=8, ps_period=4)).step_s == pytest.approx(1.5e-3)
+
+
+def test_pipeline_bubble():
+    assert bubble_fraction(4, 16) == pytest.approx(3 / 19)
+    assert bubble_fraction(1, 8) == 0.0
+    free = Link("free", 1e30, 0.0)
+    work = Workload(1e-3, 0.0, 32, activation_bytes_per_example=0.0)
+    p = predict_pipeline(work, Cluster(4, 4, free, free), Knobs(stages=4, micro_batches=16))
+    assert p.efficiency == pytest.approx(1 - 3 / 19)
+    assert predict_pipeline(work, Cluster(6, 8, free, free), Knobs(stages=4)) is None  # 4 stages do not divide 6
+    # Activations: 2 transfers (forward, backward) per micro-batch per slot: 19 slots x 2 x (1 KB x 8 / 1 GB/s).
+    slow = predict_pipeline(Workload(1e-3, 0.0, 32, 1e3), Cluster(4, 4, GBPS_1, GBPS_1),
+                            Knobs(stages=4, micro_batches=16))
+    assert slow.exposed_comm_s == pytest.approx(19 * 2 * (10e-6 + 8e3 / 1e9))
+
+
+def test_winner_switches_from_sync_to_local_sgd_as_latency_grows():
+    # 1 ms of compute per step, 100 KB of parameters, 100 us per message: the ring's latency
+    # term 2(N-1)alpha outgrows backward (0.67 ms) between 4 and 8 devices.
+    work, link = Workload(1e-3, 1e5, 1), Link("slow", 1e9, 1e-4)
+    rows = scan(work, 8, 1, link, link, Knobs(local_sgd_period=4, stages=4))
+    assert [r["winner"] for r in rows] == ["single", "sync", "sync", "local-sgd"]
+    at_8 = rows[-1]["predictions"]
+    assert at_8["sync"].step_s == pytest.approx(1e-3 + (2 * 7 / 8 * 1e-4 + 14 * 1e-4) - 2e-3 / 3)
+    assert at_8["local-sgd"].step_s == pytest.approx(1e-3 + (2 * 7 / 8 * 1e-4 + 14 * 1e-4) / 4)
+
+
+def test_exact_strategy_preferred_within_tolerance():
+    work = Workload(1e-3, 1e5, 1)
+    predictions = {"sync": predict_sync(work, flat(4), Knobs(overlap=False)),
+                   "local-sgd": predict_local_sgd(work, flat(4), Knobs(local_sgd_period=2))}
+    ratio = predictions["local-sgd"].images_per_sec / predictions["sync"].images_per_sec - 1
+    assert winner(predictions, tolerance=ratio + 0.01) == "sync"
+    assert winner(predictions, tolerance=ratio - 0.01) == "local-sgd"
+
+
+def test_calibration_fit_recovers_alpha_and_beta():
+    alpha, beta = 25e-6, 2.5e9
+    sizes = [1024 * 4 ** k for k in range(8)]
+    times = [m / beta + 2 * alpha for m in sizes]  # 2 ranks: 2(n-1)/n = 1, 2(n-1) = 2
+    fitted_alpha, fitted_beta = fit_alpha_beta(sizes, times, world_size=2)
+    assert fitted_alpha == pytest.approx(alpha, rel=1e-6) and fitted_beta == pytest.approx(beta, rel=1e-6)
+    noisy = [t * (1 + 0.05 * math.sin(7 * i)) for i, t in enumerate(times)]  # +-5%, deterministic
+    fitted_alpha, fitted_beta = fit_alpha_beta(sizes, noisy, world_size=2)
+    assert fitted_alpha == pytest.approx(alpha, rel=0.15) and fitted_beta == pytest.approx(beta, rel=0.15)
+    four = [2 * 3 / 4 * m / beta + 6 * alpha for m in sizes]
+    assert fit_alpha_beta(sizes, four, world_size=4) == pytest.approx((alpha, beta), rel=1e-6)
+    with pytest.raises(UserError, match="does not grow"):
+        fit_alpha_beta(sizes, list(reversed(times)))
+
+
+def test_presets_are_sane():
+    assert LINKS["nvlink4"].bandwidth_Bps == pytest.approx(450e9)  # 900 GB/s both directions
+    assert LINKS["ib-ndr"].bandwidth_Bps == pytest.approx(50e9)
+    assert LINKS["10gbe"].bandwidth_Bps == pytest.approx(1.25e9)
+
+
+def test_model_bytes_and_a_tiny_profile():
+    param_bytes, activation_bytes = model_bytes("cifar10-tf", 1)
+    assert param_bytes == 1_068_298 * 4 and activation_bytes > 0
+    assert 0 < profile_compute("cifar10-tf", 1, batch_size=4, threads=1, steps=1, warmup=1) < 1.0
+
+
+def test_plan_command_writes_table_json_and_png(capsys, tmp_path):
+    code = main(["plan", "--compute-ms-per-example", "2", "--max-devices", "64", "--link", "10gbe",
+                 "--devices-per-node", "4", "--intra-link", "pcie4", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "2.000 ms/example (given)" in out and "winner" in out
+    lines = [line.split() for line in out.splitlines()]
+    assert [int(l[0]) for l in lines if l and l[0].isdigit()] == [1, 2, 4, 8, 16, 32, 64]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert [r["devices"] for r in plan["rows"]] == [1, 2, 4, 8, 16, 32, 64]
+    assert plan["rows"][0]["winner"] == "single" and plan["rows"][3]["nodes"] == 2
+    assert set(plan["rows"][-1]["predictions"]) == {"sync", "pipeline", "local-sgd", "downpour"}
+    with Image.open(tmp_path / "plan.png") as png:
+        assert png.size[0] > 800 and len(png.convert("RGB").getcolors(1 << 20)) > 20
+
+
+def test_plan_reads_a_benchmark_json(capsys, tmp_path):
+    bench = tmp_path / "train_step.json"
+    bench.write_text(json.dumps({"eager_fp32_images_per_sec": {"median": 500.0}}))
+    code = main(["plan", "--from-benchmark", str(bench), "--max-devices", "2", "--out-dir", str(tmp_path)])
+    assert code == 0 and "2.000 ms/example" in capsys.readouterr().out
+
+
+def test_dry_run_measures_and_writes_nothing(capsys, tmp_path):
+    out_dir = tmp_path / "out"
+    assert main(["plan", "--dry-run", "--link", "ib-hdr", "--bandwidth-gbps", "40", "--out-dir", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "dry run" in out and "InfiniBand HDR, measured: 40 Gbit/s, 0.6 us" in out
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--link", "pigeon"], "invalid choice"),
+    (["--stages", "1"], "--stages must be at least 2"),
+    (["--compute-ms-per-example", "-1"], "--compute-ms-per-example must be 0"),
+    (["--calibration", "/nonexistent/cal.json", "--compute-ms-per-example", "1"], "no such file"),
+    (["--from-benchmark", "/nonexistent/bench.json"], "no such file"),
+    (["--calibrate", "--validate"], "separate runs"),
+    (["--validate", "--validate-steps", "10"], "--validate-steps must exceed"),
+])
+def test_bad_input_is_one_line(capsys, tmp_path, argv, message):
+    try:
+        code = main(["plan", "--out-dir", str(tmp_path), *argv])
+    except SystemExit as exit_:  # argparse's own errors (a bad choice) exit from parse_args
+        code = exit_.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.slow
+def test_calibration_on_loopback():
+    result = measure_allreduce(sizes=[1024, 64 * 1024, 1024 * 1024], samples=2)
+    assert result["alpha_s"] >= 0 and result["beta_Bps"] > 1e6
+    assert [s["bytes"] for s in result["samples"]] == [1024, 64 * 1024, 1024 * 1024]

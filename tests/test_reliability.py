@@ -1,0 +1,160 @@
+"""Faults injected on purpose: a killed worker, a hung worker, a full disk, corrupted
+data files and malformed flags. Each must lose at most the work since the last
+checkpoint and end with one clear line, never a hang or a traceback."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from multitower.cli import main
+from multitower.train import checkpoint as checkpoint_module
+from multitower.train.checkpoint import CheckpointDir
+
+ARGS = ["--batch-size", "32", "--summary-every", "0", "--log-every", "5", "--checkpoint-every", "10"]
+
+
+def multitower(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "multitower", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_killed_worker_is_restarted_and_the_result_is_bitwise_unchanged(synth_dir, tmp_path):
+    common = ["train", "--data", str(synth_dir), "--steps", "20", "--workers", "2", *ARGS]
+    crashed = multitower(*common, "--run-dir", str(tmp_path / "crashed"), "--max-restarts", "1",
+                         env={"MULTITOWER_FAULT": "1:15:kill"})  # kill -9 rank 1 at step 15
+    assert crashed.returncode == 0, crashed.stderr
+    assert "resumed" in crashed.stdout and "at step 10 (restart 1 after a worker failure)" in crashed.stdout
+    straight = multitower(*common, "--run-dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+    a = CheckpointDir(tmp_path / "crashed" / "checkpoints").load()
+    b = CheckpointDir(tmp_path / "straight" / "checkpoints").load()
+    assert a["step"] == b["step"] == 20
+    for part in ("model", "ema"):
+        for name, tensor in b[part].items():
+            assert torch.equal(a[part][name], tensor), f"{part}/{name} differs after the crash and restart"
+
+
+def test_killed_worker_without_restarts_fails_naming_it(synth_dir, tmp_path):
+    result = multitower("train", "--data", str(synth_dir), "--steps", "20", "--workers", "2", *ARGS,
+                        "--run-dir", str(tmp_path / "run"), env={"MULTITOWER_FAULT": "1:3:kill"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("multitower: error: worker rank 1 failed: killed by SIGKILL")
+
+
+def test_hung_worker_ends_the_job_within_the_timeout_naming_it(synth_dir, tmp_path):
+    start = time.monotonic()
+    result = multitower("train", "--data", str(synth_dir), "--steps", "50", "--workers", "2", *ARGS,
+                        "--run-dir", str(tmp_path / "run"), "--timeout", "8",
+                        env={"MULTITOWER_FAULT": "1:4:hang"}, timeout=120)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "rank 1 stopped responding after starting step 4" in last, result.stderr
+    assert time.monotonic() - start < 90
+
+
+def test_full_disk_fails_the_save_cleanly(synth_dir, tmp_path, monkeypatch, capsys):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save_until_disk_is_full(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            with open(path, "wb") as f:  # a partial write, then the device is full
+                f.write(b"\0" * 1000)
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_until_disk_is_full)
+    run_dir = tmp_path / "run"
+    code = main(["train", "--data", str(synth_dir), "--steps", "30", *ARGS, "--run-dir", str(run_dir),
+                 "--progress", "off"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "could not write the checkpoint of step 20" in err[0] and "latest: step 10" in err[0]
+    monkeypatch.undo()
+    entries = CheckpointDir(run_dir / "checkpoints").entries()
+    assert [e.step for e in entries] == [10]
+    assert CheckpointDir(run_dir / "checkpoints").load()["step"] == 10
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["index.json", "step-00000010.pt"]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
+
+
+RECORD = 3073  # CIFAR-10: 1 label byte + 3,072 image bytes
+
+
+def copy_data(good, dst):
+    dst.mkdir()
+    for f in good.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst / "data_batch_1.bin"
+
+
+def truncated(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def empty(path):
+    path.write_bytes(b"")
+
+
+def label_out_of_range(path):
+    data = bytearray(path.read_bytes())
+    data[5 * RECORD] = 200
+    path.write_bytes(bytes(data))
+
+
+def random_bytes(path):
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 7 * RECORD + 11, dtype=np.uint8).tobytes())
+
+
+def missing_files(path):
+    for f in path.parent.iterdir():
+        f.unlink()
+
+
+def bad_manifest(path):
+    (path.parent / "multitower.json").write_text("{ not json")
+
+
+def one_record_short(path):
+    path.write_bytes(path.read_bytes()[:-RECORD])  # still whole records: only the manifest's count knows
+
+
+@pytest.mark.parametrize("corrupt", [truncated, empty, label_out_of_range, random_bytes, missing_files,
+                                     bad_manifest, one_record_short], ids=lambda f: f.__name__)
+def test_corrupted_data_is_one_line_and_exit_2(synth_dir, tmp_path, capsys, corrupt):
+    bad = tmp_path / "bad"
+    corrupt(copy_data(synth_dir, bad))
+    attempts = [["train", "--data", str(bad), "--dry-run"],
+                ["train", "--data", str(bad), "--steps", "2", "--run-dir", str(tmp_path / "run")]]
+    if any(bad.iterdir()):
+        attempts.append(["data", "synth", "--out", str(bad)])  # a non-empty directory is never overwritten
+    for argv in attempts:
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("multitower: error:") and "Traceback" not in err, err
+    # Nothing half-made that later looks valid: the refused run wrote no checkpoint.
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--steps", "many"], ["train", "--batch-size", "-4", "--data", "x"], ["train", "--lr", "fast"],
+    ["train", "--device", "tpu"], ["train", "--grad-compression", "zip"], ["train", "--accumulate", "0", "--data", "x"],
+    ["eval"], ["eval", "run", "--interval", "soon"], ["data"], ["data", "import"], ["data", "synth", "--out"],
+    ["frobnicate"], ["train", "--timeout", "0", "--data", "x"], ["train", "--max-restarts", "-1", "--data", "x"],
+])
+def test_malformed_arguments_are_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        code = main(argv)
+        raise SystemExit(code)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert len(err) == 1 and err[0].startswith("multitower: error:"), err
