@@ -54,16 +54,14 @@ def timed_steps(strategy, split, batch_size: int, warmup: int, steps: int, rank:
         if world > 1:
             dist.barrier()
         start = time.perf_counter()
-        comm_s = 0.0
+        comm_s, sent = 0.0, 0.0
         for step in range(warmup, warmup + steps):
             metrics = strategy.step(next(iterator))
             metrics.loss.item()
             comm_s += metrics.comm_s
+            sent += metrics.extra.get("allreduce_bytes", 0.0)
             ema.update(model, step + 1)
         elapsed = time.perf_counter() - start
-    sent = 0
-    if timer is not None:
-        _, sent = timer.take()
     return {"examples_per_sec": steps * batch_size / elapsed, "comm_fraction": comm_s / elapsed,
             "bytes_per_step": sent / steps}
 
@@ -92,7 +90,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="global batch")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=15, help="timed steps per repetition")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=11,
+                        help="untimed steps; PowerSGD compresses from step 10 on")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default="bench-results/scaling.json")
     args = parser.parse_args()

@@ -8,7 +8,13 @@ The baseline is the step everyone writes first: pre-made random tensors (no data
 pipeline at all), forward, tower loss, backward, SGD. The candidate is what
 `multitower train` runs per step: batches from the record files through the
 distortions and the prefetch thread, the strategy's step, and the EMA update.
-Repetitions alternate baseline and candidate so that machine noise hits both.
+Repetitions alternate baseline and candidates so that machine noise hits both.
+
+Candidates besides the default step: the fast-path settings (--precision,
+--channels-last; `--candidates` picks them). Each row also reports achieved FLOP/s
+against this machine's fp32 and bf16 matmul peaks, timed here on a 2048^3 matmul;
+the network's FLOPs are counted from its conv and dense layers (MACs x 2, x 3 for
+forward + backward).
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from multitower.data.loader import TrainBatches
 from multitower.data.records import open_dataset
 from multitower.data.sources import make_synthetic
 from multitower.models import build_model
-from multitower.models.cifar10_tf import tower_loss
+from multitower.models.cifar10_tf import Local, tower_loss
+from multitower.models.tf_ops import Conv2dSame
 from multitower.parallel.single import Single
 from multitower.train.ema import ExponentialMovingAverage
 
@@ -48,12 +55,47 @@ def eager_baseline(batch_size: int, steps: int):
     return run
 
 
-def multitower_step(split, batch_size: int, steps: int):
+# name -> (precision, channels_last); "default" is ParallelConfig()'s own setting.
+CANDIDATES = {"default": None, "fp32-cl": ("fp32", True), "bf16": ("bf16", False), "bf16-cl": ("bf16", True)}
+
+
+def train_flops_per_example(image_size: int = 24) -> int:
+    """Forward + backward FLOPs of one example: 3 x 2 x the MACs of the conv and dense
+    layers (pooling, LRN and ReLU are memory-bound and left out)."""
+    model, macs = build_model("cifar10-tf"), []
+
+    def count(module, inputs, output):
+        # Conv: every output element is one dot product over C_in x kh x kw; dense: over in_features.
+        per_output = module.weight[0].numel()
+        macs.append(output[0].numel() * per_output)
+
+    for module in model.modules():
+        if isinstance(module, (Conv2dSame, Local)):
+            module.register_forward_hook(count)
+    with torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size))
+    return 3 * 2 * sum(macs)
+
+
+def matmul_peak_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """Median FLOP/s of an n^3 torch.matmul in `dtype`: the machine's practical peak."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    rates = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        rates.append(2 * n**3 / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def multitower_step(split, batch_size: int, steps: int, setting: tuple[str, bool] | None = None):
     """A closure running `steps` of multitower's own training step, data included."""
     torch.manual_seed(0)
     model = build_model("cifar10-tf")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    strategy = Single(ParallelConfig(), torch.device("cpu"), tower_loss)
+    cfg = ParallelConfig() if setting is None else ParallelConfig(precision=setting[0], channels_last=setting[1])
+    strategy = Single(cfg, torch.device("cpu"), tower_loss)
     strategy.wrap(model, optimizer)
     ema = ExponentialMovingAverage(model, 0.9999)
     batches = TrainBatches(split, global_batch_size=batch_size, seed=0)
@@ -93,6 +135,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="steps per timed repetition")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
+    parser.add_argument("--candidates", default="default,fp32-cl",
+                        help=f"comma-separated fast-path settings, of {', '.join(CANDIDATES)} (default: %(default)s; "
+                             "bf16 is ~5x slower on a CPU without oneDNN bf16 kernels)")
     parser.add_argument("--out", default="bench-results/train_step.json")
     args = parser.parse_args()
 
@@ -102,14 +147,23 @@ def main() -> None:
         split = dataset.split("train")
         threads = torch.get_num_threads()
 
+        names = [n for n in args.candidates.split(",") if n]
+        unknown = [n for n in names if n not in CANDIDATES]
+        if unknown:
+            parser.error(f"unknown --candidates {unknown}; known: {', '.join(CANDIDATES)}")
         baseline = eager_baseline(args.batch_size, args.steps)
-        candidate, batches = multitower_step(split, args.batch_size, args.steps)
-        baseline(), candidate()  # warm-up: allocator, caches, first-call costs
-        base_rates, cand_rates = [], []
+        candidates = {n: multitower_step(split, args.batch_size, args.steps, CANDIDATES[n]) for n in names}
+        baseline()  # warm-up: allocator, caches, first-call costs
+        for run, _ in candidates.values():
+            run()
+        base_rates, rates = [], {n: [] for n in names}
         for _ in range(args.reps):
             base_rates.append(timed(baseline))
-            cand_rates.append(timed(candidate))
-        batches.close()
+            for n, (run, _) in candidates.items():
+                rates[n].append(timed(run))
+        for _, batches in candidates.values():
+            batches.close()
+        peak = {"fp32": matmul_peak_flops(torch.float32), "bf16": matmul_peak_flops(torch.bfloat16)}
 
         torch.set_num_threads(1)
         pipeline = pipeline_alone(split, args.batch_size, args.steps * 5)
@@ -117,20 +171,37 @@ def main() -> None:
         pipe_rates = [timed(pipeline) for _ in range(args.reps)]
         torch.set_num_threads(threads)
 
-    base, cand, pipe = (statistics.median(r) for r in (base_rates, cand_rates, pipe_rates))
+    base, pipe = statistics.median(base_rates), statistics.median(pipe_rates)
+    flops = train_flops_per_example()
+    medians = {n: statistics.median(r) for n, r in rates.items()}
+    cand = medians.get("default", next(iter(medians.values())))
     result = {
         "benchmark": "train_step", "environment": environment(),
         "config": {"model": "cifar10-tf", "batch_size": args.batch_size, "steps_per_rep": args.steps,
                    "reps": args.reps, "threads": threads, "data": "generated" if not args.data else args.data},
         "eager_fp32_images_per_sec": {"median": base, "all": base_rates},
-        "multitower_images_per_sec": {"median": cand, "all": cand_rates},
+        "multitower_images_per_sec": {"median": cand, "all": rates.get("default", [])},
         "ratio_multitower_to_eager": cand / base,
+        "candidates": {n: {"setting": CANDIDATES[n] or "default", "images_per_sec": {"median": medians[n], "all": r},
+                           "ratio_to_eager": medians[n] / base, "achieved_flops": medians[n] * flops}
+                       for n, r in rates.items()},
+        "train_flops_per_example": flops,
+        "matmul_peak_flops": peak,
+        "eager_fp32_achieved_flops": base * flops,
         "input_pipeline_one_core_images_per_sec": {"median": pipe, "all": pipe_rates},
     }
     path = write_json(args.out, result)
-    print(f"{'measurement':<45}{'images/sec':>12}{'ratio':>8}")
-    print(f"{'plain eager fp32 step (baseline)':<45}{base:>12.1f}{1.0:>8.2f}")
-    print(f"{'multitower full step (data+model+opt+EMA)':<45}{cand:>12.1f}{cand / base:>8.2f}")
+    print(f"train FLOPs/example {flops / 1e6:.1f} M; matmul peak fp32 {peak['fp32'] / 1e9:.1f}, "
+          f"bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s")
+    print(f"{'measurement':<45}{'images/sec':>12}{'ratio':>8}{'GFLOP/s':>9}{'%fp32pk':>8}{'%bf16pk':>8}")
+
+    def row(name: str, rate: float) -> None:
+        achieved = rate * flops
+        print(f"{name:<45}{rate:>12.1f}{rate / base:>8.2f}{achieved / 1e9:>9.1f}"
+              f"{100 * achieved / peak['fp32']:>8.1f}{100 * achieved / peak['bf16']:>8.1f}")
+    row("plain eager fp32 step (baseline)", base)
+    for n in names:
+        row(f"multitower full step, {n}", medians[n])
     print(f"{'input pipeline alone, 1 core':<45}{pipe:>12.1f}{pipe / base:>8.2f}")
     print(f"wrote {path}")
 

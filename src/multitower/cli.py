@@ -44,7 +44,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ema-decay", type=float, default=o.ema_decay, help="weight moving-average decay (default: %(default)s)")
     g = p.add_argument_group("parallelism")
     g.add_argument("--strategy", default=par.strategy,
-                   help="how workers cooperate: single, sync, local-sgd, hogwild, downpour; "
+                   help="how workers cooperate: single, sync, local-sgd, hogwild, downpour, pipeline; "
                         "auto = single for 1 worker, sync for more (default: %(default)s)")
     g.add_argument("--workers", type=_whole_number, default=par.workers, help="worker processes (default: %(default)s)")
     g.add_argument("--device", default=par.device, choices=["auto", "cpu", "cuda"], help="device (default: %(default)s)")
@@ -54,6 +54,11 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="gradient all-reduce compression, sync strategy (default: %(default)s)")
     g.add_argument("--accumulate", type=_whole_number, default=par.accumulate,
                    help="micro-batches per step per worker, one all-reduce (default: %(default)s)")
+    g.add_argument("--precision", default=par.precision, choices=["fp32", "bf16"],
+                   help="forward/backward precision; bf16 = autocast with fp32 weights and loss "
+                        "(AMP on CUDA) (default: %(default)s)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=par.channels_last,
+                   help="NHWC memory format for convs and images (default: %(default)s)")
     g.add_argument("--timeout", type=float, default=par.timeout_s,
                    help="seconds a collective waits for a silent rank before failing (default: %(default)s)")
     g.add_argument("--max-restarts", type=_whole_number, default=par.max_restarts,
@@ -71,6 +76,18 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="downpour: steps between a worker's gradient pushes (default: %(default)s)")
     g.add_argument("--ps-optimizer", default=par.ps_optimizer, choices=["sgd", "adagrad"],
                    help="downpour: update applied by the servers; adagrad wants a ~20x smaller --lr "
+                        "(default: %(default)s)")
+    g.add_argument("--stages", type=_whole_number, default=par.stages,
+                   help="pipeline: stages the network is cut into, one process each; --workers equal (default: %(default)s)")
+    g.add_argument("--microbatches", type=_whole_number, default=par.microbatches,
+                   help="pipeline: micro-batches per global batch (default: %(default)s)")
+    g.add_argument("--schedule", default=par.schedule, choices=["gpipe", "1f1b"],
+                   help="pipeline: micro-batch schedule (default: %(default)s)")
+    g.add_argument("--cut", default=par.cut,
+                   help="pipeline: comma-separated layers where stages 2..S begin, e.g. local3; "
+                        "empty = balanced by parameter count (default: %(default)r)")
+    g.add_argument("--max-memory-per-device", type=int, default=par.max_memory_per_device,
+                   help="bytes of parameters + gradients + optimizer state per device, 0 = no limit "
                         "(default: %(default)s)")
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", default=r.run_dir, help="run directory (default: %(default)s)")
@@ -97,9 +114,12 @@ def config_from_args(a: argparse.Namespace) -> Config:
                           ema_decay=a.ema_decay),
         parallel=ParallelConfig(strategy=a.strategy, workers=a.workers, device=a.device, threads=a.threads,
                                 grad_compression=a.grad_compression, accumulate=a.accumulate,
+                                precision=a.precision, channels_last=a.channels_last,
                                 timeout_s=a.timeout, max_restarts=a.max_restarts,
                                 sync_every=a.sync_every, local_sgd_warmup=a.local_sgd_warmup,
-                                ps=a.ps, n_fetch=a.n_fetch, n_push=a.n_push, ps_optimizer=a.ps_optimizer),
+                                ps=a.ps, n_fetch=a.n_fetch, n_push=a.n_push, ps_optimizer=a.ps_optimizer,
+                                stages=a.stages, microbatches=a.microbatches, schedule=a.schedule, cut=a.cut,
+                                max_memory_per_device=a.max_memory_per_device),
         run=RunConfig(run_dir=a.run_dir, steps=a.steps, seed=a.seed, log_every=a.log_every,
                       summary_every=a.summary_every, checkpoint_every=a.checkpoint_every,
                       keep_checkpoints=a.keep_checkpoints, resume=a.resume, progress=a.progress),
@@ -144,6 +164,11 @@ def preflight(cfg: Config) -> str:
     if cfg.parallel.strategy == "downpour":  # --ps beyond the tensor count: fail before starting processes
         from multitower.parallel.downpour import balance_shards
         balance_shards([p.numel() for p in model.parameters()], cfg.parallel.ps)
+    if cfg.parallel.strategy == "pipeline":  # a bad --cut or --stages: fail before starting processes
+        from multitower.parallel.pipeline import split_layers
+        split_layers([n for n, _ in model.named_children()],
+                     [sum(p.numel() for p in c.parameters()) for c in model.children()],
+                     cfg.parallel.stages, tuple(c for c in cfg.parallel.cut.split(",") if c))
     params = sum(p.numel() for p in model.parameters())
     return (f"{describe_data(dataset)}\n"
             f"dry run: {cfg.model.name} ({params:,} parameters) on {device}, {len(split)} training examples, "

@@ -8,6 +8,7 @@ from torch import nn
 from multitower.config import ParallelConfig
 from multitower.data.loader import Batch
 from multitower.parallel.base import LossFn, StepMetrics
+from multitower.parallel.precision import FastPath
 
 
 class Single:
@@ -18,16 +19,18 @@ class Single:
     def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):
         self.device = device
         self.loss_fn = loss_fn
+        self.fast = FastPath.from_config(cfg, device)
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer = self.fast.prepare_model(model), optimizer
 
     def step(self, batch: Batch) -> StepMetrics:
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(batch.images)
-        loss, cross_entropy = self.loss_fn(self.model, logits, batch.labels)
+        with self.fast.autocast():
+            logits = self.model(self.fast.images(batch.images))
+            loss, cross_entropy = self.loss_fn(self.model, logits, batch.labels)
         loss.backward()
         self.optimizer.step()
         return StepMetrics(loss=loss.detach(), cross_entropy=cross_entropy.detach(),

@@ -23,6 +23,7 @@ from multitower.config import ParallelConfig
 from multitower.data.loader import Batch
 from multitower.errors import UserError
 from multitower.parallel.base import LossFn, StepMetrics
+from multitower.parallel.precision import FastPath
 from multitower.parallel.process_group import gather_floats, init_process_group
 
 
@@ -83,6 +84,7 @@ class Sync:
         self.cfg = cfg
         self.device = device
         self.loss_fn = loss_fn
+        self.fast = FastPath.from_config(cfg, device)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.is_rank0 = self.rank == 0
@@ -92,7 +94,7 @@ class Sync:
         self.timer: CommTimer | None = None
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer = self.fast.prepare_model(model), optimizer  # before DDP sees it
         # DDP broadcasts rank 0's parameters at construction: all replicas start equal.
         self.ddp = DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -123,14 +125,16 @@ class Sync:
             # Gradients are all-reduced only on the last micro-batch (DDP's no_sync).
             sync_now = i == accumulate - 1
             with contextlib.nullcontext() if sync_now else self.ddp.no_sync():
-                loss, ce = self.loss_fn(self.model, self.ddp(x), y)
+                with self.fast.autocast():
+                    loss, ce = self.loss_fn(self.model, self.ddp(self.fast.images(x)), y)
                 (loss * (y.shape[0] / batch.labels.shape[0])).backward()
             total += loss.detach() * (y.shape[0] / batch.labels.shape[0])
             cross_entropy += ce.detach() * (y.shape[0] / batch.labels.shape[0])
         self.optimizer.step()
-        comm_s, _ = self.timer.take()
+        comm_s, sent = self.timer.take()
         return StepMetrics(loss=total, cross_entropy=cross_entropy,
-                           examples=batch.labels.shape[0] * self.world_size, comm_s=comm_s)
+                           examples=batch.labels.shape[0] * self.world_size, comm_s=comm_s,
+                           extra={"allreduce_bytes": float(sent)})
 
     def all_ranks(self, value: float) -> list[float]:
         return gather_floats(value, self.world_size, self.device)

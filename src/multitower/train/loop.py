@@ -25,6 +25,7 @@ from multitower.faults import maybe_inject
 from multitower.models import build_model
 from multitower.models.cifar10_tf import tower_loss
 from multitower.parallel import STRATEGIES
+from multitower.parallel.memory import check_memory_budget
 from multitower.train.checkpoint import CheckpointDir, atomic_write_bytes
 from multitower.train.ema import ExponentialMovingAverage, LossAverage
 from multitower.train.schedule import decay_steps_for, staircase_lr
@@ -130,6 +131,8 @@ def train(cfg: Config) -> TrainResult:
     model = build_model(cfg.model.name, num_classes=dataset.fmt.num_classes, width=cfg.model.width).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
     strategy.wrap(model, optimizer)
+    # After wrap: a pipeline stage holds only its own layers.
+    check_memory_budget(model, optimizer, cfg.parallel.max_memory_per_device, strategy.rank)
     ema = ExponentialMovingAverage(model, cfg.optim.ema_decay)
     loss_avg, ce_avg = LossAverage(cfg.optim.loss_average_decay), LossAverage(cfg.optim.loss_average_decay)
     checkpoints = CheckpointDir(run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
@@ -155,8 +158,11 @@ def train(cfg: Config) -> TrainResult:
 
     def save_checkpoint() -> None:
         state = strategy.state_dict()  # on every rank: a strategy may need a collective to gather it
+        ema_state = ema.state_dict()
+        if hasattr(strategy, "gather_named_tensors"):  # ranks hold parts of the model (pipeline): a collective
+            ema_state = strategy.gather_named_tensors(ema_state)
         if strategy.is_rank0:
-            checkpoints.save({**state, "ema": ema.state_dict(), "rng": torch.get_rng_state(),
+            checkpoints.save({**state, "ema": ema_state, "rng": torch.get_rng_state(),
                               "loss_average": loss_avg.value, "cross_entropy_average": ce_avg.value,
                               "config": cfg.to_json(), "model_name": cfg.model.name,
                               "data_position": {"global_step": step, "global_batch_size": cfg.data.batch_size,
