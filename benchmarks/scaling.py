@@ -59,7 +59,7 @@ def timed_steps(strategy, split, batch_size: int, warmup: int, steps: int, rank:
             metrics = strategy.step(next(iterator))
             metrics.loss.item()
             comm_s += metrics.comm_s
-            sent += metrics.extra.get("allreduce_bytes", 0.0)
+            sent += metrics.extra.get("comm_bytes", 0.0)
             ema.update(model, step + 1)
         elapsed = time.perf_counter() - start
     return {"examples_per_sec": steps * batch_size / elapsed, "comm_fraction": comm_s / elapsed,

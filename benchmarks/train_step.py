@@ -5,7 +5,9 @@ pipeline alone on one core. Prints a table of ratios and writes JSON.
     python benchmarks/train_step.py [--data DIR] [--batch-size 128] [--reps 5]
 
 The baseline is the step everyone writes first: pre-made random tensors (no data
-pipeline at all), forward, tower loss, backward, SGD. The candidate is what
+pipeline at all), forward, tower loss, backward, SGD, in NCHW with the LRN written
+as its formula in tensor ops (PlainLRN; the same function as multitower's, whose
+hand-written backward is part of what is measured). The candidate is what
 `multitower train` runs per step: batches from the record files through the
 distortions and the prefetch thread, the strategy's step, and the EMA update.
 Repetitions alternate baseline and candidates so that machine noise hits both.
@@ -25,6 +27,7 @@ import tempfile
 import time
 
 import torch
+from torch import nn
 
 from multitower.bench.measure import environment, write_json
 from multitower.config import ParallelConfig
@@ -38,12 +41,32 @@ from multitower.parallel.single import Single
 from multitower.train.ema import ExponentialMovingAverage
 
 
-def eager_baseline(batch_size: int, steps: int):
-    """A closure running `steps` plain fp32 eager steps on fixed random tensors."""
+class PlainLRN(nn.Module):
+    """tf.nn.lrn as one writes it first: the formula in autograd-tracked tensor ops.
+    The baseline uses it instead of multitower's hand-written forward/backward
+    (models/tf_ops._LRN), which is part of the fast path being measured."""
+
+    def __init__(self, lrn: nn.Module):
+        super().__init__()
+        self.r, self.bias, self.alpha, self.beta = lrn.depth_radius, lrn.bias, lrn.alpha, lrn.beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        squares = x * x
+        window = squares.clone()
+        for k in range(1, self.r + 1):
+            window[:, k:] = window[:, k:] + squares[:, :-k]
+            window[:, :-k] = window[:, :-k] + squares[:, k:]
+        return x * torch.pow(self.bias + self.alpha * window, -self.beta)
+
+
+def eager_baseline(batch_size: int, steps: int, device: torch.device):
+    """A closure running `steps` plain fp32 eager steps (NCHW, plain LRN) on fixed random tensors."""
     torch.manual_seed(0)
-    model = build_model("cifar10-tf")
+    model = build_model("cifar10-tf").to(device)
+    model.norm1, model.norm2 = PlainLRN(model.norm1), PlainLRN(model.norm2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    images, labels = torch.randn(batch_size, 3, 24, 24), torch.randint(0, 10, (batch_size,))
+    images = torch.randn(batch_size, 3, 24, 24, device=device)
+    labels = torch.randint(0, 10, (batch_size,), device=device)
 
     def run() -> int:
         for _ in range(steps):
@@ -77,28 +100,33 @@ def train_flops_per_example(image_size: int = 24) -> int:
     return 3 * 2 * sum(macs)
 
 
-def matmul_peak_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+def matmul_peak_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 5) -> float:
     """Median FLOP/s of an n^3 torch.matmul in `dtype`: the machine's practical peak."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    if device.type == "cuda":
+        n *= 4  # a GPU needs a bigger product to reach its peak
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     rates = []
     for _ in range(reps):
         start = time.perf_counter()
         a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         rates.append(2 * n**3 / (time.perf_counter() - start))
     return statistics.median(rates)
 
 
-def multitower_step(split, batch_size: int, steps: int, setting: tuple[str, bool] | None = None):
+def multitower_step(split, batch_size: int, steps: int, device: torch.device,
+                    setting: tuple[str, bool] | None = None):
     """A closure running `steps` of multitower's own training step, data included."""
     torch.manual_seed(0)
-    model = build_model("cifar10-tf")
+    model = build_model("cifar10-tf").to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     cfg = ParallelConfig() if setting is None else ParallelConfig(precision=setting[0], channels_last=setting[1])
-    strategy = Single(cfg, torch.device("cpu"), tower_loss)
+    strategy = Single(cfg, device, tower_loss)
     strategy.wrap(model, optimizer)
     ema = ExponentialMovingAverage(model, 0.9999)
-    batches = TrainBatches(split, global_batch_size=batch_size, seed=0)
+    batches = TrainBatches(split, global_batch_size=batch_size, seed=0, device=device)
     iterator = iter(batches)
     state = {"step": 0}
 
@@ -126,6 +154,8 @@ def pipeline_alone(split, batch_size: int, steps: int):
 def timed(run) -> float:
     start = time.perf_counter()
     items = run()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # queued kernels belong to the timed steps
     return items / (time.perf_counter() - start)
 
 
@@ -138,6 +168,8 @@ def main() -> None:
     parser.add_argument("--candidates", default="default,fp32-cl",
                         help=f"comma-separated fast-path settings, of {', '.join(CANDIDATES)} (default: %(default)s; "
                              "bf16 is ~5x slower on a CPU without oneDNN bf16 kernels)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the steps run (the matmul peaks are measured there too)")
     parser.add_argument("--out", default="bench-results/train_step.json")
     args = parser.parse_args()
 
@@ -151,8 +183,9 @@ def main() -> None:
         unknown = [n for n in names if n not in CANDIDATES]
         if unknown:
             parser.error(f"unknown --candidates {unknown}; known: {', '.join(CANDIDATES)}")
-        baseline = eager_baseline(args.batch_size, args.steps)
-        candidates = {n: multitower_step(split, args.batch_size, args.steps, CANDIDATES[n]) for n in names}
+        device = torch.device(args.device)
+        baseline = eager_baseline(args.batch_size, args.steps, device)
+        candidates = {n: multitower_step(split, args.batch_size, args.steps, device, CANDIDATES[n]) for n in names}
         baseline()  # warm-up: allocator, caches, first-call costs
         for run, _ in candidates.values():
             run()
@@ -163,7 +196,7 @@ def main() -> None:
                 rates[n].append(timed(run))
         for _, batches in candidates.values():
             batches.close()
-        peak = {"fp32": matmul_peak_flops(torch.float32), "bf16": matmul_peak_flops(torch.bfloat16)}
+        peak = {"fp32": matmul_peak_flops(torch.float32, device), "bf16": matmul_peak_flops(torch.bfloat16, device)}
 
         torch.set_num_threads(1)
         pipeline = pipeline_alone(split, args.batch_size, args.steps * 5)
@@ -178,7 +211,8 @@ def main() -> None:
     result = {
         "benchmark": "train_step", "environment": environment(),
         "config": {"model": "cifar10-tf", "batch_size": args.batch_size, "steps_per_rep": args.steps,
-                   "reps": args.reps, "threads": threads, "data": "generated" if not args.data else args.data},
+                   "reps": args.reps, "threads": threads, "device": args.device,
+                   "data": "generated" if not args.data else args.data},
         "eager_fp32_images_per_sec": {"median": base, "all": base_rates},
         "multitower_images_per_sec": {"median": cand, "all": rates.get("default", [])},
         "ratio_multitower_to_eager": cand / base,
@@ -197,8 +231,10 @@ def main() -> None:
 
     def row(name: str, rate: float) -> None:
         achieved = rate * flops
+        # A CPU without bf16 kernels multiplies bf16 slower than fp32: no peak to compare with.
+        bf16 = f"{100 * achieved / peak['bf16']:>8.1f}" if peak["bf16"] > peak["fp32"] else f"{'n/a':>8}"
         print(f"{name:<45}{rate:>12.1f}{rate / base:>8.2f}{achieved / 1e9:>9.1f}"
-              f"{100 * achieved / peak['fp32']:>8.1f}{100 * achieved / peak['bf16']:>8.1f}")
+              f"{100 * achieved / peak['fp32']:>8.1f}{bf16}")
     row("plain eager fp32 step (baseline)", base)
     for n in names:
         row(f"multitower full step, {n}", medians[n])

@@ -214,15 +214,20 @@ def test_lrn_is_not_torch_local_response_norm_unless_alpha_scaled():
     torch.testing.assert_close(F.local_response_norm(x, 5, 0.5 * 5, 0.75, 1.0), ours)
 
 
-def test_lrn_gradient():
+# beta 0.75 (the tutorial's) and 0.5 take rsqrt shortcuts in the hand-written backward; 0.6 takes pow.
+@pytest.mark.parametrize("radius,beta", [(2, 0.75), (4, 0.75), (2, 0.5), (1, 0.6)])
+def test_lrn_gradient(radius, beta):
     torch.manual_seed(0)
     x = (torch.randn(2, 7, 2, 3, dtype=torch.float64) * 3).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: lrn(t, 2, 1.0, 0.2, 0.75), (x,))
-    # And against autograd through the loop formula.
+    assert torch.autograd.gradcheck(lambda t: lrn(t, radius, 1.0, 0.2, beta), (x,))
+    # And against autograd through the loop formula, also in channels_last.
     g = torch.randn(2, 7, 2, 3, dtype=torch.float64)
-    (ours,) = torch.autograd.grad(lrn(x, 2, 1.0, 0.2, 0.75), x, g)
-    (ref,) = torch.autograd.grad(_loop_lrn(x, 2, 1.0, 0.2, 0.75), x, g)
+    (ref,) = torch.autograd.grad(_loop_lrn(x, radius, 1.0, 0.2, beta), x, g)
+    (ours,) = torch.autograd.grad(lrn(x, radius, 1.0, 0.2, beta), x, g)
     torch.testing.assert_close(ours, ref)
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    (ours_cl,) = torch.autograd.grad(lrn(x_cl, radius, 1.0, 0.2, beta), x_cl, g)
+    torch.testing.assert_close(ours_cl, ref)
 
 
 def test_lrn_rejects_non_nchw():

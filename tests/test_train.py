@@ -1,6 +1,7 @@
 """The single-worker training loop: exact resume, divergence, run-directory safety,
 summaries, and that it learns."""
 
+import dataclasses
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from multitower.errors import UserError
 from multitower.train import loop
 from multitower.train.checkpoint import CheckpointDir
 from multitower.train.loop import TrainingDiverged, train
+from multitower.train.recipe import TUTORIAL
 
 
 def make_cfg(data_dir, run_dir, steps, **run_kwargs) -> Config:
@@ -61,14 +63,14 @@ def test_resume_refuses_a_run_of_another_model(synth_dir, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_loss = loop.tower_loss
+    real_loss = TUTORIAL.make_loss(None)  # the tutorial recipe's tower_loss
 
     def poisoned(model, logits, labels):
         calls["n"] += 1
         total, ce = real_loss(model, logits, labels)
         return (total * float("nan"), ce) if calls["n"] == 7 else (total, ce)
 
-    monkeypatch.setattr(loop, "tower_loss", poisoned)
+    monkeypatch.setattr(loop, "get_recipe", lambda name: dataclasses.replace(TUTORIAL, make_loss=lambda cfg: poisoned))
     run_dir = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="loss is nan at step 7; the last good checkpoint is step 6"):
         train(make_cfg(synth_dir, run_dir, 20, checkpoint_every=2))

@@ -13,6 +13,9 @@ from pathlib import Path
 from multitower.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig
 from multitower.errors import UserError
 
+# The recipes of `train --recipe` (train/recipe.py RECIPES; listed here so --help needs no torch import).
+RECIPE_NAMES = ("tutorial", "fast")
+
 # Where the demo looks for the real CIFAR-10 images when no imported data set exists.
 SHARED_CIFAR10 = Path("../shared/datasets/cifar10-jpeg/train")
 
@@ -30,18 +33,31 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default=d.dir, help="data-set directory made by `multitower data` (required for train)")
     g.add_argument("--label", default=d.label, choices=["fine", "coarse"], help="CIFAR-100 label byte (default: %(default)s)")
-    g.add_argument("--batch-size", type=_whole_number, default=d.batch_size,
-                   help="global batch, examples per step over all workers (default: %(default)s)")
+    g.add_argument("--batch-size", type=_whole_number, default=None,
+                   help="global batch, examples per step over all workers (default: the recipe's; "
+                        "tutorial 128, fast 512)")
     g.add_argument("--prefetch", type=_whole_number, default=d.prefetch, help="batches prepared ahead (default: %(default)s)")
     g.add_argument("--eval-split", default=d.eval_split, help="split evaluated by `eval` (default: %(default)s)")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=m.name, help="model name (default: %(default)s)")
+    g = p.add_argument_group("recipe and model")
+    g.add_argument("--recipe", default=o.recipe, choices=list(RECIPE_NAMES),
+                   help="training recipe: tutorial (TF's CIFAR-10 tutorial) or fast (airbench: whitened "
+                        "VGG-like net on 32x32, label smoothing, Nesterov SGD, warm-up + linear decay, "
+                        "flip TTA); it presets --model, --widths, --batch-size, --lr, --ema-decay and the "
+                        "length of the run, flags given win (default: %(default)s)")
+    g.add_argument("--model", default=None, help="model name (default: the recipe's; tutorial cifar10-tf, "
+                                                 "fast airbench)")
     g.add_argument("--width", type=_whole_number, default=m.width, help="channel multiplier (default: %(default)s)")
+    g.add_argument("--widths", default=None,
+                   help="airbench: channels of its 3 conv groups, e.g. 64,256,256 (airbench94) "
+                        "(default: the fast recipe's, 32,128,128 for CPU)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=o.lr, help="initial learning rate (default: %(default)s)")
-    g.add_argument("--lr-decay-factor", type=float, default=o.lr_decay_factor, help="staircase decay factor (default: %(default)s)")
-    g.add_argument("--epochs-per-decay", type=float, default=o.epochs_per_decay, help="epochs between decays (default: %(default)s)")
-    g.add_argument("--ema-decay", type=float, default=o.ema_decay, help="weight moving-average decay (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="initial (tutorial) or peak (fast) learning rate (default: the recipe's; tutorial 0.1, "
+                        "fast 1.5 x batch / 1024)")
+    g.add_argument("--lr-decay-factor", type=float, default=o.lr_decay_factor, help="tutorial: staircase decay factor (default: %(default)s)")
+    g.add_argument("--epochs-per-decay", type=float, default=o.epochs_per_decay, help="tutorial: epochs between decays (default: %(default)s)")
+    g.add_argument("--ema-decay", type=float, default=None,
+                   help="weight moving-average decay (default: the recipe's; tutorial 0.9999, fast 0.99)")
     g = p.add_argument_group("parallelism")
     g.add_argument("--strategy", default=par.strategy,
                    help="how workers cooperate: single, sync, local-sgd, hogwild, downpour, pipeline; "
@@ -78,20 +94,28 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="downpour: update applied by the servers; adagrad wants a ~20x smaller --lr "
                         "(default: %(default)s)")
     g.add_argument("--stages", type=_whole_number, default=par.stages,
-                   help="pipeline: stages the network is cut into, one process each; --workers equal (default: %(default)s)")
+                   help="pipeline: stages the network is cut into, one process each; --workers S x R runs R "
+                        "data-parallel replicas of the pipeline (default: %(default)s)")
     g.add_argument("--microbatches", type=_whole_number, default=par.microbatches,
-                   help="pipeline: micro-batches per global batch (default: %(default)s)")
+                   help="pipeline: micro-batches per replica's share of the global batch (default: %(default)s)")
     g.add_argument("--schedule", default=par.schedule, choices=["gpipe", "1f1b"],
                    help="pipeline: micro-batch schedule (default: %(default)s)")
     g.add_argument("--cut", default=par.cut,
                    help="pipeline: comma-separated layers where stages 2..S begin, e.g. local3; "
-                        "empty = balanced by parameter count (default: %(default)r)")
+                        "empty = balanced by --balance (default: %(default)r)")
+    g.add_argument("--balance", default=par.balance, choices=["params", "flops"],
+                   help="pipeline: without --cut, balance the stages by parameter count or by forward "
+                        "multiply-adds per example (default: %(default)s)")
     g.add_argument("--max-memory-per-device", type=int, default=par.max_memory_per_device,
                    help="bytes of parameters + gradients + optimizer state per device, 0 = no limit "
                         "(default: %(default)s)")
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", default=r.run_dir, help="run directory (default: %(default)s)")
-    g.add_argument("--steps", type=_whole_number, default=r.steps, help="total training steps (default: %(default)s)")
+    g.add_argument("--steps", type=_whole_number, default=None,
+                   help="total training steps (default: tutorial 2000; fast: from --epochs)")
+    g.add_argument("--epochs", type=float, default=None,
+                   help="train this many epochs instead of --steps: steps = epochs x (training examples // "
+                        "batch) (default: fast 10; tutorial: use --steps)")
     g.add_argument("--seed", type=_whole_number, default=r.seed, help="seed of weights, data order, distortions (default: %(default)s)")
     g.add_argument("--log-every", type=_whole_number, default=r.log_every, help="steps between log lines (default: %(default)s)")
     g.add_argument("--summary-every", type=_whole_number, default=r.summary_every,
@@ -106,12 +130,41 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dry-run", action="store_true", help="check the configuration and data, then exit")
 
 
+def recipe_presets(a: argparse.Namespace) -> dict:
+    """The recipe's values for the preset flags the user did not give (train/recipe.py)."""
+    from multitower.models.airbench import parse_widths
+    from multitower.train.recipe import get_recipe
+    recipe = get_recipe(a.recipe)
+    if a.steps is not None and a.epochs is not None:
+        raise UserError("give --steps or --epochs, not both")
+    chosen = {key: getattr(a, key) for key in ("model", "widths", "batch_size", "ema_decay")}
+    values = {key: recipe.defaults.get(key) if value is None else value for key, value in chosen.items()}
+    fallback = {"model": ModelConfig().name, "widths": [], "batch_size": DataConfig().batch_size,
+                "ema_decay": OptimConfig().ema_decay}
+    values = {key: fallback[key] if value is None else value for key, value in values.items()}
+    values["widths"] = list(parse_widths(values["widths"])) if values["widths"] else []
+    if a.widths is None and values["model"] != recipe.defaults.get("model"):
+        values["widths"] = []  # the recipe's widths belong to the recipe's model
+    values["lr"] = a.lr if a.lr is not None else recipe.default_lr(values["batch_size"])
+    if a.epochs is not None:
+        if not a.epochs > 0:
+            raise UserError(f"--epochs must be positive, got {a.epochs}")
+        values["steps"], values["epochs"] = RunConfig().steps, a.epochs
+    elif a.steps is not None:
+        values["steps"], values["epochs"] = a.steps, 0.0
+    else:
+        values["steps"] = recipe.defaults.get("steps", RunConfig().steps)
+        values["epochs"] = recipe.defaults.get("epochs", 0.0)
+    return values
+
+
 def config_from_args(a: argparse.Namespace) -> Config:
+    v = recipe_presets(a)
     return Config(
-        data=DataConfig(dir=a.data, label=a.label, batch_size=a.batch_size, prefetch=a.prefetch, eval_split=a.eval_split),
-        model=ModelConfig(name=a.model, width=a.width),
-        optim=OptimConfig(lr=a.lr, lr_decay_factor=a.lr_decay_factor, epochs_per_decay=a.epochs_per_decay,
-                          ema_decay=a.ema_decay),
+        data=DataConfig(dir=a.data, label=a.label, batch_size=v["batch_size"], prefetch=a.prefetch, eval_split=a.eval_split),
+        model=ModelConfig(name=v["model"], width=a.width, widths=v["widths"]),
+        optim=OptimConfig(recipe=a.recipe, lr=v["lr"], lr_decay_factor=a.lr_decay_factor,
+                          epochs_per_decay=a.epochs_per_decay, ema_decay=v["ema_decay"]),
         parallel=ParallelConfig(strategy=a.strategy, workers=a.workers, device=a.device, threads=a.threads,
                                 grad_compression=a.grad_compression, accumulate=a.accumulate,
                                 precision=a.precision, channels_last=a.channels_last,
@@ -119,8 +172,9 @@ def config_from_args(a: argparse.Namespace) -> Config:
                                 sync_every=a.sync_every, local_sgd_warmup=a.local_sgd_warmup,
                                 ps=a.ps, n_fetch=a.n_fetch, n_push=a.n_push, ps_optimizer=a.ps_optimizer,
                                 stages=a.stages, microbatches=a.microbatches, schedule=a.schedule, cut=a.cut,
+                                balance=a.balance,
                                 max_memory_per_device=a.max_memory_per_device),
-        run=RunConfig(run_dir=a.run_dir, steps=a.steps, seed=a.seed, log_every=a.log_every,
+        run=RunConfig(run_dir=a.run_dir, steps=v["steps"], epochs=v["epochs"], seed=a.seed, log_every=a.log_every,
                       summary_every=a.summary_every, checkpoint_every=a.checkpoint_every,
                       keep_checkpoints=a.keep_checkpoints, resume=a.resume, progress=a.progress),
     ).validate()
@@ -154,24 +208,24 @@ def preflight(cfg: Config) -> str:
     """Everything train() checks before the first step, without touching the run
     directory; run before workers start, so that a bad flag fails once, here."""
     from multitower.data.records import open_dataset
-    from multitower.models import build_model
-    from multitower.train.loop import check_run_dir, describe_data, resolve_device
+    from multitower.models import model_from_config
+    from multitower.train.loop import check_run_dir, describe_data, resolve_device, resolve_steps
     dataset = open_dataset(cfg.data.dir, label=cfg.data.label)
     split = dataset.split("train")
+    cfg = resolve_steps(cfg, len(split))
     device = resolve_device(cfg.parallel.device)
-    model = build_model(cfg.model.name, num_classes=dataset.fmt.num_classes, width=cfg.model.width)
+    model = model_from_config(cfg.model, num_classes=dataset.fmt.num_classes)
     check_run_dir(Path(cfg.run.run_dir), cfg)
     if cfg.parallel.strategy == "downpour":  # --ps beyond the tensor count: fail before starting processes
         from multitower.parallel.downpour import balance_shards
         balance_shards([p.numel() for p in model.parameters()], cfg.parallel.ps)
     if cfg.parallel.strategy == "pipeline":  # a bad --cut or --stages: fail before starting processes
-        from multitower.parallel.pipeline import split_layers
-        split_layers([n for n, _ in model.named_children()],
-                     [sum(p.numel() for p in c.parameters()) for c in model.children()],
-                     cfg.parallel.stages, tuple(c for c in cfg.parallel.cut.split(",") if c))
+        from multitower.parallel.pipeline import plan_stages
+        plan_stages(model, cfg.parallel.stages, cfg.parallel.cut, cfg.parallel.balance)
     params = sum(p.numel() for p in model.parameters())
     return (f"{describe_data(dataset)}\n"
-            f"dry run: {cfg.model.name} ({params:,} parameters) on {device}, {len(split)} training examples, "
+            f"dry run: recipe {cfg.optim.recipe}, {cfg.model.name} ({params:,} parameters) on {device}, "
+            f"{len(split)} training examples, "
             f"global batch {cfg.data.batch_size}, {cfg.run.steps} steps, strategy {cfg.parallel.strategy} "
             f"x {cfg.parallel.workers}; run dir {cfg.run.run_dir}")
 

@@ -36,12 +36,19 @@ class ModelConfig:
     """Model from the registry in multitower.models."""
     width: int = 1
     """Channel/unit multiplier of cifar10-tf (1 = the tutorial's network)."""
+    widths: list[int] = field(default_factory=list)
+    """airbench (fast recipe): channels of its three conv groups, e.g. [64, 256, 256];
+    empty = the model's default. Not used by cifar10-tf."""
 
 
 @dataclass
 class OptimConfig:
+    recipe: str = "tutorial"
+    """Training recipe (multitower.train.recipe.RECIPES): "tutorial" (the TF tutorial: 24x24 crops,
+    TF distortions, SGD with staircase decay) or "fast" (airbench: whitened VGG-like net on 32x32,
+    flip+translate, Nesterov SGD, label smoothing, warm-up + linear decay to 0, flip TTA)."""
     lr: float = 0.1
-    """Initial learning rate (tutorial INITIAL_LEARNING_RATE)."""
+    """Initial learning rate (tutorial INITIAL_LEARNING_RATE); the peak learning rate of the fast recipe."""
     lr_decay_factor: float = 0.1
     """Staircase decay factor (tutorial LEARNING_RATE_DECAY_FACTOR)."""
     epochs_per_decay: float = 350.0
@@ -89,13 +96,15 @@ class ParallelConfig:
     ps_optimizer: str = "sgd"
     """Downpour: update the servers apply, "sgd" or "adagrad" (the paper's; wants a ~20x smaller --lr, e.g. 0.005)."""
     stages: int = 2
-    """Pipeline: stages the network is cut into, one process each (--workers must equal it)."""
+    """Pipeline: stages the network is cut into, one process each; --workers S x R runs R data-parallel replicas."""
     microbatches: int = 4
     """Pipeline: micro-batches each global batch is split into (M; the bubble is (S-1)/(M+S-1))."""
     schedule: str = "gpipe"
     """Pipeline: micro-batch schedule, "gpipe" (all forwards, then all backwards) or "1f1b"."""
     cut: str = ""
-    """Pipeline: comma-separated layer names where stages 2..S begin (e.g. "local3"); empty = balanced by parameter count."""
+    """Pipeline: comma-separated layer names where stages 2..S begin (e.g. "local3"); empty = balanced by `balance`."""
+    balance: str = "params"
+    """Pipeline: without --cut, balance the stages by "params" (parameter count) or "flops" (forward multiply-adds)."""
     max_memory_per_device: int = 0
     """Bytes of parameters + gradients + optimizer state one device may hold; a process over it refuses to start. 0 = no limit."""
 
@@ -115,6 +124,9 @@ class RunConfig:
     """Directory of this run: config, checkpoints, events, metrics."""
     steps: int = 2000
     """Total synchronous training steps (global_step at the end)."""
+    epochs: float = 0.0
+    """If positive: train this many epochs; steps = ceil(epochs x (training examples // batch size)),
+    set by train() once it knows the training split (0 = use steps)."""
     seed: int = 0
     """Seed of the initial weights, the data order and the distortions."""
     log_every: int = 10
@@ -143,7 +155,7 @@ class Config:
         """Raise UserError for the first impossible setting; return self."""
         positive = {
             "--batch-size": self.data.batch_size,
-            "--steps": self.run.steps,
+            "--steps": self.run.steps if not self.run.epochs else 1,
             "--log-every": self.run.log_every,
             "--checkpoint-every": self.run.checkpoint_every,
             "--keep-checkpoints": self.run.keep_checkpoints,
@@ -154,6 +166,10 @@ class Config:
         for flag, value in positive.items():
             if value < 1:
                 raise UserError(f"{flag} must be at least 1, got {value}")
+        if not self.run.epochs >= 0:
+            raise UserError(f"--epochs must be positive (or 0: use --steps), got {self.run.epochs}")
+        from multitower.train.recipe import check_recipe  # here: the recipes import models and data
+        check_recipe(self)
         if self.run.summary_every < 0:
             raise UserError(f"--summary-every must be 0 (off) or positive, got {self.run.summary_every}")
         if self.parallel.accumulate < 1:
@@ -182,12 +198,16 @@ class Config:
                                 f"and {self.parallel.microbatches}")
             if self.parallel.schedule not in ("gpipe", "1f1b"):
                 raise UserError(f"--schedule must be gpipe or 1f1b, got {self.parallel.schedule!r}")
-            if self.parallel.workers != self.parallel.stages:
-                raise UserError(f"--strategy pipeline --stages {self.parallel.stages} runs one process per stage: "
-                                f"pass --workers {self.parallel.stages} (got {self.parallel.workers})")
-            if self.data.batch_size % self.parallel.microbatches:
+            if self.parallel.balance not in ("params", "flops"):
+                raise UserError(f"--balance must be params or flops, got {self.parallel.balance!r}")
+            stages, workers = self.parallel.stages, self.parallel.workers
+            if workers % stages:
+                raise UserError(f"--strategy pipeline --stages {stages} runs one process per stage and replica: "
+                                f"pass --workers {stages}, {2 * stages}, ... (stages x replicas; got {workers})")
+            replicas = workers // stages  # each replica's pipeline takes 1/replicas of the global batch
+            if self.data.batch_size % (replicas * self.parallel.microbatches):
                 raise UserError(f"--batch-size {self.data.batch_size} must divide evenly into "
-                                f"--microbatches {self.parallel.microbatches}")
+                                f"--microbatches {self.parallel.microbatches} x {replicas} replica(s) (--workers / --stages)")
         if self.parallel.max_memory_per_device < 0:
             raise UserError(f"--max-memory-per-device must be 0 (no limit) or positive bytes, "
                             f"got {self.parallel.max_memory_per_device}")

@@ -16,9 +16,10 @@ from multitower.config import Config
 from multitower.data.loader import EvalBatches
 from multitower.data.records import open_dataset
 from multitower.errors import UserError
-from multitower.models import build_model
+from multitower.models import model_from_config
 from multitower.train.checkpoint import CheckpointDir
 from multitower.train.loop import describe_data, resolve_device
+from multitower.train.recipe import get_recipe
 from multitower.train.summaries import Summaries
 
 
@@ -58,21 +59,24 @@ def load_run_config(run_dir: Path) -> Config:
 def evaluate_state(state: dict, cfg: Config, split_name: str, *, data_dir: str | None = None,
                    device: torch.device = torch.device("cpu"), batch_size: int = 500,
                    use_ema: bool = True) -> EvalResult:
-    """Evaluate the weights of one checkpoint `state` on a split of the run's data set."""
+    """Evaluate the weights of one checkpoint `state` on a split of the run's data set, with the
+    run's recipe's input transform and logits (the fast recipe: normalisation, flip TTA)."""
     dataset = open_dataset(data_dir or cfg.data.dir, label=cfg.data.label)
     split = dataset.split(split_name)
     num_classes = dataset.fmt.num_classes
-    model = build_model(cfg.model.name, num_classes=num_classes, width=cfg.model.width)
+    recipe = get_recipe(cfg.optim.recipe)
+    model = model_from_config(cfg.model, num_classes=num_classes)
     try:
         model.load_state_dict(state["model"])
         if use_ema:
-            model.load_state_dict(state["ema"], strict=False)  # EMA covers the trainable parameters
+            # The EMA covers the trainable parameters and the batch-norm statistics (train/ema.py).
+            model.load_state_dict(state["ema"], strict=False)
     except RuntimeError as exc:
         raise UserError(f"checkpoint does not fit model {cfg.model.name}: {str(exc).splitlines()[0]}") from None
     model.to(device).eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    for batch in EvalBatches(split, batch_size=batch_size, device=device):
-        predicted = model(batch.images).argmax(dim=1).cpu()
+    for batch in EvalBatches(split, batch_size=batch_size, device=device, transform=recipe.augment.eval_transform):
+        predicted = recipe.eval_logits(model, batch.images).argmax(dim=1).cpu()
         confusion += torch.bincount(batch.labels.cpu() * num_classes + predicted,
                                     minlength=num_classes * num_classes).view(num_classes, num_classes)
     per_class_total = confusion.sum(dim=1).clamp_min(1)

@@ -219,3 +219,21 @@ def eval_transform(images: torch.Tensor, crop_size: int = 24) -> torch.Tensor:
     Equal to per_image_standardization(central_crop(images).float()), by distort's fast path.
     """
     return _contrast_and_standardize(central_crop(images, crop_size), None)
+
+
+@dataclass(frozen=True)
+class TutorialDistortions:
+    """The tutorial's input pipeline as one object, the interface TrainBatches and EvalBatches
+    take (`sample(n, generator)` -> per-image draws that slice, `apply(images, draws)`,
+    `eval_transform(images)`); data/fast_augment.FlipTranslate is the fast recipe's."""
+
+    crop_size: int = 24
+
+    def sample(self, n: int, generator: torch.Generator) -> Distortions:
+        return sample_distortions(n, generator, crop_size=self.crop_size)
+
+    def apply(self, images: torch.Tensor, d: Distortions) -> torch.Tensor:
+        return distort(images, d, self.crop_size)
+
+    def eval_transform(self, images: torch.Tensor) -> torch.Tensor:
+        return eval_transform(images, self.crop_size)

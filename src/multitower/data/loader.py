@@ -5,8 +5,9 @@ on what ran before:
   epoch e = step // steps_per_epoch visits the examples in the order
       torch.randperm(len(source), generator=Generator().manual_seed(derive_seed(seed, PERMUTATION, e)));
   the global batch of `step` is that order's slice [(step % steps_per_epoch) * G, ... + G);
-  its distortions are sample_distortions(G, Generator().manual_seed(derive_seed(seed, DISTORTION, step)))
-      drawn for the whole global batch;
+  its distortions are augment.sample(G, Generator().manual_seed(derive_seed(seed, DISTORTION, step)))
+      drawn for the whole global batch (augment: the tutorial's sample_distortions by default,
+      or a recipe's, e.g. data/fast_augment.FlipTranslate);
   rank r takes the contiguous slice [r * B, (r + 1) * B), B = G // world_size, of both.
 So N workers with batch B see exactly what one worker with batch N*B sees, and a run
 resumed at step s (start_step=s) goes on with exactly the next examples.
@@ -25,7 +26,7 @@ from typing import Callable, Iterable, Iterator, Protocol, TypeVar, runtime_chec
 import numpy as np
 import torch
 
-from multitower.data.augment import distort, eval_transform, sample_distortions
+from multitower.data.augment import TutorialDistortions
 from multitower.errors import UserError
 
 _MASK64 = (1 << 64) - 1
@@ -50,7 +51,7 @@ class ExampleSource(Protocol):
 class Batch:
     """The examples of one step on one rank, ready for the network."""
 
-    images: torch.Tensor  # float32 [B,3,24,24], on the loader's device
+    images: torch.Tensor  # float32 [B,3,24,24] (tutorial) or [B,3,32,32] (fast recipe), on the loader's device
     labels: torch.Tensor  # int64 [B], on the loader's device
     step: int  # the global step (training) or the batch number (evaluation)
     epoch: int
@@ -335,9 +336,12 @@ class TrainBatches(_Batches):
         start_step: int = 0,
         prefetch: int = 2,
         device="cpu",
+        augment=None,
     ):
         super().__init__(prefetch, device)
         num_examples = _check_source(source, "TrainBatches")
+        # sample(n, generator) -> draws that slice per rank; apply(uint8 images, draws) -> float.
+        self.augment = augment if augment is not None else TutorialDistortions()
         _check_positive("global_batch_size", global_batch_size)
         _check_rank(rank, world_size)
         if global_batch_size % world_size:
@@ -400,10 +404,10 @@ class TrainBatches(_Batches):
         """This rank's batch for `step`, made synchronously; iteration yields the same."""
         indices = self.indices_at(step)
         generator = _seeded(derive_seed(self.seed, DISTORTION, step))
-        draws = sample_distortions(self.global_batch_size, generator)[self._rank_slice()]
+        draws = self.augment.sample(self.global_batch_size, generator)[self._rank_slice()]
         # The source gets its own copy: it may sort or reuse the array.
         raw_images, labels = self.source.gather(indices.copy())
-        images, labels = _to_device(distort(raw_images, draws), labels, self.device)
+        images, labels = _to_device(self.augment.apply(raw_images, draws), labels, self.device)
         return Batch(images=images, labels=labels, step=step, epoch=self.epoch_of(step), indices=indices)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -411,7 +415,8 @@ class TrainBatches(_Batches):
 
 
 class EvalBatches(_Batches):
-    """One pass over the source for evaluation: central crop and standardisation.
+    """One pass over the source for evaluation: `transform` (default: the tutorial's central
+    crop and standardisation; a recipe's eval_transform, e.g. the fast recipe's normalisation).
 
     Rank r reads the contiguous shard [r*n // W, (r+1)*n // W) of the n examples in
     order, in batches of `batch_size` (the last one may be smaller), so the shards cover
@@ -420,9 +425,10 @@ class EvalBatches(_Batches):
     """
 
     def __init__(self, source: ExampleSource, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                 device="cpu", prefetch: int = 2):
+                 device="cpu", prefetch: int = 2, transform=None):
         super().__init__(prefetch, device)
         num_examples = _check_source(source, "EvalBatches")
+        self.transform = transform if transform is not None else TutorialDistortions().eval_transform
         _check_positive("batch_size", batch_size)
         _check_rank(rank, world_size)
         self.source = source
@@ -448,7 +454,7 @@ class EvalBatches(_Batches):
             raise IndexError(f"batch {number} is out of range: this rank has {len(self)} batches")
         indices = np.arange(start, stop, dtype=np.int64)
         raw_images, labels = self.source.gather(indices.copy())
-        images, labels = _to_device(eval_transform(raw_images), labels, self.device)
+        images, labels = _to_device(self.transform(raw_images), labels, self.device)
         return Batch(images=images, labels=labels, step=number, epoch=0, indices=indices)
 
     def __iter__(self) -> Iterator[Batch]:

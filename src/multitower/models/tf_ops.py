@@ -105,19 +105,39 @@ def _channel_window_sum(t: torch.Tensor, radius: int) -> torch.Tensor:
     return s
 
 
-class _ChannelWindowSum(torch.autograd.Function):
-    # The window sum is a symmetric band matrix over channels, so its backward is the
-    # same sum applied to the gradient. Done by hand because autograd through the
-    # in-place slice adds is slower, and avg_pool3d over [N, 1, C, H, W] is ~3x slower
-    # still on CPU.
+def _pow_neg(d: torch.Tensor, beta: float) -> torch.Tensor:
+    """d ** -beta. For the tutorial's beta = 0.75 as rsqrt(d) * sqrt(rsqrt(d)): two
+    cheap instructions instead of pow's exp/log, ~2x faster on CPU, within an ulp or two."""
+    if beta == 0.75:
+        scale = torch.rsqrt(d)
+        return scale.mul_(scale.sqrt())
+    if beta == 0.5:
+        return torch.rsqrt(d)
+    return d.pow(-beta)
+
+
+class _LRN(torch.autograd.Function):
+    # One function for forward and backward instead of autograd's pow/mul chain: fewer
+    # passes over the activation (LRN is memory-bound; it was ~20% of the CPU step).
+    #   d_c = bias + alpha * sum_{c' in W(c)} x_c'^2,  out_c = x_c * d_c^-beta
+    #   dL/dx_j = g_j d_j^-beta - 2 alpha beta x_j * sum_{c in W(j)} g_c out_c / d_c
+    # (the window W is symmetric, so the adjoint of the window sum is the window sum).
     @staticmethod
-    def forward(ctx, t: torch.Tensor, radius: int) -> torch.Tensor:
-        ctx.radius = radius
-        return _channel_window_sum(t, radius)
+    def forward(ctx, x: torch.Tensor, radius: int, bias: float, alpha: float, beta: float) -> torch.Tensor:
+        d = _channel_window_sum(x * x, radius).mul_(alpha).add_(bias)
+        scale = _pow_neg(d, beta)
+        ctx.save_for_backward(x, d, scale)
+        ctx.constants = radius, alpha, beta
+        return x * scale
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _channel_window_sum(grad, ctx.radius), None
+        x, d, scale = ctx.saved_tensors
+        radius, alpha, beta = ctx.constants
+        t = (grad * x).mul_(scale).div_(d)
+        window = _channel_window_sum(t, radius)
+        grad_x = (grad * scale).addcmul_(x, window, value=-2.0 * alpha * beta)
+        return grad_x, None, None, None, None
 
 
 def lrn(
@@ -135,8 +155,7 @@ def lrn(
     """
     if x.dim() != 4:
         raise UserError(f"lrn expects NCHW input, got shape {tuple(x.shape)}")
-    sqr_sum = _ChannelWindowSum.apply(x * x, depth_radius)
-    return x * torch.pow(sqr_sum.mul(alpha).add_(bias), -beta)
+    return _LRN.apply(x, depth_radius, bias, alpha, beta)
 
 
 class Conv2dSame(nn.Module):

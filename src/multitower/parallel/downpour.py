@@ -215,6 +215,7 @@ class Downpour:
         self._in_flight: list[torch.futures.Future] | None = None  # one per server
         self._in_flight_fetches = False
         self._staleness: list[float] = []  # answered pushes not yet reported
+        self._comm_bytes = 0  # gradient bytes pushed + parameter bytes fetched, not yet reported
         self._resume_optimizer: dict | None = None
         self._started = False
         self._rpc_up = False
@@ -277,6 +278,7 @@ class Downpour:
         for k, (server, shard) in enumerate(zip(self._servers, self._shards)):
             # .cpu() is a no-op on CPU: the buffers are replaced below, never reused after sending.
             grads = [self._accrued[i].cpu() for i in shard] if push else None
+            self._comm_bytes += sum(g.numel() * g.element_size() for g in grads) if push else 0
             futures.append(server.rpc_async().exchange(grads, lr, self._fetched_at[k], fetch))
         if push:
             self._accrued = [torch.zeros_like(p) for p in self._params]
@@ -298,6 +300,7 @@ class Downpour:
             if tensors is not None:
                 for index, tensor in zip(self._shards[k], tensors):
                     self._params[index].copy_(tensor)
+                    self._comm_bytes += tensor.numel() * tensor.element_size()
                 self._fetched_at[k] = updates
         return waited
 
@@ -320,7 +323,8 @@ class Downpour:
         if push or fetch:
             comm_s += self._settle()  # at most one message in flight; fetches see our pushes
             self._send(push, fetch)
-        extra = {}
+        # Bytes pushed (gradients) and fetched (parameters) since the last step's report.
+        extra, self._comm_bytes = {"comm_bytes": float(self._comm_bytes)}, 0
         if self._staleness:
             extra["staleness"] = sum(self._staleness) / len(self._staleness)
             self._staleness = []

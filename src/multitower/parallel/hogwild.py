@@ -100,7 +100,8 @@ class Hogwild:
         loss.backward()
         self.optimizer.step()  # in place on the shared parameters, no lock: Hogwild!
         return StepMetrics(loss=loss.detach(), cross_entropy=cross_entropy.detach(),
-                           examples=batch.labels.shape[0] * self.world_size)
+                           examples=batch.labels.shape[0] * self.world_size,
+                           extra={"comm_bytes": 0.0})  # shared memory: nothing crosses a network
 
     def all_ranks(self, value: float) -> list[float]:
         return gather_floats(value, self.world_size, self.device)

@@ -91,11 +91,14 @@ class LocalSGD:
 
     def step(self, batch: Batch) -> StepMetrics:
         self.optimizer.zero_grad(set_to_none=True)
+        # The hook is called for every bucket, but all-reduces only during warm-up.
+        warming_up = self.hook_state.iter < self.cfg.local_sgd_warmup
         loss, cross_entropy = self.loss_fn(self.model, self.ddp(batch.images), batch.labels)
         loss.backward()  # warm-up: gradients all-reduced by the hook; afterwards local
         self.optimizer.step()
-        averaging_s = 0.0
+        averaging_s, averaged_bytes = 0.0, 0
         if self.averages_now():
+            averaged_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
             start = time.perf_counter()
             self.averager.average_parameters(self.model.parameters())
             if self.device.type == "cuda":
@@ -104,9 +107,10 @@ class LocalSGD:
             averaging_s = time.perf_counter() - start
         else:
             self.averager.average_parameters(self.model.parameters())  # only counts the step
-        hook_s, _ = self.timer.take()
+        hook_s, hook_bytes = self.timer.take()
         return StepMetrics(loss=loss.detach(), cross_entropy=cross_entropy.detach(),
-                           examples=batch.labels.shape[0] * self.world_size, comm_s=hook_s + averaging_s)
+                           examples=batch.labels.shape[0] * self.world_size, comm_s=hook_s + averaging_s,
+                           extra={"comm_bytes": float((hook_bytes if warming_up else 0) + averaged_bytes)})
 
     def all_ranks(self, value: float) -> list[float]:
         return gather_floats(value, self.world_size, self.device)

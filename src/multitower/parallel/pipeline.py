@@ -3,11 +3,20 @@ process, each holding only its own layers and their optimizer state; every step'
 global batch flows through as M micro-batches on torch.distributed.pipelining
 (PipelineStage + ScheduleGPipe, or Schedule1F1B with --schedule 1f1b).
 
+Pipeline x data parallelism: W = S x R processes run R replicas of the pipeline. Rank r
+is stage r % S of replica r // S, so replica k is the ranks k*S .. k*S+S-1: rank 0 is
+replica 0's first stage, and a replica's ranks hold a contiguous 1/R of the global batch
+(data.loader slices it in rank order). Each replica's PipelineStages talk in their own
+process group; after the schedule, every stage averages its gradients with the same
+stage of the other replicas (one all-reduce of one flat buffer in a per-stage group),
+so the replicas stay bitwise equal and the update is the global batch's.
+
 A stage is the loop's model with the children it does not own deleted (the model's
 forward skips missing children), so parameter names, and therefore checkpoints, stay
 those of the full model. Cut points are the layer names where stages 2..S begin
 (--cut local3), or, by default, the contiguous split whose largest stage has the
-fewest parameters.
+fewest parameters (--balance params) or forward multiply-accumulates (--balance flops,
+counted per layer by bench.flops.layer_macs).
 
 The trap we hit first (torch 2.13, gloo): a schedule decides whether it runs backward
 from `loss_fn is not None` on ITS rank (PipelineScheduleSingle: _has_backward). Built
@@ -22,38 +31,49 @@ the schedule sums the M micro-batch gradients and divides by M (scale_grads), wh
 the gradient of the global batch's mean with equal micro-batches. Each stage then adds
 the gradient of the weight decay of the local layers it owns, once per step.
 
-Data: the loop hands each rank its 1/S slice of the global batch (rank order, see
-data.loader); one all_gather rebuilds the global batch, whose images the first stage
-and whose labels the last stage use.
+Data: the loop hands each rank its 1/W slice of the global batch (rank order, see
+data.loader); one all_gather among a replica's S ranks rebuilds that replica's 1/R of
+it, whose images the first stage and whose labels the last stage use.
 
 EMA: the loop's moving average covers this rank's stage; gather_named_tensors()
-assembles the full model's average on rank 0 for the checkpoint.
+assembles the full model's average from replica 0 on rank 0 for the checkpoint.
+
+Memory: each step measures this stage's peak, on CUDA the allocator's, on CPU the
+tensors saved for backward (memory.SavedTensorPeak) plus parameters, gradients and
+optimizer state, and reports it per stage as stageN_peak_bytes.
 """
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import time
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from multitower.bench.flops import layer_macs
 from multitower.config import ParallelConfig
 from multitower.data.loader import Batch
 from multitower.errors import UserError
 from multitower.models.cifar10_tf import weight_decay_loss
 from multitower.parallel.base import LossFn, StepMetrics
+from multitower.parallel.memory import SavedTensorPeak, measured_peak_bytes
 from multitower.parallel.process_group import gather_floats, init_process_group
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 
-def split_layers(names: list[str], param_counts: list[int], stages: int, cut: tuple[str, ...] = ()) -> list[list[str]]:
+def split_layers(names: list[str], param_counts: list[int], stages: int, cut: tuple[str, ...] = (),
+                 weights: list[int] | None = None) -> list[list[str]]:
     """The layer names of each stage: contiguous runs of `names`, starting stage i+1 at
-    cut[i], or (no cut) the split minimising the largest stage's parameter count.
+    cut[i], or (no cut) the split minimising the largest stage's total weight: `weights`
+    per layer (e.g. forward MACs, --balance flops), by default the parameter counts.
     Every stage must hold parameters (a stage without any would only relay)."""
+    weights = param_counts if weights is None else weights
     if not 1 <= stages <= len(names):
         raise UserError(f"--stages {stages} must be between 1 and the model's {len(names)} layers")
     if cut:
@@ -70,10 +90,11 @@ def split_layers(names: list[str], param_counts: list[int], stages: int, cut: tu
         best = None
         for starts in itertools.combinations(range(1, len(names)), stages - 1):
             bounds = (0, *starts, len(names))
-            sizes = [sum(param_counts[a:b]) for a, b in zip(bounds, bounds[1:])]
+            pairs = list(zip(bounds, bounds[1:]))
+            sizes = [sum(weights[a:b]) for a, b in pairs]
             # Ties go to the later cut: the parameter-free layers before it (pool2) shrink
             # the activation sent between stages (pool2's output is 1/4 of norm2's).
-            if min(sizes) > 0 and (best is None or max(sizes) <= best[0]):
+            if all(sum(param_counts[a:b]) for a, b in pairs) and (best is None or max(sizes) <= best[0]):
                 best = (max(sizes), list(starts))
         if best is None:
             raise UserError(f"--stages {stages}: the model has only {sum(1 for c in param_counts if c)} layers "
@@ -85,6 +106,18 @@ def split_layers(names: list[str], param_counts: list[int], stages: int, cut: tu
         if sum(param_counts[a:b]) == 0:
             raise UserError(f"stage {i} ({', '.join(groups[i])}) would hold no parameters; move the --cut")
     return groups
+
+
+def plan_stages(model: nn.Module, stages: int, cut: str = "",
+                balance: str = "params") -> tuple[list[list[str]], list[int]]:
+    """split_layers for `model`'s top-level children (--cut, --balance), and each
+    child's forward MACs per example (layer_macs on the model's image size)."""
+    names = [name for name, _ in model.named_children()]
+    counts = [sum(p.numel() for p in child.parameters()) for child in model.children()]
+    macs = layer_macs(model, getattr(model, "image_size", 32))  # airbench has no attribute: 32x32
+    groups = split_layers(names, counts, stages, tuple(c for c in cut.split(",") if c),
+                          weights=macs if balance == "flops" else None)
+    return groups, macs
 
 
 def _contiguous_input_grads(module: nn.Module, args: tuple) -> None:
@@ -145,9 +178,19 @@ class Pipeline:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.is_rank0 = self.rank == 0
-        if self.world_size != cfg.stages:
-            raise UserError(f"--strategy pipeline --stages {cfg.stages} runs one process per stage, "
-                            f"but {self.world_size} were started: pass --workers {cfg.stages}")
+        S = cfg.stages
+        if self.world_size % S:
+            raise UserError(f"--strategy pipeline --stages {S} runs one process per stage and replica, "
+                            f"but {self.world_size} were started: pass --workers {S}, {2 * S}, ...")
+        self.replicas = self.world_size // S
+        self.stage_index, self.replica = self.rank % S, self.rank // S
+        # Every rank creates every group, in the same order (a collective); each keeps its own.
+        # The timeout explicitly: new groups default to torch's 30 minutes, not the world's.
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        self.pipe_group, _ = dist.new_subgroups_by_enumeration(
+            [list(range(k * S, (k + 1) * S)) for k in range(self.replicas)], timeout=timeout)
+        self.stage_group, _ = dist.new_subgroups_by_enumeration(
+            [list(range(i, self.world_size, S)) for i in range(S)], timeout=timeout)
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.layers: list[str] = []
@@ -158,12 +201,11 @@ class Pipeline:
         """Cut `model` down to this rank's stage, in place, and drop the other stages'
         parameters from `optimizer` (the loop keeps both objects: lr, EMA, summaries)."""
         names = [name for name, _ in model.named_children()]
-        counts = [sum(p.numel() for p in child.parameters()) for child in model.children()]
-        cut = tuple(c for c in self.cfg.cut.split(",") if c) if self.cfg.cut else ()
-        groups = split_layers(names, counts, self.cfg.stages, cut)
-        self.layers = groups[self.rank]
+        groups, macs = plan_stages(model, self.cfg.stages, self.cfg.cut, self.cfg.balance)
+        self.layers = groups[self.stage_index]
+        flops_share = sum(m for n, m in zip(names, macs) if n in self.layers) / max(1, sum(macs))
         self.param_offset = sum(len(list(getattr(model, n).parameters()))
-                                for g in groups[:self.rank] for n in g)
+                                for g in groups[:self.stage_index] for n in g)
         for name in names:
             if name not in self.layers:
                 delattr(model, name)
@@ -172,84 +214,137 @@ class Pipeline:
             group["params"] = [p for p in group["params"] if id(p) in owned]
         self.model, self.optimizer = model, optimizer
         mine = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.stage_param_bytes = [int(b) for b in gather_floats(float(mine), self.world_size, self.device)]
-        print(f"pipeline stage {self.rank}/{self.world_size}: {', '.join(self.layers)} "
-              f"({mine:,} parameter bytes)", flush=True)
+        S = self.cfg.stages
+        self.stage_param_bytes = [int(b) for b in gather_floats(float(mine), self.world_size, self.device)[:S]]
+        replica = f" of replica {self.replica}/{self.replicas}" if self.replicas > 1 else ""
+        print(f"pipeline stage {self.stage_index}/{S}{replica}: {', '.join(self.layers)} "
+              f"({mine:,} parameter bytes, {flops_share:.0%} of the forward FLOPs)", flush=True)
         # gloo receives only into contiguous buffers, and the library allocates stage i's
         # gradient buffer with the strides of stage i+1's input gradient (run-time
         # metadata inference). local3 flattens NHWC via permute, so its input gradient is
         # strided: stage 0's recv failed, "input tensor has to be contiguous" (torch 2.13).
         model.register_forward_pre_hook(_contiguous_input_grads)
         self.clock = BusyClock(model)
-        self.stage = PipelineStage(model, self.rank, self.world_size, self.device)
+        self.saved = SavedTensorPeak(model)
+        self.boundary_bytes = 0
+        model.register_forward_hook(self._count_boundary_bytes)
+        self.stage = PipelineStage(model, self.stage_index, S, self.device, group=self.pipe_group)
         # The loss on EVERY rank, though only the last stage calls it: a schedule without
         # one runs no backward on its rank (see the module docstring).
         self.schedule = SCHEDULES[self.cfg.schedule](self.stage, self.cfg.microbatches, loss_fn=self._microbatch_loss)
 
+    def _count_boundary_bytes(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        """What this stage sends its neighbours per micro-batch: its output forward (all
+        but the last stage), its input's gradient backward (all but the first)."""
+        if self.stage_index < self.cfg.stages - 1:
+            self.boundary_bytes += output.numel() * output.element_size()
+        if self.stage_index > 0:
+            self.boundary_bytes += sum(a.numel() * a.element_size() for a in args
+                                       if isinstance(a, torch.Tensor) and a.requires_grad)
+
     def _microbatch_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.model, logits, labels)[1]  # the cross-entropy; weight decay is added per stage
 
-    def _global_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        images = [torch.empty_like(batch.images) for _ in range(self.world_size)]
-        labels = [torch.empty_like(batch.labels) for _ in range(self.world_size)]
-        dist.all_gather(images, batch.images.contiguous())
-        dist.all_gather(labels, batch.labels.contiguous())
+    def _replica_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """This replica's share of the global batch: its S ranks' slices, in rank order."""
+        S = self.cfg.stages
+        images = [torch.empty_like(batch.images) for _ in range(S)]
+        labels = [torch.empty_like(batch.labels) for _ in range(S)]
+        dist.all_gather(images, batch.images.contiguous(), group=self.pipe_group)
+        dist.all_gather(labels, batch.labels.contiguous(), group=self.pipe_group)
         return torch.cat(images), torch.cat(labels)
 
+    def _average_gradients(self) -> int:
+        """Average this stage's gradients over the replicas (the tutorial's average_gradients,
+        per stage): one all-reduce of one flat buffer, not one per tensor. Returns bytes sent."""
+        for p in self.model.parameters():
+            if p.grad is None:  # unused this step: its zeros still take part in the one buffer
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.model.parameters()]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.stage_group)
+        flat /= self.replicas
+        for grad, averaged in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(averaged)
+        return flat.numel() * flat.element_size()
+
     def step(self, batch: Batch) -> StepMetrics:
+        S, M, R = self.cfg.stages, self.cfg.microbatches, self.replicas
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
-        images, labels = self._global_batch(batch)
+        images, labels = self._replica_batch(batch)
         gather_s = time.perf_counter() - start
-        if images.shape[0] % self.cfg.microbatches:
-            raise UserError(f"global batch {images.shape[0]} does not split into --microbatches {self.cfg.microbatches}")
+        if images.shape[0] % M:
+            raise UserError(f"replica batch {images.shape[0]} does not split into --microbatches {M}")
         self.optimizer.zero_grad(set_to_none=True)
-        first, last = self.rank == 0, self.rank == self.world_size - 1
+        first, last = self.stage_index == 0, self.stage_index == S - 1
         losses: list[torch.Tensor] = []
         self.clock.take()
+        # The all-gather sends this rank's slice to the replica's S-1 other stages.
+        self.boundary_bytes = (S - 1) * (batch.images.numel() * batch.images.element_size()
+                                         + batch.labels.numel() * batch.labels.element_size())
         schedule_start = time.perf_counter()
-        self.schedule.step(*((images,) if first else ()), target=labels if last else None,
-                           losses=losses if last else None, return_outputs=False)
+        with self.saved:
+            self.schedule.step(*((images,) if first else ()), target=labels if last else None,
+                               losses=losses if last else None, return_outputs=False)
         schedule_s = time.perf_counter() - schedule_start
         idle_fraction = max(0.0, 1.0 - self.clock.take() / schedule_s)
+        allreduce_start, sent = time.perf_counter(), 0
+        if R > 1:
+            sent = self._average_gradients()
+        allreduce_s = time.perf_counter() - allreduce_start
+        # After the average: the decay's gradient is the same on every replica.
         decay = weight_decay_loss(self.model)
         if decay.requires_grad:
             decay.backward()
         self.optimizer.step()
-        # One all-reduce: the total loss (cross-entropy from the last stage + every stage's
-        # weight decay) for every rank, and each stage's idle fraction for rank 0's log.
+        peak = measured_peak_bytes(self.model, self.optimizer, self.device, self.saved)
+        # One all-reduce: the total loss (cross-entropy from the last stages + every stage's
+        # weight decay) for every rank, the bytes sent, and each stage's idle fraction and
+        # peak bytes for rank 0's log; all summed over the R replicas, hence the division.
         cross_entropy = torch.stack(losses).mean().detach() if last else torch.zeros(())
-        report = torch.zeros(2 + self.world_size, dtype=torch.float64)
-        report[0], report[1], report[2 + self.rank] = cross_entropy.double(), decay.detach().double(), idle_fraction
+        report = torch.zeros(3 + 2 * S, dtype=torch.float64)
+        report[0], report[1] = cross_entropy.double(), decay.detach().double()
+        report[2 + 2 * S] = self.boundary_bytes + sent
+        report[2 + self.stage_index], report[2 + S + self.stage_index] = idle_fraction, peak
         comm_start = time.perf_counter()
         report = report.to(self.device)  # NCCL needs device tensors
         dist.all_reduce(report)
-        report = report.cpu()
-        comm_s = gather_s + time.perf_counter() - comm_start
-        S, M = self.world_size, self.cfg.microbatches
-        extra = {"bubble_fraction": float(report[2:].mean()), "bubble_fraction_theory": (S - 1) / (M + S - 1)}
+        report = report.cpu() / R
+        comm_s = gather_s + allreduce_s + time.perf_counter() - comm_start
+        extra = {"bubble_fraction": float(report[2:2 + S].mean()), "bubble_fraction_theory": (S - 1) / (M + S - 1)}
         extra.update({f"stage{r}_idle_fraction": float(report[2 + r]) for r in range(S)})
         extra.update({f"stage{r}_param_bytes": float(b) for r, b in enumerate(self.stage_param_bytes)})
+        extra.update({f"stage{r}_peak_bytes": float(report[2 + S + r]) for r in range(S)})
+        extra["comm_bytes"] = float(report[2 + 2 * S]) / S  # per rank, as the other strategies report it
         return StepMetrics(loss=(report[0] + report[1]).float(), cross_entropy=report[0].float(),
-                           examples=images.shape[0], comm_s=comm_s, extra=extra)
+                           examples=images.shape[0] * R, comm_s=comm_s, extra=extra)
 
     def all_ranks(self, value: float) -> list[float]:
         return gather_floats(value, self.world_size, self.device)
 
     def gather_named_tensors(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This stage's tensors keyed by parameter name -> the full model's, in stage
-        order (a collective; the loop uses rank 0's result, e.g. the EMA)."""
-        parts: list[dict | None] = [None] * self.world_size
-        dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in named.items()})
+        order (a collective on replica 0's ranks; the loop uses rank 0's result, e.g. the
+        EMA). The other replicas, equal to replica 0, return {} without communicating."""
+        if self.replica != 0:
+            return {}
+        parts: list[dict | None] = [None] * self.cfg.stages
+        dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in named.items()}, group=self.pipe_group)
         return {k: v for part in parts for k, v in part.items()}
 
     def state_dict(self) -> dict:
         """The full model's state_dict and a full-model optimizer state (parameter indices
-        in model order, as one optimizer over model.parameters() numbers them)."""
+        in model order, as one optimizer over model.parameters() numbers them), gathered
+        from replica 0; {} on the other replicas' ranks."""
+        if self.replica != 0:
+            return {}
         model_state = self.gather_named_tensors(self.model.state_dict())
         opt = self.optimizer.state_dict()
         mine = {"offset": self.param_offset, "state": opt["state"], "param_groups": opt["param_groups"]}
-        parts: list[dict | None] = [None] * self.world_size
-        dist.all_gather_object(parts, mine)
+        parts: list[dict | None] = [None] * self.cfg.stages
+        dist.all_gather_object(parts, mine, group=self.pipe_group)
         state, params = {}, []
         for part in parts:
             for index, slot in part["state"].items():

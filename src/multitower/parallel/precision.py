@@ -36,6 +36,9 @@ class FastPath:
         self.precision = precision
         self.channels_last = channels_last
         self.device = device
+        if device.type == "cuda":
+            # Every step has the same shapes: let cuDNN time its algorithms once and keep the fastest.
+            torch.backends.cudnn.benchmark = True
 
     @classmethod
     def from_config(cls, cfg, device: torch.device) -> "FastPath":

@@ -134,7 +134,7 @@ class Sync:
         comm_s, sent = self.timer.take()
         return StepMetrics(loss=total, cross_entropy=cross_entropy,
                            examples=batch.labels.shape[0] * self.world_size, comm_s=comm_s,
-                           extra={"allreduce_bytes": float(sent)})
+                           extra={"comm_bytes": float(sent)})
 
     def all_ranks(self, value: float) -> list[float]:
         return gather_floats(value, self.world_size, self.device)

@@ -13,33 +13,47 @@ def tf_ema_decay(decay: float, num_updates: int) -> float:
     return min(decay, (1.0 + num_updates) / (10.0 + num_updates))
 
 
+def _averaged(model: nn.Module):
+    """(name, tensor) of what the average covers: the trainable parameters, and the
+    floating-point buffers (batch norm's running mean and variance, as timm's ModelEmaV2 and
+    torch's AveragedModel(use_buffers=True) do; constant buffers such as a frozen whitening
+    layer stay equal to themselves). Integer buffers (num_batches_tracked) are not averaged.
+    cifar10-tf has no buffers: its average is over its parameters alone, as the tutorial's."""
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            yield name, p
+    for name, b in model.named_buffers():
+        if b.is_floating_point():
+            yield name, b
+
+
 class ExponentialMovingAverage:
-    """Shadow copies of a model's trainable parameters, updated after every step.
+    """Shadow copies of a model's trainable parameters (and floating-point buffers), updated
+    after every step.
 
     shadow -= (1 - d) * (shadow - param), with d from tf_ema_decay(decay, global_step)
     where global_step already counts the update just applied (as in the tutorial, whose
     averaging op runs after apply_gradients has incremented global_step).
+    The shadow keys are state_dict keys, so eval loads them over a checkpoint's "model".
     """
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.shadow: dict[str, torch.Tensor] = {
-            name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad
-        }
+        self.shadow: dict[str, torch.Tensor] = {name: t.detach().clone() for name, t in _averaged(model)}
 
     @torch.no_grad()
     def update(self, model: nn.Module, global_step: int) -> None:
         weight = 1.0 - tf_ema_decay(self.decay, global_step)
-        for name, p in model.named_parameters():
+        for name, t in _averaged(model):
             if name in self.shadow:
-                self.shadow[name].lerp_(p.detach(), weight)
+                self.shadow[name].lerp_(t.detach(), weight)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        """Load the averaged weights into `model` (the evaluation model)."""
-        for name, p in model.named_parameters():
+        """Load the averaged weights (and buffers) into `model` (the evaluation model)."""
+        for name, t in _averaged(model):
             if name in self.shadow:
-                p.copy_(self.shadow[name])
+                t.copy_(self.shadow[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

@@ -22,13 +22,12 @@ from multitower.data.loader import TrainBatches
 from multitower.data.records import Dataset, open_dataset
 from multitower.errors import UserError
 from multitower.faults import maybe_inject
-from multitower.models import build_model
-from multitower.models.cifar10_tf import tower_loss
+from multitower.models import model_from_config
 from multitower.parallel import STRATEGIES
 from multitower.parallel.memory import check_memory_budget
 from multitower.train.checkpoint import CheckpointDir, atomic_write_bytes
 from multitower.train.ema import ExponentialMovingAverage, LossAverage
-from multitower.train.schedule import decay_steps_for, staircase_lr
+from multitower.train.recipe import get_recipe, steps_for_epochs
 from multitower.train.summaries import Summaries, capture_activations
 from multitower.heartbeat import Heartbeat
 
@@ -86,6 +85,12 @@ def check_run_dir(run_dir: Path, cfg: Config) -> None:
         if (old_model.get("name"), old_model.get("width")) != (cfg.model.name, cfg.model.width):
             raise UserError(f"{run_dir} holds a run of model {old_model.get('name')} (width "
                             f"{old_model.get('width')}), not {cfg.model.name} (width {cfg.model.width})")
+        if old_model.get("widths", []) != list(cfg.model.widths):
+            raise UserError(f"{run_dir} holds a run of model {old_model.get('name')} with widths "
+                            f"{old_model.get('widths', [])}, not {list(cfg.model.widths)}")
+        old_recipe = old.get("optim", {}).get("recipe", "tutorial")
+        if old_recipe != cfg.optim.recipe:
+            raise UserError(f"{run_dir} holds a run of --recipe {old_recipe}, not {cfg.optim.recipe}")
     elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise UserError(f"{run_dir} exists and is not a multitower run directory; choose another --run-dir")
 
@@ -100,7 +105,18 @@ def write_status(run_dir: Path, state: str, step: int) -> None:
     atomic_write_bytes(run_dir / "status.json", json.dumps({"state": state, "step": step}).encode())
 
 
-def train(cfg: Config) -> TrainResult:
+def resolve_steps(cfg: Config, train_examples: int) -> Config:
+    """cfg with run.steps set from run.epochs when that is given (else unchanged)."""
+    if not cfg.run.epochs:
+        return cfg
+    steps = steps_for_epochs(cfg.run.epochs, train_examples, cfg.data.batch_size)
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, steps=steps))
+
+
+def train(cfg: Config, on_step=None) -> TrainResult:
+    """Train as cfg says. on_step(step, model, ema) -> bool, if given, is called after every
+    step (after the moving average, before any checkpoint); True ends the run there, with a
+    final checkpoint (the time-to-accuracy benchmark evaluates and stops through it; one process)."""
     cfg.validate()
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
         # The elastic agent restarted the worker group after a failure: continue the
@@ -110,11 +126,14 @@ def train(cfg: Config) -> TrainResult:
     torch.set_num_threads(threads_per_worker(cfg.parallel.threads, cfg.parallel.workers))
     dataset = open_dataset(cfg.data.dir, label=cfg.data.label)
     train_split = dataset.split("train")
+    cfg = resolve_steps(cfg, len(train_split))
+    # Model, input pipeline, loss, optimizer, schedule and eval logits (train/recipe.py).
+    recipe = get_recipe(cfg.optim.recipe)
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by the launcher in each worker
     strategy_name = cfg.parallel.resolved_strategy(world_size)
     if strategy_name not in STRATEGIES:
         raise UserError(f"unknown --strategy {strategy_name!r}; known: auto, {', '.join(STRATEGIES)}")
-    strategy = STRATEGIES[strategy_name](cfg.parallel, device, tower_loss)
+    strategy = STRATEGIES[strategy_name](cfg.parallel, device, recipe.make_loss(cfg))
     if not getattr(strategy, "trains", True):
         # A process with another role (downpour's parameter servers) serves the workers
         # until they are done; it reads no data and writes nothing.
@@ -128,8 +147,9 @@ def train(cfg: Config) -> TrainResult:
         prepare_run_dir(run_dir, cfg)
 
     torch.manual_seed(cfg.run.seed)  # the initial weights depend on the seed alone
-    model = build_model(cfg.model.name, num_classes=dataset.fmt.num_classes, width=cfg.model.width).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
+    model = model_from_config(cfg.model, num_classes=dataset.fmt.num_classes).to(device)
+    recipe.prepare_model(model, train_split, recipe)  # e.g. fit the whitening layer (deterministic)
+    optimizer = recipe.make_optimizer(model, cfg)
     strategy.wrap(model, optimizer)
     # After wrap: a pipeline stage holds only its own layers.
     check_memory_budget(model, optimizer, cfg.parallel.max_memory_per_device, strategy.rank)
@@ -150,7 +170,7 @@ def train(cfg: Config) -> TrainResult:
             after = f" (restart {restarts} after a worker failure)" if restarts else ""
             print(f"resumed {run_dir} at step {step}{after}", flush=True)
 
-    decay_steps = decay_steps_for(len(train_split), cfg.data.batch_size, cfg.optim.epochs_per_decay)
+    lr_at = recipe.make_schedule(cfg, len(train_split))
     summaries = Summaries(run_dir) if strategy.is_rank0 else None
     show_bar = strategy.is_rank0 and (cfg.run.progress == "on" or (cfg.run.progress == "auto" and sys.stderr.isatty()))
     bar = tqdm(total=cfg.run.steps, initial=step, disable=not show_bar, unit="step", dynamic_ncols=True)
@@ -173,7 +193,7 @@ def train(cfg: Config) -> TrainResult:
         write_status(run_dir, "running", step)
     batches = TrainBatches(train_split, global_batch_size=cfg.data.batch_size, rank=strategy.rank,
                            world_size=strategy.world_size, seed=cfg.run.seed, start_step=step,
-                           prefetch=cfg.data.prefetch, device=device)
+                           prefetch=cfg.data.prefetch, device=device, augment=recipe.augment)
     start_time = window_start = time.perf_counter()
     start_step, window_steps, window_examples, data_wait_s, comm_s = step, 0, 0, 0.0, 0.0
     window_extra: dict[str, list[float]] = {}  # StepMetrics.extra: key -> values this window
@@ -185,9 +205,9 @@ def train(cfg: Config) -> TrainResult:
             wait_start = time.perf_counter()
             batch = next(batch_iter)
             data_wait_s += time.perf_counter() - wait_start
-            lr = staircase_lr(step, cfg.optim.lr, decay_steps, cfg.optim.lr_decay_factor)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = lr_at(step)
+            for group in optimizer.param_groups:  # a recipe may scale a group's lr (fast: BN shifts)
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             summarize = summaries is not None and cfg.run.summary_every and step % cfg.run.summary_every == 0
             with capture_activations(model) if summarize else contextlib.nullcontext({}) as activations:
                 metrics = strategy.step(batch)
@@ -242,6 +262,8 @@ def train(cfg: Config) -> TrainResult:
                 window_start, window_steps, window_examples, data_wait_s, comm_s = time.perf_counter(), 0, 0, 0.0, 0.0
                 window_extra = {}
             bar.update(1)
+            if on_step is not None and on_step(step, model, ema):
+                break
             if step % cfg.run.checkpoint_every == 0 and step < cfg.run.steps:
                 save_checkpoint()
         save_checkpoint()

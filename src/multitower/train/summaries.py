@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 # The tutorial summarises these layers' outputs (_activation_summary).
-ACTIVATION_LAYERS = ("conv1", "conv2", "local3", "local4", "softmax_linear")
+ACTIVATION_LAYERS = ("conv1", "conv2", "local3", "local4", "softmax_linear",
+                     "block1", "block2", "block3", "head")  # the last four: airbench (fast recipe)
 IMAGES_SHOWN = 3  # tf.summary.image's default max_outputs
 
 

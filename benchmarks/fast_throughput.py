@@ -1,0 +1,104 @@
+"""Training throughput of the fast recipe (airbench) at several widths: the whole step as the
+loop runs it (batch from the loader with flip + translate, forward, label-smoothed loss,
+backward, Nesterov SGD, moving average of weights and BN statistics), images/sec.
+
+    python benchmarks/fast_throughput.py --widths 64,256,256 32,128,128 --batch-size 512 --threads 2
+
+Used to choose the fast recipe's default widths for this CPU (train/recipe.py FAST_CPU_WIDTHS):
+~10 epochs of 45,000 images in ~60 minutes needs >= 125 images/sec. Writes JSON
+(bench-results/fast_throughput.json). Each width: 1 warm-up step, then the median of --reps
+timed repetitions of --steps steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from multitower.bench.measure import environment, median_rate, write_json
+from multitower.config import Config, DataConfig, ModelConfig, OptimConfig
+from multitower.data.loader import TrainBatches
+from multitower.data.records import open_dataset
+from multitower.data.sources import make_synthetic
+from multitower.models import model_from_config
+from multitower.train.ema import ExponentialMovingAverage
+from multitower.train.recipe import get_recipe
+
+
+def data_dir(requested: str) -> tuple[Path, bool]:
+    if requested:
+        return Path(requested), open_dataset(requested).generated
+    if (Path("data/cifar10") / "multitower.json").exists():
+        return Path("data/cifar10"), False
+    synth = Path("data/synthetic")
+    if not (synth / "multitower.json").exists():
+        make_synthetic(synth)
+    return synth, True
+
+
+def measure(widths: list[int], batch_size: int, steps: int, reps: int, split) -> dict:
+    recipe = get_recipe("fast")
+    cfg = Config(data=DataConfig(batch_size=batch_size), model=ModelConfig(name="airbench", widths=widths),
+                 optim=OptimConfig(recipe="fast", lr=recipe.default_lr(batch_size), ema_decay=0.99))
+    torch.manual_seed(0)
+    model = model_from_config(cfg.model)
+    recipe.prepare_model(model, split, recipe)
+    optimizer = recipe.make_optimizer(model, cfg)
+    loss_fn = recipe.make_loss(cfg)
+    ema = ExponentialMovingAverage(model, cfg.optim.ema_decay)
+    batches = iter(TrainBatches(split, global_batch_size=batch_size, seed=0, prefetch=0, augment=recipe.augment))
+    step = [0]
+
+    def run_once() -> int:
+        for _ in range(steps):
+            batch = next(batches)
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = loss_fn(model, model(batch.images), batch.labels)
+            loss.backward()
+            optimizer.step()
+            step[0] += 1
+            ema.update(model, step[0])
+        return steps * batch_size
+
+    rate = median_rate(run_once, repetitions=reps, warmup=1)
+    params = sum(p.numel() for p in model.parameters())
+    minutes = 10 * 45000 / rate["median"] / 60
+    print(f"widths {','.join(map(str, widths)):>12}  batch {batch_size}: {rate['median']:7.1f} images/sec "
+          f"(reps {', '.join(f'{r:.0f}' for r in rate['all'])}); {params:,} parameters; "
+          f"10 epochs of 45,000 images: {minutes:.0f} min", flush=True)
+    return {"widths": widths, "batch_size": batch_size, "images_per_sec": rate, "parameters": params,
+            "minutes_for_10_epochs_of_45000": minutes}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--widths", nargs="+", default=["64,256,256", "32,128,128"],
+                   help="width triples to measure (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=512, help="global batch (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=2, help="steps per timed repetition (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions (default: %(default)s)")
+    p.add_argument("--data", default="", help="data set (default: data/cifar10, else generated)")
+    p.add_argument("--out", default="bench-results/fast_throughput.json", help="JSON output (default: %(default)s)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    root, generated = data_dir(a.data)
+    split = open_dataset(root).split("train")
+    print(f"data: {'GENERATED data' if generated else 'CIFAR-10'} from {root}; {a.threads} threads; "
+          f"load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores "
+          f"(other processes running slow every figure down)", flush=True)
+    results = [measure([int(w) for w in widths.split(",")], a.batch_size, a.steps, a.reps, split)
+               for widths in a.widths]
+    path = write_json(a.out, {"benchmark": "fast_throughput", "threads": a.threads, "data": str(root),
+                              "load_average_1min_after": os.getloadavg()[0],
+                              "generated_data": generated, "results": results, "environment": environment()})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Training recipes as data: which model, input pipeline, loss, optimizer and learning-rate
+schedule a run uses, and how evaluation turns images into logits.
+
+  tutorial  TensorFlow's CIFAR-10 tutorial (the default): cifar10-tf on 24x24 crops with the
+            TF distortions, cross-entropy + L2 on local3/local4, plain SGD, staircase decay.
+  fast      airbench (Keller Jordan's airbench94 / hlb-CIFAR10, the fastest published CIFAR-10
+            training): the `airbench` net on full 32x32 images with a frozen patch-whitening
+            first layer fit on the training data, random flip + 2-pixel reflect translation,
+            per-channel normalisation, label smoothing 0.2, Nesterov SGD (momentum 0.85) with
+            weight decay in the optimizer and a 64x learning rate on batch-norm shifts, a linear
+            warm-up then linear decay to 0 over the run, and flip test-time augmentation.
+
+The training loop looks a recipe up by name (cfg.optim.recipe) and calls its functions; it
+never branches on the name. Every recipe works with the strategies single, sync, local-sgd
+and hogwild; `unsupported` names the others with the reason (one-line UserError).
+
+Batch norm under data parallelism (fast recipe): per replica. Each worker normalises with
+the statistics of its own shard of the batch, as airbench's per-batch BN and the usual DDP
+practice (SyncBatchNorm would add an all-reduce per BN layer per step, and torch 2.13 has
+no SyncBatchNorm on CPU/gloo). Running statistics: with sync, DDP broadcasts rank 0's
+buffers before each forward; with local-sgd and hogwild each worker keeps its own, and
+checkpoints hold rank 0's. The moving average (train/ema.py) averages the running
+statistics along with the weights, so eval sees a matching pair.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from multitower.data.augment import TutorialDistortions
+from multitower.data.fast_augment import FlipTranslate
+from multitower.errors import UserError
+from multitower.models.cifar10_tf import tower_loss
+from multitower.train.schedule import decay_steps_for, staircase_lr
+
+# loss_fn(model, logits, labels) -> (total loss, cross-entropy), as parallel.base.LossFn.
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    models: tuple[str, ...]
+    """Models the recipe trains (the first is its default): the input pipeline fixes the image size."""
+    augment: Any
+    """Input pipeline: sample(n, generator) -> draws (sliceable per rank), apply(uint8 images,
+    draws) -> float training images, eval_transform(uint8 images) -> float eval images."""
+    make_loss: Callable[[Any], LossFn]
+    """cfg -> loss_fn(model, logits, labels) -> (total, cross_entropy)."""
+    make_optimizer: Callable[[nn.Module, Any], torch.optim.Optimizer]
+    """(model, cfg) -> optimizer. A param group's "lr_scale" (default 1) multiplies the schedule's lr."""
+    make_schedule: Callable[[Any, int], Callable[[int], float]]
+    """(cfg, training examples) -> lr_at(step): the learning rate of the update made at `step` (0-based)."""
+    prepare_model: Callable[[nn.Module, Any, Any], None]
+    """(model, training split, recipe) -> None: data-dependent initialisation before training
+    (the fast recipe's whitening); must be deterministic, every rank calls it."""
+    eval_logits: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    """(model in eval mode, eval images) -> logits; the fast recipe averages over a mirror image."""
+    default_lr: Callable[[int], float]
+    """Global batch size -> the --lr the recipe uses unless told otherwise."""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """CLI presets for flags not given: model, widths, batch_size, ema_decay, steps or epochs."""
+    unsupported: dict[str, str] = field(default_factory=dict)
+    """Strategy -> why this recipe cannot run under it."""
+
+
+# --- tutorial ---------------------------------------------------------------------------
+
+def _tutorial_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
+
+
+def _tutorial_schedule(cfg, train_examples: int) -> Callable[[int], float]:
+    decay_steps = decay_steps_for(train_examples, cfg.data.batch_size, cfg.optim.epochs_per_decay)
+    return lambda step: staircase_lr(step, cfg.optim.lr, decay_steps, cfg.optim.lr_decay_factor)
+
+
+def plain_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return model(images)
+
+
+TUTORIAL = Recipe(
+    name="tutorial", models=("cifar10-tf",), augment=TutorialDistortions(),
+    make_loss=lambda cfg: tower_loss, make_optimizer=_tutorial_optimizer, make_schedule=_tutorial_schedule,
+    prepare_model=lambda model, split, recipe: None, eval_logits=plain_logits,
+    default_lr=lambda batch_size: 0.1,
+    defaults={"model": "cifar10-tf", "batch_size": 128, "ema_decay": 0.9999, "steps": 2000},
+)
+
+
+# --- fast (airbench) ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FastHyper:
+    """airbench94's hyperparameters, restated for a mean (not summed) loss over the batch.
+
+    airbench94 sums the loss over a batch of B and gives torch's SGD lr = 11.5 / S and
+    weight_decay = (0.0153 B / S) / lr, with S = 1024 (1 + 1 / (1 - momentum)). With a mean
+    loss the same updates are lr = 11.5 B / S (= 1.5 x B / 1024 at momentum 0.85, so the lr
+    scales linearly with the batch) and weight_decay = 0.0153 / 11.5 (independent of B).
+    Batch-norm shifts train at 64x the lr with weight decay / 64, so that every parameter
+    shrinks by the same lr x wd per step (airbench's bias_scaler).
+    """
+
+    momentum: float = 0.85
+    lr_per_1024: float = 11.5 / (1 + 1 / (1 - 0.85))  # peak lr at batch 1024 (1.5)
+    weight_decay: float = 0.0153 / 11.5  # ~1.33e-3, in the optimizer, not the loss
+    bias_lr_scale: float = 64.0
+    label_smoothing: float = 0.2
+    warmup_fraction: float = 0.2  # of the run's steps; airbench: 23%
+    warmup_start: float = 0.2  # warm-up starts at this fraction of the peak lr, as airbench
+    whitening_images: int = 5000  # training images the whitening layer is fit on (airbench: 5000)
+
+
+FAST = FastHyper()
+
+# Default widths of the fast recipe's airbench net on this project's 2-core CPU, chosen by
+# the measured training throughput (full step at batch 512, 2 threads; see the fast-recipe
+# section of README.md): airbench94's 64/256/256 does ~60 images/s here, 32/128/128 ~120-150,
+# so ~10 epochs of 45,000 images within ~60 minutes (>= 125 images/s) needs the narrower
+# net. On a GPU pass --widths 64,256,256 (airbench94's own).
+FAST_CPU_WIDTHS = [32, 128, 128]
+
+
+def label_smoothing_loss(smoothing: float) -> LossFn:
+    """loss = (1 - s) * CE(logits, y) + s * mean_k(-log softmax(logits)_k); the plain
+    cross-entropy is returned alongside for the logs (no gradient)."""
+    def loss_fn(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor):
+        logits, labels = logits.float(), labels.long()
+        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        with torch.no_grad():
+            cross_entropy = F.cross_entropy(logits, labels)
+        return loss, cross_entropy
+    return loss_fn
+
+
+def _batch_norm_shifts(model: nn.Module) -> list[nn.Parameter]:
+    return [m.bias for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None and m.bias.requires_grad]
+
+
+def _fast_optimizer(model: nn.Module, cfg, hyper: FastHyper = FAST) -> torch.optim.Optimizer:
+    shifts = _batch_norm_shifts(model)
+    shift_ids = {id(p) for p in shifts}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in shift_ids]
+    groups = [{"params": others, "lr_scale": 1.0, "weight_decay": hyper.weight_decay},
+              {"params": shifts, "lr_scale": hyper.bias_lr_scale,
+               "weight_decay": hyper.weight_decay / hyper.bias_lr_scale}]
+    return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=hyper.momentum, nesterov=True)
+
+
+def warmup_linear_decay(step: int, peak: float, total_steps: int, warmup_steps: int,
+                        start_factor: float = 0.0) -> float:
+    """Linear from start_factor x peak at step 0 to peak at warmup_steps, then linear to 0 at
+    total_steps (the update at the last step, total_steps - 1, is peak / (total - warmup))."""
+    if step < warmup_steps:
+        return peak * (start_factor + (1.0 - start_factor) * step / warmup_steps)
+    return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def _fast_schedule(cfg, train_examples: int, hyper: FastHyper = FAST) -> Callable[[int], float]:
+    total = cfg.run.steps
+    warmup = min(max(1, round(hyper.warmup_fraction * total)), max(total - 1, 0))
+    return lambda step: warmup_linear_decay(step, cfg.optim.lr, total, warmup, hyper.warmup_start)
+
+
+@torch.no_grad()
+def fit_whitening(model: nn.Module, split, recipe: Recipe, images: int = FAST.whitening_images) -> None:
+    """Fit the model's whitening layer on the first `images` training images, normalised as
+    the training input is (not augmented): deterministic, so every rank fits the same."""
+    count = min(images, len(split))
+    raw, _ = split.gather(torch.arange(count).numpy())
+    model.fit_whitening(recipe.augment.eval_transform(raw).to(next(model.buffers()).device))
+
+
+def flip_tta_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation: the mean of the logits of each image and of its mirror image."""
+    return 0.5 * (model(images) + model(images.flip(-1)))
+
+
+FAST_RECIPE = Recipe(
+    name="fast", models=("airbench",), augment=FlipTranslate(pad=2),
+    make_loss=lambda cfg: label_smoothing_loss(FAST.label_smoothing),
+    make_optimizer=_fast_optimizer, make_schedule=_fast_schedule,
+    prepare_model=fit_whitening, eval_logits=flip_tta_logits,
+    default_lr=lambda batch_size: FAST.lr_per_1024 * batch_size / 1024,
+    defaults={"model": "airbench", "widths": FAST_CPU_WIDTHS, "batch_size": 512, "ema_decay": 0.99,
+              "epochs": 10.0},
+    unsupported={
+        "downpour": "its parameter servers apply plain SGD/Adagrad to the parameters alone: no Nesterov "
+                    "momentum, per-group learning rates or batch-norm statistics; use sync, local-sgd or hogwild",
+        "pipeline": "its batch norm and whitening layers are not cut into pipeline stages; "
+                    "use sync, local-sgd or hogwild",
+    },
+)
+
+RECIPES: dict[str, Recipe] = {"tutorial": TUTORIAL, "fast": FAST_RECIPE}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise UserError(f"unknown --recipe {name!r}; known: {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def check_recipe(cfg) -> None:
+    """One-line UserError for a combination the recipe cannot run (called by Config.validate)."""
+    recipe = get_recipe(cfg.optim.recipe)
+    from multitower.models import MODELS
+    if cfg.model.name in MODELS and cfg.model.name not in recipe.models:
+        owner = next((r.name for r in RECIPES.values() if cfg.model.name in r.models), None)
+        hint = f"; it belongs to --recipe {owner}" if owner else ""
+        raise UserError(f"--recipe {recipe.name} trains --model {' or '.join(recipe.models)}, "
+                        f"not {cfg.model.name}{hint}")
+    if cfg.parallel.strategy in recipe.unsupported:
+        raise UserError(f"--recipe {recipe.name} cannot run with --strategy {cfg.parallel.strategy}: "
+                        f"{recipe.unsupported[cfg.parallel.strategy]}")
+    if cfg.model.widths and cfg.model.name != "airbench":
+        raise UserError(f"--widths applies to the airbench model (--recipe fast), not {cfg.model.name}")
+    if cfg.model.widths:
+        from multitower.models.airbench import parse_widths
+        parse_widths(cfg.model.widths)
+
+
+def steps_for_epochs(epochs: float, train_examples: int, batch_size: int) -> int:
+    """ceil(epochs x steps per epoch); the loader drops each epoch's last partial batch."""
+    return max(1, math.ceil(epochs * max(1, train_examples // batch_size) - 1e-9))

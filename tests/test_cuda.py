@@ -1,0 +1,98 @@
+"""The CUDA paths: the same code as on CPU, on a GPU. Skipped without one (this repo's
+CI machine has none); benchmarks/gpu_check.sh runs them on a GPU machine.
+
+Control: the CPU step of the same network, same weights, same batch (TF32 off so
+fp32 matmuls and convs are fp32 on both)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from multitower.config import ParallelConfig
+from multitower.data.loader import Batch, TrainBatches
+from multitower.data.records import open_dataset
+from multitower.models import build_model
+from multitower.models.cifar10_tf import tower_loss
+from multitower.parallel.single import Single
+from multitower.parallel.sync import Sync
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def one_step(device: str, precision="fp32", channels_last=False):
+    torch.manual_seed(0)
+    model = build_model("cifar10-tf").to(device)
+    strategy = Single(ParallelConfig(precision=precision, channels_last=channels_last), torch.device(device),
+                      tower_loss)
+    strategy.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    torch.manual_seed(1)
+    images, labels = torch.randn(64, 3, 24, 24), torch.randint(0, 10, (64,))
+    metrics = strategy.step(Batch(images=images.to(device), labels=labels.to(device), step=0, epoch=0))
+    return float(metrics.loss), {n: p.detach().cpu() for n, p in model.named_parameters()}
+
+
+def test_cuda_step_equals_the_cpu_step():
+    cpu_loss, cpu_params = one_step("cpu")
+    gpu_loss, gpu_params = one_step("cuda")
+    assert gpu_loss == pytest.approx(cpu_loss, rel=1e-5)
+    for name, p in cpu_params.items():
+        torch.testing.assert_close(gpu_params[name], p, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision,channels_last", [("fp32", True), ("bf16", False), ("bf16", True)])
+def test_fast_path_on_cuda_follows_fp32(precision, channels_last):
+    ref_loss, ref = one_step("cuda")
+    loss, params = one_step("cuda", precision, channels_last)
+    assert loss == pytest.approx(ref_loss, rel=2e-2 if precision == "bf16" else 1e-5)
+    for name, p in ref.items():
+        delta, ref_delta = params[name], p
+        assert ((delta - ref_delta).norm() / ref_delta.norm()) < (2e-2 if precision == "bf16" else 1e-5), name
+
+
+def test_loader_delivers_pinned_copies_on_the_gpu(synth_dir):
+    split = open_dataset(synth_dir).split("train")
+    with TrainBatches(split, global_batch_size=32, seed=0, device=torch.device("cuda")) as batches:
+        batch = next(iter(batches))
+    assert batch.images.is_cuda and batch.labels.is_cuda and batch.images.shape == (32, 3, 24, 24)
+
+
+def _nccl_worker(rank, store_path):
+    dist.init_process_group("nccl", store=dist.FileStore(store_path, 1), rank=0, world_size=1)
+    strategy = Sync(ParallelConfig(), torch.device("cuda", 0), tower_loss)
+    model = build_model("cifar10-tf").cuda()
+    strategy.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    images, labels = torch.randn(16, 3, 24, 24, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
+    metrics = strategy.step(Batch(images=images, labels=labels, step=0, epoch=0))
+    assert torch.isfinite(metrics.loss) and metrics.extra["comm_bytes"] > 0
+    strategy.close()
+
+
+def test_sync_runs_on_nccl(tmp_path):
+    # One process: NCCL refuses two ranks on one GPU, and a lent machine has one.
+    mp.spawn(_nccl_worker, args=(str(tmp_path / "store"),), nprocs=1, join=True)
+
+
+def test_train_and_eval_on_cuda_through_the_cli(synth_dir, tmp_path):
+    run = str(tmp_path / "run")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    train = subprocess.run([sys.executable, "-m", "multitower", "train", "--data", str(synth_dir), "--run-dir", run,
+                            "--device", "cuda", "--steps", "60", "--batch-size", "64", "--precision", "bf16",
+                            "--channels-last", "--summary-every", "0"], capture_output=True, text=True, env=env)
+    assert train.returncode == 0, train.stderr
+    evaluated = subprocess.run([sys.executable, "-m", "multitower", "eval", run, "--once", "--device", "cuda"],
+                               capture_output=True, text=True, env=env)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "precision @ 1" in evaluated.stdout
