@@ -158,3 +158,58 @@ def test_malformed_arguments_are_one_line(capsys, argv):
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2
     assert len(err) == 1 and err[0].startswith("multitower: error:"), err
+
+
+def _listening_addresses(pids: list[int]) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) of the listening TCP sockets
+    that processes `pids` hold."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            pass  # the process ended meanwhile
+    addresses = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                addresses.append(fields[1].split(":")[0])
+    return addresses
+
+
+def _process_tree(root: int) -> list[int]:
+    pids, queue = [], [root]
+    while queue:
+        pid = queue.pop()
+        pids.append(pid)
+        for task in os.listdir(f"/proc/{pid}/task") if os.path.exists(f"/proc/{pid}/task") else []:
+            try:
+                queue += [int(c) for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc")
+def test_every_listening_socket_of_a_job_is_on_loopback(synth_dir, tmp_path):
+    """The launcher's rendezvous store, the workers' store and gloo's pairs all listen on
+    127.0.0.1 (TCPStore alone would bind every interface)."""
+    job = subprocess.Popen([sys.executable, "-m", "multitower", "train", "--data", str(synth_dir), "--workers", "2",
+                            "--steps", "2000", *ARGS, "--run-dir", str(tmp_path / "run")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        seen: list[str] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and len(seen) < 4:  # 2 stores + each worker's gloo listener
+            time.sleep(0.5)
+            seen = _listening_addresses(_process_tree(job.pid))
+        assert len(seen) >= 4, f"the job's listening sockets did not all appear: {seen}"
+        loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1 in /proc's byte order
+        assert set(seen) <= loopback, f"a socket listens beyond loopback: {seen}"
+    finally:
+        job.kill()
+        job.wait()
