@@ -1,6 +1,7 @@
 """Training throughput of the fast recipe (airbench) at several widths: the whole step as the
-loop runs it (batch from the loader with flip + translate, forward, label-smoothed loss,
-backward, Nesterov SGD, moving average of weights and BN statistics), images/sec.
+loop runs it (batch from the loader with flip + translate, the Single strategy's forward,
+label-smoothed loss, backward and Nesterov SGD, moving average of weights and BN
+statistics), images/sec, in channels_last and NCHW memory order (--layouts).
 
     python benchmarks/fast_throughput.py --widths 64,256,256 32,128,128 --batch-size 512 --threads 2
 
@@ -20,11 +21,12 @@ from pathlib import Path
 import torch
 
 from multitower.bench.measure import environment, median_rate, write_json
-from multitower.config import Config, DataConfig, ModelConfig, OptimConfig
+from multitower.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig
 from multitower.data.loader import TrainBatches
 from multitower.data.records import open_dataset
 from multitower.data.sources import make_synthetic
 from multitower.models import model_from_config
+from multitower.parallel.single import Single
 from multitower.train.ema import ExponentialMovingAverage
 from multitower.train.recipe import get_recipe
 
@@ -40,7 +42,7 @@ def data_dir(requested: str) -> tuple[Path, bool]:
     return synth, True
 
 
-def measure(widths: list[int], batch_size: int, steps: int, reps: int, split) -> dict:
+def measure(widths: list[int], batch_size: int, steps: int, reps: int, split, channels_last: bool) -> dict:
     recipe = get_recipe("fast")
     cfg = Config(data=DataConfig(batch_size=batch_size), model=ModelConfig(name="airbench", widths=widths),
                  optim=OptimConfig(recipe="fast", lr=recipe.default_lr(batch_size), ema_decay=0.99))
@@ -48,18 +50,15 @@ def measure(widths: list[int], batch_size: int, steps: int, reps: int, split) ->
     model = model_from_config(cfg.model)
     recipe.prepare_model(model, split, recipe)
     optimizer = recipe.make_optimizer(model, cfg)
-    loss_fn = recipe.make_loss(cfg)
+    strategy = Single(ParallelConfig(channels_last=channels_last), torch.device("cpu"), recipe.make_loss(cfg))
+    strategy.wrap(model, optimizer)
     ema = ExponentialMovingAverage(model, cfg.optim.ema_decay)
     batches = iter(TrainBatches(split, global_batch_size=batch_size, seed=0, prefetch=0, augment=recipe.augment))
     step = [0]
 
     def run_once() -> int:
         for _ in range(steps):
-            batch = next(batches)
-            optimizer.zero_grad(set_to_none=True)
-            loss, _ = loss_fn(model, model(batch.images), batch.labels)
-            loss.backward()
-            optimizer.step()
+            strategy.step(next(batches)).loss.item()  # the loop's NaN check syncs too
             step[0] += 1
             ema.update(model, step[0])
         return steps * batch_size
@@ -67,10 +66,11 @@ def measure(widths: list[int], batch_size: int, steps: int, reps: int, split) ->
     rate = median_rate(run_once, repetitions=reps, warmup=1)
     params = sum(p.numel() for p in model.parameters())
     minutes = 10 * 45000 / rate["median"] / 60
-    print(f"widths {','.join(map(str, widths)):>12}  batch {batch_size}: {rate['median']:7.1f} images/sec "
+    layout = "channels_last" if channels_last else "NCHW"
+    print(f"widths {','.join(map(str, widths)):>12} {layout:>13}  batch {batch_size}: {rate['median']:7.1f} images/sec "
           f"(reps {', '.join(f'{r:.0f}' for r in rate['all'])}); {params:,} parameters; "
           f"10 epochs of 45,000 images: {minutes:.0f} min", flush=True)
-    return {"widths": widths, "batch_size": batch_size, "images_per_sec": rate, "parameters": params,
+    return {"widths": widths, "layout": layout, "batch_size": batch_size, "images_per_sec": rate, "parameters": params,
             "minutes_for_10_epochs_of_45000": minutes}
 
 
@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--widths", nargs="+", default=["64,256,256", "32,128,128"],
                    help="width triples to measure (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=512, help="global batch (default: %(default)s)")
+    p.add_argument("--layouts", nargs="+", default=["channels_last", "nchw"], choices=["channels_last", "nchw"],
+                   help="memory formats to measure each width in (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: %(default)s)")
     p.add_argument("--steps", type=int, default=2, help="steps per timed repetition (default: %(default)s)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (default: %(default)s)")
@@ -91,8 +93,9 @@ def main(argv=None) -> int:
     print(f"data: {'GENERATED data' if generated else 'CIFAR-10'} from {root}; {a.threads} threads; "
           f"load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores "
           f"(other processes running slow every figure down)", flush=True)
-    results = [measure([int(w) for w in widths.split(",")], a.batch_size, a.steps, a.reps, split)
-               for widths in a.widths]
+    results = [measure([int(w) for w in widths.split(",")], a.batch_size, a.steps, a.reps, split,
+                       layout == "channels_last")
+               for widths in a.widths for layout in a.layouts]
     path = write_json(a.out, {"benchmark": "fast_throughput", "threads": a.threads, "data": str(root),
                               "load_average_1min_after": os.getloadavg()[0],
                               "generated_data": generated, "results": results, "environment": environment()})

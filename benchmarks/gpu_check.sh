@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: a few minutes on one CUDA GPU.
 #   1. the tests that need CUDA (tests/test_cuda.py: CUDA step = CPU step, bf16 AMP and
-#      channels_last against fp32, pinned-memory loader, sync on NCCL, train + eval CLI);
-#   2. the train-step benchmark on CUDA for cifar10-tf (fp32, channels_last, bf16, both);
+#      fp16 and channels_last against fp32, pinned-memory loader, sync on NCCL, train + eval CLI);
+#   2. the train-step benchmark on CUDA for cifar10-tf (fp32, channels_last, bf16, both,
+#      fp16 with loss scaling);
 #   3. the fast recipe's time to 93% with airbench94's widths, bf16 AMP and channels_last
 #      (data/cifar10 when present, else GENERATED data, which says nothing about CIFAR-10
 #      accuracy); its log shows images/sec.
@@ -24,7 +25,7 @@ echo "== 1. CUDA tests"
 
 echo "== 2. train step, cifar10-tf, batch 128"
 "$PY" benchmarks/train_step.py --device cuda --steps 50 --reps 5 \
-    --candidates default,fp32-cl,bf16,bf16-cl --out "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.txt"
+    --candidates default,fp32-cl,bf16,bf16-cl,fp16-cl --out "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.txt"
 
 echo "== 3. fast recipe: time to 93% (at most ${TTA_MINUTES:-4} minutes of training)"
 DATA=data/cifar10

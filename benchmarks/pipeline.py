@@ -119,7 +119,9 @@ def main() -> None:
         split = open_dataset(data_dir).split("train")
         for rep in range(args.reps):
             torch.set_num_threads(cores)
-            samples["single"].append(timed_steps(Single(ParallelConfig(), torch.device("cpu"), tower_loss), 0,
+            # NCHW, as the pipeline's stages (channels_last, Single's CPU default, is measured by train_step.py).
+            single = Single(ParallelConfig(channels_last=False), torch.device("cpu"), tower_loss)
+            samples["single"].append(timed_steps(single, 0,
                                                  split, args.batch_size, args.warmup, args.steps, 0, 1))
             for m in ms:  # S=1: a one-process group in this process
                 dist.init_process_group("gloo", store=dist.FileStore(f"{tmp}/store-{rep}-1-{m}", 1), rank=0,

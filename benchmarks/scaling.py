@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from multitower.bench.measure import environment, write_json
+from multitower.bench.measure import environment, print_table, write_json
 from multitower.config import ParallelConfig
 from multitower.data.loader import TrainBatches
 from multitower.data.records import open_dataset
@@ -129,10 +129,12 @@ def main() -> None:
                          "warmup": args.warmup, "reps": args.reps, "data": "generated"},
               "results": table}
     path = write_json(args.out, result)
-    print(f"\n{'configuration':<40}{'images/sec':>11}{'ratio':>7}{'comm %':>8}{'MB all-reduced/step':>21}")
-    for row in table:
-        print(f"{row['config']:<40}{row['examples_per_sec']:>11.1f}{row['ratio_to_1_worker']:>7.2f}"
-              f"{100 * row['comm_fraction']:>8.1f}{row['allreduce_bytes_per_step'] / 1e6:>21.2f}")
+    print()
+    print_table([("configuration", "config", "<40"), ("images/sec", "examples_per_sec", ">11.1f"),
+                 ("ratio", "ratio_to_1_worker", ">7.2f"), ("comm %", "comm_percent", ">8.1f"),
+                 ("MB all-reduced/step", "allreduce_mb_per_step", ">21.2f")],
+                [{**row, "comm_percent": 100 * row["comm_fraction"],
+                  "allreduce_mb_per_step": row["allreduce_bytes_per_step"] / 1e6} for row in table])
     print(f"wrote {path}")
 
 

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from multitower.bench.measure import environment, write_json
+from multitower.bench.measure import environment, print_table, write_json
 from multitower.data.sources import make_synthetic
 
 # name -> extra `multitower train` flags.
@@ -96,10 +96,11 @@ def main() -> None:
                          "global_batch": args.batch_size, "data": args.data or "generated"},
               "results": rows}
     path = write_json(args.out, result)
-    print(f"\n{'strategy':<18}{'images/sec':>11}{'comm bytes/example':>20}{'comm %':>8}{'precision@1':>13}")
-    for r in rows:
-        print(f"{r['config']:<18}{r['examples_per_sec']:>11.1f}{r['comm_bytes_per_example']:>20,.0f}"
-              f"{100 * r['comm_fraction']:>8.1f}{r['precision_at_1']:>13.4f}")
+    print()
+    print_table([("strategy", "config", "<18"), ("images/sec", "examples_per_sec", ">11.1f"),
+                 ("comm bytes/example", "comm_bytes_per_example", ">20,.0f"), ("comm %", "comm_percent", ">8.1f"),
+                 ("precision@1", "precision_at_1", ">13.4f")],
+                [{**r, "comm_percent": 100 * r["comm_fraction"]} for r in rows])
     print(f"after {args.steps * args.batch_size:,} training examples each; wrote {path}")
 
 

@@ -29,14 +29,14 @@ import time
 import torch
 from torch import nn
 
+from multitower.bench.flops import layer_macs
 from multitower.bench.measure import environment, write_json
 from multitower.config import ParallelConfig
 from multitower.data.loader import TrainBatches
 from multitower.data.records import open_dataset
 from multitower.data.sources import make_synthetic
 from multitower.models import build_model
-from multitower.models.cifar10_tf import Local, tower_loss
-from multitower.models.tf_ops import Conv2dSame
+from multitower.models.cifar10_tf import tower_loss
 from multitower.parallel.single import Single
 from multitower.train.ema import ExponentialMovingAverage
 
@@ -79,25 +79,15 @@ def eager_baseline(batch_size: int, steps: int, device: torch.device):
 
 
 # name -> (precision, channels_last); "default" is ParallelConfig()'s own setting.
-CANDIDATES = {"default": None, "fp32-cl": ("fp32", True), "bf16": ("bf16", False), "bf16-cl": ("bf16", True)}
+# (The default picks channels_last on CPU; fp32-nchw is the layout the baseline uses.)
+CANDIDATES = {"default": None, "fp32-nchw": ("fp32", False), "fp32-cl": ("fp32", True), "bf16": ("bf16", False),
+              "bf16-cl": ("bf16", True), "fp16-cl": ("fp16", True)}
 
 
 def train_flops_per_example(image_size: int = 24) -> int:
     """Forward + backward FLOPs of one example: 3 x 2 x the MACs of the conv and dense
-    layers (pooling, LRN and ReLU are memory-bound and left out)."""
-    model, macs = build_model("cifar10-tf"), []
-
-    def count(module, inputs, output):
-        # Conv: every output element is one dot product over C_in x kh x kw; dense: over in_features.
-        per_output = module.weight[0].numel()
-        macs.append(output[0].numel() * per_output)
-
-    for module in model.modules():
-        if isinstance(module, (Conv2dSame, Local)):
-            module.register_forward_hook(count)
-    with torch.no_grad():
-        model(torch.zeros(1, 3, image_size, image_size))
-    return 3 * 2 * sum(macs)
+    layers (bench.flops.layer_macs; pooling, LRN and ReLU are memory-bound and left out)."""
+    return 3 * 2 * sum(layer_macs(build_model("cifar10-tf"), image_size))
 
 
 def matmul_peak_flops(dtype: torch.dtype, device: torch.device, reps: int = 5) -> float:
@@ -171,7 +161,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="steps per timed repetition")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
-    parser.add_argument("--candidates", default="default,fp32-cl",
+    parser.add_argument("--candidates", default="default,fp32-nchw",
                         help=f"comma-separated fast-path settings, of {', '.join(CANDIDATES)} (default: %(default)s; "
                              "bf16 is ~5x slower on a CPU without oneDNN bf16 kernels)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],

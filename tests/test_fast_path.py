@@ -1,4 +1,4 @@
-"""The fast path (--precision bf16, --channels-last) against the fp32 control.
+"""The fast path (--precision bf16/fp16, --channels-last) against the fp32 control.
 
 Trusted control: the same Single strategy, same initial weights, same batches, in
 plain fp32 NCHW. channels_last is the same arithmetic in another memory order, so
@@ -76,9 +76,48 @@ def test_bf16_logits_and_grads_follow_fp32(batch):
         assert cos > 0.98, (name, cos)
 
 
+def test_fp16_with_loss_scaling_follows_fp32(batch):
+    images, labels = batch
+    logits32, m32, g32 = _one_batch_grads("fp32", False, images, labels)
+    logits16, m16, g16 = _one_batch_grads("fp16", False, images, labels)
+    assert m16.loss.dtype == torch.float32  # the loss in fp32
+    assert _relative_error(logits16, logits32) < 0.01  # fp16 keeps 11 mantissa bits to bf16's 8
+    for name in g32:
+        # The optimizer saw unscaled gradients: the scale (65,536) is divided out again.
+        assert g16[name].dtype == torch.float32, name
+        # Measured: conv1 5.3% relative error (the cancellation-heavy one, as in bf16's 16%),
+        # the others less; the bounds leave ~2x room.
+        assert _relative_error(g16[name], g32[name]) < 0.1, name
+        cos = torch.nn.functional.cosine_similarity(g16[name].flatten(), g32[name].flatten(), dim=0).item()
+        assert cos > 0.995, (name, cos)
+
+
+def test_fp16_skips_an_overflowing_step_and_backs_off_the_scale():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def huge_loss(model, logits, labels):  # finite, but x 65,536 overflows fp16 gradients
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels) * 1e36
+        return loss, loss.detach()
+
+    strategy = Single(ParallelConfig(precision="fp16"), torch.device("cpu"), huge_loss)
+    strategy.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    scale = strategy.fast.scaler.get_scale()
+    strategy.step(Batch(images=torch.randn(8, 4), labels=torch.randint(0, 2, (8,)), step=0, epoch=0))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # the step was skipped
+    assert strategy.fast.scaler.get_scale() == scale / 2
+    state = strategy.state_dict()
+    assert state["grad_scaler"]["scale"] == scale / 2  # checkpoints keep it...
+    fresh = Single(ParallelConfig(precision="fp16"), torch.device("cpu"), huge_loss)
+    fresh.wrap(torch.nn.Linear(4, 2), torch.optim.SGD(model.parameters(), lr=0.1))
+    fresh.load_state_dict(state)
+    assert fresh.fast.scaler.get_scale() == scale / 2  # ...and a resume continues from it
+
+
 def test_fast_path_rejects_unknown_precision():
     with pytest.raises(UserError, match="precision"):
-        FastPath("fp16", False, torch.device("cpu"))
+        FastPath("fp8", False, torch.device("cpu"))
     cfg = Config(parallel=ParallelConfig(precision="fp8"))
     with pytest.raises(UserError, match="--precision"):
         cfg.validate()
@@ -96,22 +135,27 @@ def _curve(data_dir, precision: str, channels_last: bool, steps: int, batch_size
         return [strategy.step(next(iterator)).cross_entropy.item() for _ in range(steps)]
 
 
-# Tolerance on the mean cross-entropy of the last 25 steps: the fp32 curve's own
-# step-to-step spread over that window is ~0.1 nats at batch 32 (printed on failure);
-# a bf16 run that has drifted off the fp32 trajectory shows up as a gap larger than
-# that. 0.1 nats is 4% of the initial ln(10) = 2.30.
+# Tolerance on the mean of the paired differences fast - fp32 over the last 50 steps.
+# Both runs see the same batches, so pairing cancels how hard each batch is (the fp32
+# curve's own spread over that window is ~0.2-0.4 nats, which made an unpaired
+# comparison of window means flaky; channels_last's paired gap measured 0.04 nats). Rounding differences grow into somewhat
+# different trajectories even for channels_last (same arithmetic, other summation
+# order), hence a tolerance rather than equality; a run that has drifted off the fp32
+# trajectory (or diverged) shows a gap beyond it. 0.1 nats is 4% of ln(10) = 2.30.
 CURVE_TOLERANCE = 0.1
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # bf16 runs ~5x slower than fp32 on a CPU without bf16 kernels (AVX2)
 @pytest.mark.parametrize("precision,channels_last", [("bf16", False), ("fp32", True)])
 def test_loss_curve_follows_fp32(synth_dir, precision, channels_last):
-    steps, batch_size, tail = 150, 32, 25
+    steps, batch_size, tail = 150, 128, 50  # the tutorial's batch: less gradient noise than 32
     control = _curve(synth_dir, "fp32", False, steps, batch_size)
     fast = _curve(synth_dir, precision, channels_last, steps, batch_size)
     c, f = statistics.fmean(control[-tail:]), statistics.fmean(fast[-tail:])
-    spread = statistics.pstdev(control[-tail:])
+    gaps = [a - b for a, b in zip(fast[-tail:], control[-tail:])]
+    gap = statistics.fmean(gaps)
     assert c < control[0] - 0.3, f"the fp32 control did not learn: {control[0]:.3f} -> {c:.3f}"
-    assert abs(f - c) < CURVE_TOLERANCE, (
-        f"{precision}/channels_last={channels_last}: last-{tail} mean CE {f:.4f} vs fp32 {c:.4f} "
-        f"(fp32 spread {spread:.4f})")
+    assert abs(gap) < CURVE_TOLERANCE, (
+        f"{precision}/channels_last={channels_last}: last-{tail} mean CE {f:.4f} vs fp32 {c:.4f}, paired gap "
+        f"{gap:.4f} (spread of the gaps {statistics.pstdev(gaps):.4f}, of fp32 {statistics.pstdev(control[-tail:]):.4f})")

@@ -25,7 +25,13 @@ from multitower.parallel.single import Single
 GLOBAL_BATCH = 32
 # (sync_every K, warm-up W, steps): averages after steps W+K, W+2K, ...
 SCENARIOS = {"k2-w2": (2, 2, 6), "k1": (1, 0, 3)}
+CHANNELS_LAST = "k1-channels-last"  # "k1" again with --channels-last: the fast path applies here too
 CHECKPOINT_AFTER = 5  # in "k2-w2": a step between averages, where replicas differ
+
+
+def flat(model) -> torch.Tensor:
+    """All parameters as one vector in NCHW order, whatever their memory format."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def run_steps(strategy, data_dir, rank, world_size, steps, checkpoint_after=None):
@@ -36,27 +42,30 @@ def run_steps(strategy, data_dir, rank, world_size, steps, checkpoint_after=None
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     strategy.wrap(model, optimizer)
     split = open_dataset(data_dir).split("train")
-    out = {"params": [], "comm_s": [], "checkpoint": None, "after_checkpoint": None}
+    out = {"params": [], "comm_s": [], "checkpoint": None, "after_checkpoint": None,
+           "conv_channels_last": model.conv1.weight.is_contiguous(memory_format=torch.channels_last)}
     with TrainBatches(split, global_batch_size=GLOBAL_BATCH, rank=rank, world_size=world_size, seed=0) as batches:
         for step, batch in zip(range(1, steps + 1), batches):
             metrics = strategy.step(batch)
-            out["params"].append(parameters_to_vector(model.parameters()).detach().clone())
+            out["params"].append(flat(model))
             out["comm_s"].append(metrics.comm_s)
             if step == checkpoint_after:
                 state = strategy.state_dict()  # a collective: both ranks call it here
                 out["checkpoint"] = torch.cat([state["model"][n].reshape(-1) for n, _ in model.named_parameters()])
-                out["after_checkpoint"] = parameters_to_vector(model.parameters()).detach().clone()
+                out["after_checkpoint"] = flat(model)
     out["params"] = torch.stack(out["params"])
+    out["conv_channels_last_at_end"] = model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     return out
 
 
 def spawned_worker(rank, world_size, tmp_dir, data_dir):
     torch.set_num_threads(1)
     results = {}
-    for name, (every, warmup, steps) in SCENARIOS.items():  # one process pair, two process groups
+    for name, (every, warmup, steps) in {**SCENARIOS, CHANNELS_LAST: SCENARIOS["k1"]}.items():  # one group each
         store = dist.FileStore(os.path.join(tmp_dir, f"store-{name}"), world_size)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
-        strategy = LocalSGD(ParallelConfig(sync_every=every, local_sgd_warmup=warmup), torch.device("cpu"), tower_loss)
+        cfg = ParallelConfig(sync_every=every, local_sgd_warmup=warmup, channels_last=name == CHANNELS_LAST)
+        strategy = LocalSGD(cfg, torch.device("cpu"), tower_loss)
         results[name] = run_steps(strategy, data_dir, rank, world_size, steps,
                                   checkpoint_after=CHECKPOINT_AFTER if name == "k2-w2" else None)
         strategy.close()
@@ -74,7 +83,7 @@ def two_workers(tmp_path_factory, synth_dir):
 def single_worker(synth_dir):
     """The trusted control: one worker, the whole global batch, plain SGD."""
     torch.set_num_threads(1)
-    return run_steps(Single(ParallelConfig(), torch.device("cpu"), tower_loss), synth_dir, 0, 1, steps=6)
+    return run_steps(Single(ParallelConfig(channels_last=False), torch.device("cpu"), tower_loss), synth_dir, 0, 1, steps=6)
 
 
 def test_replicas_are_equal_right_after_an_average_and_apart_between(two_workers):
@@ -156,3 +165,16 @@ def test_dry_run(capsys, synth_dir, tmp_path):
                  "--workers", "2", "--sync-every", "8", "--dry-run"])
     assert code == 0 and "strategy local-sgd x 2" in capsys.readouterr().out
     assert not (tmp_path / "run").exists()
+
+
+def test_channels_last_trains_the_same_replicas(two_workers):
+    """--channels-last reaches local SGD's replicas (conv weights in NHWC order) and changes
+    only the summation order: the same weights as NCHW to float32 rounding, and the
+    replicas equal after every average (K=1)."""
+    for rank in range(2):
+        assert two_workers[rank][CHANNELS_LAST]["conv_channels_last"]
+        assert two_workers[rank][CHANNELS_LAST]["conv_channels_last_at_end"]  # still, after the averages
+        assert not two_workers[rank]["k1"]["conv_channels_last"]
+        assert torch.allclose(two_workers[rank][CHANNELS_LAST]["params"], two_workers[rank]["k1"]["params"],
+                              rtol=1e-4, atol=1e-5)
+    assert torch.equal(two_workers[0][CHANNELS_LAST]["params"], two_workers[1][CHANNELS_LAST]["params"])

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from multitower.models import build_model
 from multitower.models.cifar10_tf import LAYER_NAMES, tower_loss
 from multitower.parallel.memory import SavedTensorPeak, check_memory_budget, training_state_bytes
 from multitower.bench.flops import layer_macs
-from multitower.parallel.pipeline import Pipeline, plan_stages, split_layers
+from multitower.parallel.pipeline import BusyClock, Pipeline, plan_stages, split_layers
 from multitower.parallel.single import Single
 from multitower.train.ema import ExponentialMovingAverage
 
@@ -92,7 +93,7 @@ def single_step(synth_dir):
     torch.manual_seed(0)
     model = build_model("cifar10-tf")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    single = Single(ParallelConfig(), torch.device("cpu"), tower_loss)
+    single = Single(ParallelConfig(channels_last=False), torch.device("cpu"), tower_loss)
     single.wrap(model, optimizer)
     with SavedTensorPeak(model) as saved:  # measured as the pipeline measures each stage
         metrics = single.step(first_batch(synth_dir, 0, 1))
@@ -136,9 +137,38 @@ def test_checkpoint_is_the_full_model_and_each_stage_reloads_its_part(gpipe, sin
 def test_bubble_and_parameter_bytes_are_reported(gpipe):
     extra = gpipe[0]["extra"]
     assert extra["bubble_fraction_theory"] == pytest.approx(1 / 5)  # (S-1)/(M+S-1), S=2, M=4
-    assert 0 <= extra["stage0_idle_fraction"] < 1 and 0 <= extra["stage1_idle_fraction"] < 1
+    idle = [extra["stage0_idle_fraction"], extra["stage1_idle_fraction"]]
+    # Each stage must wait at some point of a GPipe step: stage 1 for stage 0's first
+    # micro-batch forward, stage 0 for stage 1's first gradient. So neither is 0 or 1.
+    assert all(0 < f < 1 for f in idle), idle
+    assert extra["bubble_fraction"] == pytest.approx(sum(idle) / 2)
     total = sum(p.numel() * 4 for p in build_model("cifar10-tf").parameters())
     assert extra["stage0_param_bytes"] + extra["stage1_param_bytes"] == total
+
+
+class _Sleepy(torch.nn.Module):
+    """A linear layer whose forward takes `delay` seconds more than it needs to."""
+
+    def __init__(self, delay: float):
+        super().__init__()
+        self.linear, self.delay = torch.nn.Linear(4, 4), delay
+
+    def forward(self, x):
+        time.sleep(self.delay)
+        return self.linear(x)
+
+
+def test_busy_clock_counts_compute_and_not_the_waits_between():
+    stage = _Sleepy(0.05)
+    clock = BusyClock(stage)
+    x = torch.randn(2, 4)
+    for _ in range(2):  # two micro-batches, with a wait before each backward
+        out = stage(x)
+        time.sleep(0.1)  # waiting for the next stage's gradient: not busy
+        out.sum().backward()
+    busy = clock.take()
+    assert 0.1 <= busy < 0.2, busy  # the two sleeping forwards (+ two tiny backwards)
+    assert clock.take() == 0.0  # take() resets
 
 
 def test_each_stage_peaks_below_one_device(gpipe, single_step):

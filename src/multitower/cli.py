@@ -12,6 +12,7 @@ from pathlib import Path
 
 from multitower.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig
 from multitower.errors import UserError
+from multitower.parallel.precision import PRECISIONS
 
 # The recipes of `train --recipe` (train/recipe.py RECIPES; listed here so --help needs no torch import).
 RECIPE_NAMES = ("tutorial", "fast")
@@ -70,11 +71,13 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="gradient all-reduce compression, sync strategy (default: %(default)s)")
     g.add_argument("--accumulate", type=_whole_number, default=par.accumulate,
                    help="micro-batches per step per worker, one all-reduce (default: %(default)s)")
-    g.add_argument("--precision", default=par.precision, choices=["fp32", "bf16"],
-                   help="forward/backward precision; bf16 = autocast with fp32 weights and loss "
+    g.add_argument("--precision", default=par.precision, choices=PRECISIONS,
+                   help="forward/backward precision; bf16/fp16 = autocast with fp32 weights and loss, "
+                        "fp16 with dynamic loss scaling "
                         "(AMP on CUDA) (default: %(default)s)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=par.channels_last,
-                   help="NHWC memory format for convs and images (default: %(default)s)")
+                   help="NHWC memory format for convs and images (default: on for CPU, and CUDA with "
+                        "bf16, where the strategy applies it: single, sync, local-sgd)")
     g.add_argument("--timeout", type=float, default=par.timeout_s,
                    help="seconds a collective waits for a silent rank before failing (default: %(default)s)")
     g.add_argument("--max-restarts", type=_whole_number, default=par.max_restarts,

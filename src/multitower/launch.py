@@ -105,7 +105,6 @@ def _loopback_c10d_handler(params: RendezvousParameters):
 
 
 LOOPBACK_C10D = "multitower-c10d"
-rendezvous_handler_registry.register(LOOPBACK_C10D, _loopback_c10d_handler)
 
 
 @record  # writes the worker's exception to the error file that the agent reports
@@ -142,6 +141,9 @@ def launch(cfg: Config) -> dict:
     # Every listening socket on loopback: the rendezvous store is created here and
     # reused by the c10d backend (multi-tenant), the workers' store by our handler.
     rendezvous_store = loopback_store_server()
+    # Registered here, not at import: importing multitower changes nothing in torch.
+    # (Registering the same creator again is a no-op.)
+    rendezvous_handler_registry.register(LOOPBACK_C10D, _loopback_c10d_handler)
     launch_config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=cfg.parallel.processes(),
         run_id=f"multitower-{uuid.uuid4().hex[:8]}",

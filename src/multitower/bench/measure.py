@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -60,3 +61,15 @@ def write_json(path: str | Path, result: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def print_table(columns: list[tuple[str, str, str]], rows: list[dict]) -> None:
+    """Print rows as a table: columns are (title, key, format spec) — the spec's width (e.g.
+    ">11.1f") fixes the column's; the title is aligned the same way."""
+    heads = []
+    for title, _, spec in columns:
+        align, width = re.match(r"([<>^]?)(\d+)", spec).groups()
+        heads.append(f"{title:{align or '>'}{width}}")
+    print("".join(heads))
+    for row in rows:
+        print("".join(f"{row[key]:{spec}}" for _, key, spec in columns))

@@ -8,12 +8,15 @@ shard of the global batch. The loop never branches on a strategy's name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from multitower.data.loader import Batch
+from multitower.parallel.precision import FastPath
+from multitower.parallel.process_group import gather_floats, init_process_group
 
 # loss_fn(model, logits, labels) -> (total_loss, cross_entropy); see models.cifar10_tf.tower_loss.
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -31,21 +34,69 @@ class StepMetrics:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-class Strategy(Protocol):
-    rank: int
-    world_size: int
-    device: torch.device
+class Strategy:
+    """The interface, and what most strategies share (a subclass overrides what differs).
 
-    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
-    def step(self, batch: Batch) -> StepMetrics: ...
-    def all_ranks(self, value: float) -> list[float]: ...  # every rank's value; a collective
-    def state_dict(self) -> dict: ...          # called on every rank; same format at any world size; rank 0 writes it
-    def load_state_dict(self, state: dict) -> None: ...
-    def close(self) -> None: ...
+    A strategy is built once per process from (ParallelConfig, device, loss_fn). When it
+    runs several processes (`joins_group`), it joins their process group first; then
+    `rank`/`world_size` say which shard of every global batch this process trains on.
+    """
+
+    name = "single"
+    joins_group = True
+    refuses: dict[str, str] = {}
+    """Fast-path flags this strategy cannot apply -> why; config.validate refuses them in one
+    line, and --channels-last's automatic default stays off."""
+    trains = True
+    """False for a process with another role (downpour's parameter servers): train() then
+    calls its `serve()`, which returns when the job is done, and skips the training loop."""
+
+    def __init__(self, cfg, device: torch.device, loss_fn: LossFn):
+        if self.joins_group:
+            init_process_group(device, cfg.timeout_s, self.name)
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        else:
+            self.rank, self.world_size = 0, 1
+        self.cfg, self.device, self.loss_fn = cfg, device, loss_fn
+        self.fast = FastPath.from_config(cfg, device, "--channels-last" not in self.refuses)
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
 
     @property
-    def is_rank0(self) -> bool: ...
+    def is_rank0(self) -> bool:
+        """The process that logs and writes checkpoints."""
+        return self.rank == 0
 
-    # Optional: a process with a role other than training (downpour's parameter servers)
-    # has `trains = False`; train() then calls its `serve()`, which returns when the job
-    # is done, and skips the training loop. Strategies without the attribute train.
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Take the (model, optimizer) pair this process trains, once, before any step."""
+        raise NotImplementedError
+
+    def step(self, batch: Batch) -> StepMetrics:
+        """Forward, backward, communication and update on this process's shard of a batch."""
+        raise NotImplementedError
+
+    def all_ranks(self, value: float) -> list[float]:
+        """Every rank's `value`, in rank order; a collective (the loop calls it at log steps)."""
+        if not self.joins_group:
+            return [value]
+        return gather_floats(value, self.world_size, self.device)
+
+    def gather_named_tensors(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors keyed by parameter name (e.g. the EMA's) -> those of the whole model, as
+        rank 0 should checkpoint them. Called on every rank. Here every rank holds the
+        whole model; a strategy whose ranks hold parts of it (pipeline) gathers them."""
+        return named
+
+    def state_dict(self) -> dict:
+        """Called on every rank (it may be a collective); rank 0 writes it. The same keys
+        at any world size, so that eval and a resume with other workers can read it."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self.fast.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.fast.load_state_dict(state)
+
+    def close(self) -> None:
+        if self.joins_group and dist.is_initialized():
+            dist.destroy_process_group()

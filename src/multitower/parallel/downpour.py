@@ -50,7 +50,7 @@ from torch import nn
 from multitower.config import ParallelConfig
 from multitower.data.loader import Batch
 from multitower.errors import UserError
-from multitower.parallel.base import LossFn, StepMetrics
+from multitower.parallel.base import LossFn, StepMetrics, Strategy
 
 
 def balance_shards(sizes: list[int], num_servers: int) -> list[list[int]]:
@@ -186,14 +186,17 @@ def _pin_to_loopback() -> None:
             os.environ.setdefault("TP_SOCKET_IFNAME", names[0])
 
 
-class Downpour:
+class Downpour(Strategy):
+    name = "downpour"
+    refuses = {"--channels-last": "copies parameters to and from its servers in NCHW order",
+               "--precision fp16": "pushes raw gradients to its servers, where loss scaling cannot be undone"}
+    joins_group = False  # no process group: rpc connects workers and servers (see _start)
+
     def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise UserError("--strategy downpour runs workers and parameter servers as separate processes: "
                             "start it with `multitower train` (or torchrun)")
-        self.cfg = cfg
-        self.device = device
-        self.loss_fn = loss_fn
+        super().__init__(cfg, device, loss_fn)
         self.num_servers = cfg.ps
         self.global_rank = int(os.environ["RANK"])
         total = int(os.environ["WORLD_SIZE"])
@@ -204,9 +207,6 @@ class Downpour:
         # A worker's rank is its trainer rank (its data shard); a server's is its index.
         self.rank = self.global_rank if self.trains else self.global_rank - cfg.workers
         self.world_size = cfg.workers  # trainers: the loader splits the global batch among them
-        self.is_rank0 = self.trains and self.rank == 0
-        self.model: nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
         self._servers: list[rpc.RRef] = []
         self._shards: list[list[int]] = []
         self._params: list[nn.Parameter] = []
@@ -310,8 +310,9 @@ class Downpour:
         if self._in_flight_fetches:
             comm_s += self._settle()  # fresh parameters before computing on them
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(batch.images)
-        loss, cross_entropy = self.loss_fn(self.model, logits, batch.labels)
+        with self.fast.autocast():  # --precision bf16: bf16 compute; pushed gradients stay float32
+            logits = self.model(batch.images)
+            loss, cross_entropy = self.loss_fn(self.model, logits, batch.labels)
         loss.backward()
         with torch.no_grad():
             for accrued, p in zip(self._accrued, self._params):
@@ -332,6 +333,10 @@ class Downpour:
         # not); rank_examples_per_sec in metrics.jsonl shows each worker's own.
         return StepMetrics(loss=loss.detach(), cross_entropy=cross_entropy.detach(),
                            examples=batch.labels.shape[0] * self.world_size, comm_s=comm_s, extra=extra)
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.trains and self.rank == 0
 
     def all_ranks(self, value: float) -> list[float]:
         """Every worker's latest `value`, as last reported to the first server: NOT a

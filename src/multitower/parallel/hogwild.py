@@ -35,15 +35,17 @@ from torch import nn
 from multitower.config import ParallelConfig
 from multitower.data.loader import Batch
 from multitower.errors import UserError
-from multitower.parallel.base import LossFn, StepMetrics
-from multitower.parallel.process_group import gather_floats, init_process_group
+from multitower.parallel.base import LossFn, StepMetrics, Strategy
 
 # Memory-backed on Linux, so the "file" is just shared pages; elsewhere a temp file.
 SHARED_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 FILE_PREFIX = "multitower-hogwild-"
 
 
-class Hogwild:
+class Hogwild(Strategy):
+    name = "hogwild"
+    refuses = {"--channels-last": "maps its parameters onto one flat shared buffer in NCHW order"}
+
     def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):
         if device.type != "cpu":
             raise UserError(f"--strategy hogwild shares CPU memory between processes; got device {device}, "
@@ -54,14 +56,7 @@ class Hogwild:
             raise UserError(f"--strategy hogwild runs on one machine, but this job spans {world_size} workers "
                             f"of which {local_world_size} are here; use --strategy local-sgd or sync across machines")
         # gloo only orders initialisation and gathers metrics; no gradient goes through it.
-        init_process_group(device, cfg.timeout_s, "hogwild")
-        self.device = device
-        self.loss_fn = loss_fn
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
-        self.is_rank0 = self.rank == 0
-        self.model: nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
+        super().__init__(cfg, device, loss_fn)
         self.shared: torch.Tensor | None = None  # the flat float32 mapping all parameters view
         self.buffer_path: str | None = None  # gone once every rank has mapped it
 
@@ -95,30 +90,25 @@ class Hogwild:
 
     def step(self, batch: Batch) -> StepMetrics:
         self.optimizer.zero_grad(set_to_none=True)  # gradients live in this process's memory
-        logits = self.model(batch.images)
-        loss, cross_entropy = self.loss_fn(self.model, logits, batch.labels)
-        loss.backward()
-        self.optimizer.step()  # in place on the shared parameters, no lock: Hogwild!
+        with self.fast.autocast():  # --precision bf16: bf16 compute, the shared weights stay float32
+            logits = self.model(batch.images)
+            loss, cross_entropy = self.loss_fn(self.model, logits, batch.labels)
+        self.fast.backward(loss)
+        self.fast.step(self.optimizer)  # in place on the shared parameters, no lock: Hogwild!
         return StepMetrics(loss=loss.detach(), cross_entropy=cross_entropy.detach(),
                            examples=batch.labels.shape[0] * self.world_size,
                            extra={"comm_bytes": 0.0})  # shared memory: nothing crosses a network
-
-    def all_ranks(self, value: float) -> list[float]:
-        return gather_floats(value, self.world_size, self.device)
 
     def state_dict(self) -> dict:
         """A copy of the shared parameters, taken tensor by tensor while the other workers
         keep updating them: consistent to within the few updates that land meanwhile,
         which is all Hogwild's model ever is. The optimizer is this rank's."""
         return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                "optimizer": self.optimizer.state_dict()}
+                "optimizer": self.optimizer.state_dict(), **self.fast.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if self.is_rank0:  # one writer into the shared parameters
             self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.fast.load_state_dict(state)
         dist.barrier()  # nobody trains on the parameters before they are loaded
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -35,33 +35,25 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import post_localSGD_hook
 from torch.distributed.algorithms.model_averaging import averagers
 from torch.nn.parallel import DistributedDataParallel
-from torch.nn.utils import parameters_to_vector
 
 from multitower.config import ParallelConfig
 from multitower.data.loader import Batch
-from multitower.parallel.base import LossFn, StepMetrics
-from multitower.parallel.process_group import gather_floats, init_process_group
+from multitower.parallel.base import LossFn, StepMetrics, Strategy
 from multitower.parallel.sync import CommTimer
 
 
-class LocalSGD:
+class LocalSGD(Strategy):
+    name = "local-sgd"
+
     def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):
-        init_process_group(device, cfg.timeout_s, "local-sgd")
-        self.cfg = cfg
-        self.device = device
-        self.loss_fn = loss_fn
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
-        self.is_rank0 = self.rank == 0
-        self.model: nn.Module | None = None
+        super().__init__(cfg, device, loss_fn)
         self.ddp: DistributedDataParallel | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
         self.timer: CommTimer | None = None
         self.hook_state: post_localSGD_hook.PostLocalSGDState | None = None
         self.averager: averagers.PeriodicModelAverager | None = None
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer = self.fast.prepare_model(model), optimizer  # before DDP sees it
         every, warmup = self.cfg.sync_every, self.cfg.local_sgd_warmup
         # DDP broadcasts rank 0's parameters (and buffers) at construction: all replicas
         # start equal. forward_sync_buffers=False: a buffer broadcast before every forward
@@ -93,14 +85,18 @@ class LocalSGD:
         self.optimizer.zero_grad(set_to_none=True)
         # The hook is called for every bucket, but all-reduces only during warm-up.
         warming_up = self.hook_state.iter < self.cfg.local_sgd_warmup
-        loss, cross_entropy = self.loss_fn(self.model, self.ddp(batch.images), batch.labels)
-        loss.backward()  # warm-up: gradients all-reduced by the hook; afterwards local
-        self.optimizer.step()
+        with self.fast.autocast():
+            loss, cross_entropy = self.loss_fn(self.model, self.ddp(self.fast.images(batch.images)), batch.labels)
+        self.fast.backward(loss)  # warm-up: gradients all-reduced by the hook; afterwards local
+        self.fast.step(self.optimizer)
         averaging_s, averaged_bytes = 0.0, 0
         if self.averages_now():
             averaged_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
             start = time.perf_counter()
             self.averager.average_parameters(self.model.parameters())
+            # The averager re-points every parameter at a slice of its flat buffer, NCHW
+            # contiguous: put --channels-last's layout back (same Parameter objects).
+            self.fast.prepare_model(self.model)
             if self.device.type == "cuda":
                 # NCCL returns before the all-reduce ends; one sync every K steps buys an honest time.
                 torch.cuda.synchronize(self.device)
@@ -112,29 +108,24 @@ class LocalSGD:
                            examples=batch.labels.shape[0] * self.world_size, comm_s=hook_s + averaging_s,
                            extra={"comm_bytes": float((hook_bytes if warming_up else 0) + averaged_bytes)})
 
-    def all_ranks(self, value: float) -> list[float]:
-        return gather_floats(value, self.world_size, self.device)
-
     @torch.no_grad()
     def state_dict(self) -> dict:
         """The mean of the replicas under the unwrapped module's keys, and this rank's
         optimizer. A collective (an all-reduce of the parameters): every rank calls it."""
         params = list(self.model.parameters())
-        mean = parameters_to_vector(params) / self.world_size
+        # reshape, not parameters_to_vector's view: channels_last weights are not NCHW-contiguous.
+        mean = torch.cat([p.detach().reshape(-1) for p in params]) / self.world_size
         dist.all_reduce(mean)
         model_state = self.model.state_dict()
         offset = 0
         for name, p in self.model.named_parameters():
             model_state[name] = mean[offset:offset + p.numel()].view_as(p).clone()
             offset += p.numel()
-        return {"model": model_state, "optimizer": self.optimizer.state_dict()}
+        return {"model": model_state, "optimizer": self.optimizer.state_dict(), **self.fast.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.fast.load_state_dict(state)
         # Both schedules count steps from 0; a resumed run goes on where it stopped.
         self.hook_state.iter = self.averager.step = int(state["step"])
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -60,9 +60,9 @@ from multitower.config import ParallelConfig
 from multitower.data.loader import Batch
 from multitower.errors import UserError
 from multitower.models.cifar10_tf import weight_decay_loss
-from multitower.parallel.base import LossFn, StepMetrics
+from multitower.parallel.base import LossFn, StepMetrics, Strategy
 from multitower.parallel.memory import SavedTensorPeak, measured_peak_bytes
-from multitower.parallel.process_group import gather_floats, init_process_group
+from multitower.parallel.process_group import gather_floats
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -169,15 +169,14 @@ class BusyClock:
         return busy
 
 
-class Pipeline:
+class Pipeline(Strategy):
+    name = "pipeline"
+    refuses = {"--channels-last": "does not convert its stages' layouts",
+               "--precision bf16": "sends float32 activations between stages (no autocast across them)",
+               "--precision fp16": "sends float32 activations between stages (no autocast across them)"}
+
     def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):
-        init_process_group(device, cfg.timeout_s, "pipeline")
-        self.cfg = cfg
-        self.device = device
-        self.loss_fn = loss_fn
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
-        self.is_rank0 = self.rank == 0
+        super().__init__(cfg, device, loss_fn)
         S = cfg.stages
         if self.world_size % S:
             raise UserError(f"--strategy pipeline --stages {S} runs one process per stage and replica, "
@@ -191,8 +190,6 @@ class Pipeline:
             [list(range(k * S, (k + 1) * S)) for k in range(self.replicas)], timeout=timeout)
         self.stage_group, _ = dist.new_subgroups_by_enumeration(
             [list(range(i, self.world_size, S)) for i in range(S)], timeout=timeout)
-        self.model: nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
         self.layers: list[str] = []
         self.param_offset = 0  # parameters (tensors) of the stages before this one, in model order
         self.stage_param_bytes: list[int] = []
@@ -321,9 +318,6 @@ class Pipeline:
         return StepMetrics(loss=(report[0] + report[1]).float(), cross_entropy=report[0].float(),
                            examples=images.shape[0] * R, comm_s=comm_s, extra=extra)
 
-    def all_ranks(self, value: float) -> list[float]:
-        return gather_floats(value, self.world_size, self.device)
-
     def gather_named_tensors(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This stage's tensors keyed by parameter name -> the full model's, in stage
         order (a collective on replica 0's ranks; the loop uses rank 0's result, e.g. the
@@ -363,7 +357,3 @@ class Pipeline:
                  if self.param_offset <= i < self.param_offset + n}
         group = {k: v for k, v in full["param_groups"][0].items() if k != "params"}
         self.optimizer.load_state_dict({"state": slots, "param_groups": [{**group, "params": list(range(n))}]})
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()

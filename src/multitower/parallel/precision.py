@@ -9,10 +9,19 @@ no loss scaling (fp32's exponent range). On a CPU whose oneDNN lacks bf16 kernel
 is False) autocast falls back to aten's slow convolution and runs ~5x slower than
 fp32; hence the fp32 default.
 
+precision="fp16" is the same autocast in float16 with dynamic loss scaling
+(torch.amp.GradScaler): the loss is multiplied by the scale before backward, the
+optimizer steps on unscaled gradients and skips a step whose gradients overflowed,
+and the scale halves on an overflow and doubles after 2,000 clean steps. For GPUs
+without bf16 (before Ampere). The scaler's state is part of the checkpoint.
+
 channels_last=True stores the conv weights and input images as NHWC: oneDNN's
-native layout on CPU (no reorder per conv; measured 1.13x on the cifar10-tf step)
+native layout on CPU (no reorder per conv; measured 1.08-1.13x on the cifar10-tf step)
 and the tensor cores' layout on CUDA. Same function, same parameter shapes:
-state_dict keys and shapes are unchanged, only strides differ.
+state_dict keys and shapes are unchanged, only strides differ. None (the default)
+picks by measurement: on for CPU and for CUDA with bf16/fp16 (fp32 convs on CUDA run in
+NCHW), and only for a strategy that applies it (hogwild, downpour and pipeline keep
+NCHW buffers: their `refuses` names --channels-last).
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ from torch import nn
 
 from multitower.errors import UserError
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class FastPath:
@@ -36,14 +46,19 @@ class FastPath:
         self.precision = precision
         self.channels_last = channels_last
         self.device = device
+        # fp16's narrow exponent range needs loss scaling; bf16 has fp32's.
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         if device.type == "cuda":
             # Every step has the same shapes: let cuDNN time its algorithms once and keep the fastest.
             torch.backends.cudnn.benchmark = True
 
     @classmethod
-    def from_config(cls, cfg, device: torch.device) -> "FastPath":
+    def from_config(cls, cfg, device: torch.device, allows_channels_last: bool = True) -> "FastPath":
         # getattr: a ParallelConfig written before these fields existed (an old checkpoint's).
-        return cls(getattr(cfg, "precision", "fp32"), getattr(cfg, "channels_last", False), device)
+        precision, channels_last = getattr(cfg, "precision", "fp32"), getattr(cfg, "channels_last", False)
+        if channels_last is None:
+            channels_last = allows_channels_last and (device.type == "cpu" or precision != "fp32")
+        return cls(precision, bool(channels_last), device)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Converts 4-D parameters to channels_last in place (the Parameter objects stay
@@ -59,7 +74,27 @@ class FastPath:
         return images
 
     def autocast(self):
-        """The context forward and loss run in: bf16 autocast, or nothing for fp32."""
+        """The context forward and loss run in: bf16/fp16 autocast, or nothing for fp32."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """loss.backward(), of the scaled loss under fp16."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """optimizer.step(); under fp16 on unscaled gradients, skipped when they overflowed."""
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep for an exact resume: the loss scaler's state, if any."""
+        return {} if self.scaler is None else {"grad_scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from multitower.config import ParallelConfig
 from multitower.data.loader import Batch
-from multitower.parallel.base import LossFn, StepMetrics
-from multitower.parallel.precision import FastPath
+from multitower.parallel.base import StepMetrics, Strategy
 
 
-class Single:
-    rank = 0
-    world_size = 1
-    is_rank0 = True
+class Single(Strategy):
+    name = "single"
+    joins_group = False
 
-    def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):
-        self.device = device
-        self.loss_fn = loss_fn
-        self.fast = FastPath.from_config(cfg, device)
-        self.model: nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-
-    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def wrap(self, model: nn.Module, optimizer) -> None:
         self.model, self.optimizer = self.fast.prepare_model(model), optimizer
 
     def step(self, batch: Batch) -> StepMetrics:
@@ -31,20 +20,7 @@ class Single:
         with self.fast.autocast():
             logits = self.model(self.fast.images(batch.images))
             loss, cross_entropy = self.loss_fn(self.model, logits, batch.labels)
-        loss.backward()
-        self.optimizer.step()
+        self.fast.backward(loss)
+        self.fast.step(self.optimizer)
         return StepMetrics(loss=loss.detach(), cross_entropy=cross_entropy.detach(),
                            examples=batch.labels.shape[0])
-
-    def all_ranks(self, value: float) -> list[float]:
-        return [value]
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
-    def close(self) -> None:
-        pass

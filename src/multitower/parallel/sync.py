@@ -14,7 +14,6 @@ import threading
 import time
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
@@ -22,9 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from multitower.config import ParallelConfig
 from multitower.data.loader import Batch
 from multitower.errors import UserError
-from multitower.parallel.base import LossFn, StepMetrics
-from multitower.parallel.precision import FastPath
-from multitower.parallel.process_group import gather_floats, init_process_group
+from multitower.parallel.base import LossFn, StepMetrics, Strategy
 
 
 class CommTimer:
@@ -78,19 +75,12 @@ class CommTimer:
         return busy, sent
 
 
-class Sync:
+class Sync(Strategy):
+    name = "sync"
+
     def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):
-        init_process_group(device, cfg.timeout_s, "sync")
-        self.cfg = cfg
-        self.device = device
-        self.loss_fn = loss_fn
-        self.fast = FastPath.from_config(cfg, device)
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
-        self.is_rank0 = self.rank == 0
-        self.model: nn.Module | None = None
+        super().__init__(cfg, device, loss_fn)
         self.ddp: DistributedDataParallel | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
         self.timer: CommTimer | None = None
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -127,26 +117,12 @@ class Sync:
             with contextlib.nullcontext() if sync_now else self.ddp.no_sync():
                 with self.fast.autocast():
                     loss, ce = self.loss_fn(self.model, self.ddp(self.fast.images(x)), y)
-                (loss * (y.shape[0] / batch.labels.shape[0])).backward()
+                self.fast.backward(loss * (y.shape[0] / batch.labels.shape[0]))
             total += loss.detach() * (y.shape[0] / batch.labels.shape[0])
             cross_entropy += ce.detach() * (y.shape[0] / batch.labels.shape[0])
-        self.optimizer.step()
+        self.fast.step(self.optimizer)
         comm_s, sent = self.timer.take()
         return StepMetrics(loss=total, cross_entropy=cross_entropy,
                            examples=batch.labels.shape[0] * self.world_size, comm_s=comm_s,
                            extra={"comm_bytes": float(sent)})
-
-    def all_ranks(self, value: float) -> list[float]:
-        return gather_floats(value, self.world_size, self.device)
-
-    def state_dict(self) -> dict:
-        # The unwrapped module: the same keys at any world size, loadable by eval.
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # state_dict: the base's, of the unwrapped module (the same keys at any world size).

@@ -134,7 +134,7 @@ def train(cfg: Config, on_step=None) -> TrainResult:
     if strategy_name not in STRATEGIES:
         raise UserError(f"unknown --strategy {strategy_name!r}; known: auto, {', '.join(STRATEGIES)}")
     strategy = STRATEGIES[strategy_name](cfg.parallel, device, recipe.make_loss(cfg))
-    if not getattr(strategy, "trains", True):
+    if not strategy.trains:
         # A process with another role (downpour's parameter servers) serves the workers
         # until they are done; it reads no data and writes nothing.
         start_time = time.perf_counter()
@@ -178,9 +178,7 @@ def train(cfg: Config, on_step=None) -> TrainResult:
 
     def save_checkpoint() -> None:
         state = strategy.state_dict()  # on every rank: a strategy may need a collective to gather it
-        ema_state = ema.state_dict()
-        if hasattr(strategy, "gather_named_tensors"):  # ranks hold parts of the model (pipeline): a collective
-            ema_state = strategy.gather_named_tensors(ema_state)
+        ema_state = strategy.gather_named_tensors(ema.state_dict())  # a collective where ranks hold parts
         if strategy.is_rank0:
             checkpoints.save({**state, "ema": ema_state, "rng": torch.get_rng_state(),
                               "loss_average": loss_avg.value, "cross_entropy_average": ce_avg.value,
