@@ -122,10 +122,11 @@ class FastHyper:
 FAST = FastHyper()
 
 # Default widths of the fast recipe's airbench net on this project's 2-core CPU, chosen by
-# the measured training throughput (full step at batch 512, 2 threads; see the fast-recipe
-# section of README.md): airbench94's 64/256/256 does ~60 images/s here, 32/128/128 ~120-150,
-# so ~10 epochs of 45,000 images within ~60 minutes (>= 125 images/s) needs the narrower
-# net. On a GPU pass --widths 64,256,256 (airbench94's own).
+# the measured training throughput (benchmarks/fast_throughput.py: full step at batch 512,
+# 2 threads, channels_last; see the fast-recipe section of README.md): airbench94's
+# 64/256/256 does ~150 images/s on a quiet machine (10 epochs of 45,000 images: ~50 min;
+# measured 90.3%), 32/128/128 ~670 (~11 min; 87.4%). A short real run by default; on a GPU
+# pass --widths 64,256,256 (airbench94's own).
 FAST_CPU_WIDTHS = [32, 128, 128]
 
 
