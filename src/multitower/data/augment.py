@@ -26,27 +26,29 @@ import torch
 from multitower.errors import UserError
 
 
-@dataclass
-class Distortions:
-    """The random draws for a batch of images: one entry per image in each tensor.
+class PerImageDraws:
+    """Base of a dataclass of a batch's random draws: every field a tensor with one entry
+    per image. Kept apart from the images so that a global batch's draws can be made once
+    and sliced per rank (`d[lo:hi]`), which makes the data independent of the world size."""
 
-    Kept apart from the images so that a global batch's draws can be made once and
-    sliced per rank (`d[lo:hi]`), which makes the data independent of the world size.
-    """
+    def __len__(self) -> int:
+        return getattr(self, fields(self)[0].name).shape[0]
+
+    def __getitem__(self, sl: slice):
+        if not isinstance(sl, slice):
+            raise TypeError(f"{type(self).__name__} can only be sliced, got {type(sl).__name__}")
+        return type(self)(*(getattr(self, f.name)[sl] for f in fields(self)))
+
+
+@dataclass
+class Distortions(PerImageDraws):
+    """The tutorial's draws for a batch of images (see PerImageDraws)."""
 
     crop_y: torch.Tensor  # int64, row offset of the crop
     crop_x: torch.Tensor  # int64, column offset of the crop
     flip: torch.Tensor  # bool, mirror left-right after the crop
     brightness: torch.Tensor  # float32, delta added to every value
     contrast: torch.Tensor  # float32, factor on the deviations from each channel's mean
-
-    def __len__(self) -> int:
-        return self.crop_y.shape[0]
-
-    def __getitem__(self, sl: slice) -> "Distortions":
-        if not isinstance(sl, slice):
-            raise TypeError(f"Distortions can only be sliced, got {type(sl).__name__}")
-        return Distortions(*(getattr(self, f.name)[sl] for f in fields(self)))
 
 
 def _float32_below(bound: float) -> torch.Tensor:

@@ -13,10 +13,11 @@ multiply-add per value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
+from multitower.data.augment import PerImageDraws
 from multitower.errors import UserError
 
 # CIFAR-10's training-set channel statistics on [0, 1] (as airbench, hlb-CIFAR10 and
@@ -27,20 +28,12 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
 @dataclass
-class Translations:
-    """The random draws of a batch: one entry per image. Sliced per rank like Distortions."""
+class Translations(PerImageDraws):
+    """The fast recipe's draws for a batch of images (see augment.PerImageDraws)."""
 
     shift_y: torch.Tensor  # int64 in [-pad, pad]: output row i reads padded row i + pad + shift_y
     shift_x: torch.Tensor  # int64 in [-pad, pad]
     flip: torch.Tensor  # bool, mirror left-right after the translation
-
-    def __len__(self) -> int:
-        return self.shift_y.shape[0]
-
-    def __getitem__(self, sl: slice) -> "Translations":
-        if not isinstance(sl, slice):
-            raise TypeError(f"Translations can only be sliced, got {type(sl).__name__}")
-        return Translations(*(getattr(self, f.name)[sl] for f in fields(self)))
 
 
 def normalize(images: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
