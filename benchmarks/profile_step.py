@@ -89,16 +89,11 @@ def profile_step(split, batch_size: int, steps: int, setting) -> tuple[list[dict
     return sorted(rows, key=lambda r: -r["self_ms_per_step"]), ranges, wall / steps
 
 
-def compile_ratio(split, batch_size: int, steps: int, reps: int) -> dict:
+def compile_ratio(split, batch_size: int, steps: int, reps: int, setting) -> dict:
     """Eager vs torch.compile of the model inside the same step (median of reps each)."""
-    import train_step
-    eager, eager_batches = multitower_step(split, batch_size, steps, torch.device("cpu"))
-    original = train_step.build_model
-    train_step.build_model = lambda name: torch.compile(original(name))
-    try:
-        compiled, compiled_batches = multitower_step(split, batch_size, steps, torch.device("cpu"))
-    finally:
-        train_step.build_model = original
+    eager, eager_batches = multitower_step(split, batch_size, steps, torch.device("cpu"), setting)
+    compiled, compiled_batches = multitower_step(split, batch_size, steps, torch.device("cpu"), setting,
+                                                 compile_model=True)
     try:
         eager()
         start = time.perf_counter()
@@ -134,7 +129,7 @@ def main() -> None:
         split = open_dataset(make_synthetic(f"{tmp}/synthetic", train=4096, val=64).root).split("train")
         setting = ("fp32", not args.nchw)
         rows, ranges, step_s = profile_step(split, args.batch_size, args.steps, setting)
-        compiled = compile_ratio(split, args.batch_size, args.steps, args.reps) if args.compile else None
+        compiled = compile_ratio(split, args.batch_size, args.steps, args.reps, setting) if args.compile else None
 
     peak = matmul_peak_flops(torch.float32, torch.device("cpu"))
     flop_bound_s = train_flops_per_example() * args.batch_size / peak

@@ -14,7 +14,8 @@ Repetitions alternate baseline and candidates so that machine noise hits both.
 
 Candidates besides the default step: the fast-path settings (--precision,
 --channels-last; `--candidates` picks them). Each row also reports achieved FLOP/s
-against this machine's fp32 and bf16 matmul peaks, timed here on a 2048^3 matmul;
+against this machine's fp32 and bf16 matmul peaks, timed here on an n^3 matmul sized to
+take ~0.25 s (see matmul_peak_flops);
 the network's FLOPs are counted from its conv and dense layers (MACs x 2, x 3 for
 forward + backward).
 """
@@ -113,10 +114,13 @@ def matmul_peak_flops(dtype: torch.dtype, device: torch.device, reps: int = 5) -
 
 
 def multitower_step(split, batch_size: int, steps: int, device: torch.device,
-                    setting: tuple[str, bool] | None = None):
-    """A closure running `steps` of multitower's own training step, data included."""
+                    setting: tuple[str, bool] | None = None, compile_model: bool = False):
+    """A closure running `steps` of multitower's own training step, data included
+    (with compile_model, of the torch.compile'd network)."""
     torch.manual_seed(0)
     model = build_model("cifar10-tf").to(device)
+    if compile_model:
+        model = torch.compile(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     cfg = ParallelConfig() if setting is None else ParallelConfig(precision=setting[0], channels_last=setting[1])
     strategy = Single(cfg, device, tower_loss)

@@ -110,7 +110,8 @@ def test_fp16_skips_an_overflowing_step_and_backs_off_the_scale():
     state = strategy.state_dict()
     assert state["grad_scaler"]["scale"] == scale / 2  # checkpoints keep it...
     fresh = Single(ParallelConfig(precision="fp16"), torch.device("cpu"), huge_loss)
-    fresh.wrap(torch.nn.Linear(4, 2), torch.optim.SGD(model.parameters(), lr=0.1))
+    other = torch.nn.Linear(4, 2)
+    fresh.wrap(other, torch.optim.SGD(other.parameters(), lr=0.1))
     fresh.load_state_dict(state)
     assert fresh.fast.scaler.get_scale() == scale / 2  # ...and a resume continues from it
 
