@@ -10,9 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from multitower.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig
+from multitower.config import PRECISIONS, Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig
 from multitower.errors import UserError
-from multitower.parallel.precision import PRECISIONS
 
 # The recipes of `train --recipe` (train/recipe.py RECIPES; listed here so --help needs no torch import).
 RECIPE_NAMES = ("tutorial", "fast")

@@ -14,6 +14,10 @@ from typing import Any
 
 from multitower.errors import UserError
 
+# --precision's values (parallel/precision.py implements them); here, torch-free, so that
+# the CLI's --help imports no torch.
+PRECISIONS = ("fp32", "bf16", "fp16")
+
 
 @dataclass
 class DataConfig:
@@ -176,7 +180,6 @@ class Config:
             raise UserError(f"--summary-every must be 0 (off) or positive, got {self.run.summary_every}")
         if self.parallel.accumulate < 1:
             raise UserError(f"--accumulate must be at least 1, got {self.parallel.accumulate}")
-        from multitower.parallel.precision import PRECISIONS
         if self.parallel.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.parallel.precision!r}")
         # A fast-path flag the strategy cannot apply: one line, rather than silently ignored.

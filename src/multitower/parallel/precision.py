@@ -31,9 +31,9 @@ import contextlib
 import torch
 from torch import nn
 
+from multitower.config import PRECISIONS
 from multitower.errors import UserError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
