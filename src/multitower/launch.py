@@ -144,6 +144,7 @@ def launch(cfg: Config) -> dict:
     # Registered here, not at import: importing multitower changes nothing in torch.
     # (Registering the same creator again is a no-op.)
     rendezvous_handler_registry.register(LOOPBACK_C10D, _loopback_c10d_handler)
+    _worker_stores.clear()  # a previous launch's stores (and their listening sockets) go
     launch_config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=cfg.parallel.processes(),
         run_id=f"multitower-{uuid.uuid4().hex[:8]}",
