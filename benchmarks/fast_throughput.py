@@ -16,30 +16,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 
-from multitower.bench.measure import environment, median_rate, write_json
+from multitower.bench.measure import benchmark_data, environment, median_rate, write_json
 from multitower.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig
 from multitower.data.loader import TrainBatches
 from multitower.data.records import open_dataset
-from multitower.data.sources import make_synthetic
 from multitower.models import model_from_config
 from multitower.parallel.single import Single
 from multitower.train.ema import ExponentialMovingAverage
 from multitower.train.recipe import get_recipe
-
-
-def data_dir(requested: str) -> tuple[Path, bool]:
-    if requested:
-        return Path(requested), open_dataset(requested).generated
-    if (Path("data/cifar10") / "multitower.json").exists():
-        return Path("data/cifar10"), False
-    synth = Path("data/synthetic")
-    if not (synth / "multitower.json").exists():
-        make_synthetic(synth)
-    return synth, True
 
 
 def measure(widths: list[int], batch_size: int, steps: int, reps: int, split, channels_last: bool) -> dict:
@@ -88,7 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench-results/fast_throughput.json", help="JSON output (default: %(default)s)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    root, generated = data_dir(a.data)
+    root, generated = benchmark_data(a.data or None)
     split = open_dataset(root).split("train")
     print(f"data: {'GENERATED data' if generated else 'CIFAR-10'} from {root}; {a.threads} threads; "
           f"load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores "

@@ -27,32 +27,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from multitower.bench.measure import environment, write_json
+from multitower.bench.measure import benchmark_data, environment, write_json
 from multitower.cli import add_train_flags, config_from_args
 from multitower.data.records import open_dataset
-from multitower.data.sources import make_synthetic
 from multitower.errors import UserError
 from multitower.eval import evaluate_state
 from multitower.train.loop import resolve_device, resolve_steps, train
 
 THRESHOLDS = (0.70, 0.80, 0.90, 0.93)
-
-
-def find_data(requested: str | None) -> tuple[str, bool]:
-    if requested:
-        return requested, open_dataset(requested).generated
-    if (Path("data/cifar10") / "multitower.json").exists():
-        return "data/cifar10", open_dataset("data/cifar10").generated
-    synth = Path("data/synthetic")
-    print("no data/cifar10 (import it: multitower data import ../shared/datasets/cifar10-jpeg/train "
-          "--out data/cifar10 --val 5000): using GENERATED data in data/synthetic instead", flush=True)
-    if not (synth / "multitower.json").exists():
-        make_synthetic(synth)
-    return str(synth), True
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -73,7 +58,7 @@ def run(argv: list[str] | None = None) -> dict:
     train_parser = argparse.ArgumentParser(prog="time_to_accuracy.py (train flags)", allow_abbrev=False)
     add_train_flags(train_parser)
     targs = train_parser.parse_args(rest)
-    targs.data, generated = find_data(targs.data or None)
+    targs.data, generated = benchmark_data(targs.data or None)
     if targs.run_dir == "runs/cifar10":  # train's default: use a fresh directory of our own
         targs.run_dir = f"runs/tta-{targs.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     targs.progress = "off" if targs.progress == "auto" else targs.progress

@@ -73,3 +73,21 @@ def print_table(columns: list[tuple[str, str, str]], rows: list[dict]) -> None:
     print("".join(heads))
     for row in rows:
         print("".join(f"{row[key]:{spec}}" for _, key, spec in columns))
+
+
+def benchmark_data(requested: str | None) -> tuple[str, bool]:
+    """(data-set directory, whether it is generated) for a benchmark: `requested`, else
+    data/cifar10 if imported, else a GENERATED data set in data/synthetic (made once, and
+    said so)."""
+    from multitower.data.records import open_dataset
+    from multitower.data.sources import make_synthetic
+    if requested:
+        return requested, open_dataset(requested).generated
+    if (Path("data/cifar10") / "multitower.json").exists():
+        return "data/cifar10", open_dataset("data/cifar10").generated
+    synth = Path("data/synthetic")
+    print("no data/cifar10 (import it: multitower data import ../shared/datasets/cifar10-jpeg/train "
+          "--out data/cifar10 --val 5000): using GENERATED data in data/synthetic instead", flush=True)
+    if not (synth / "multitower.json").exists():
+        make_synthetic(synth)
+    return str(synth), True
