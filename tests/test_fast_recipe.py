@@ -1,6 +1,7 @@
 """The fast recipe (airbench): whitening, augmentation, loss, schedule, flip TTA, moving
 average of BN statistics, exact resume, and short CLI runs (single and 2-worker strategies)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from multitower.models.airbench import Whitening
 from multitower.train.checkpoint import CheckpointDir
 from multitower.train.ema import ExponentialMovingAverage
 from multitower.train import loop
+from multitower.train import recipe as recipe_module
+from multitower.train.lookahead import LookaheadSchedule
 from multitower.train.loop import train
 from multitower.train.recipe import (FAST, FAST_RECIPE, flip_tta_logits, label_smoothing_loss, steps_for_epochs,
                                      warmup_linear_decay)
@@ -43,11 +46,12 @@ def test_whitening_layer_whitens_the_patches_it_was_fit_on(synth_dir):
     assert torch.allclose(covariance, torch.eye(12, dtype=torch.float64), atol=2e-3), covariance.diag()
     assert half.mean(0).abs().max() < 1e-3  # the bias centres the patches
     assert torch.equal(out[:, 12:], -out[:, :12])  # second half: the negatives
-    # In the state_dict (so checkpoints and eval reproduce it), never trained.
+    # In the state_dict (so checkpoints and eval reproduce it); the filters are never trained,
+    # the bias is a parameter (the recipe trains it for its first epochs).
     model = build_model("airbench", widths=TINY)
     model.fit_whitening(images)
     assert "whiten.weight" in model.state_dict() and "whiten.bias" in model.state_dict()
-    assert all("whiten" not in name for name, _ in model.named_parameters())
+    assert [name for name, _ in model.named_parameters() if "whiten" in name] == ["whiten.bias"]
 
 
 def test_translate_and_flip_equal_reflect_pad_crop_flip_per_image():
@@ -86,19 +90,22 @@ def test_label_smoothing_loss_is_the_formula():
     assert torch.allclose(cross_entropy, nll.mean(), atol=1e-6)
 
 
-def test_learning_rate_warms_up_then_decays_linearly_to_zero():
+@pytest.mark.parametrize("end", [0.0, 0.07])
+def test_learning_rate_warms_up_then_decays_linearly(end):
     total, warmup, peak = 100, 20, 2.0
-    lrs = [warmup_linear_decay(s, peak, total, warmup, start_factor=0.2) for s in range(total + 1)]
+    lrs = [warmup_linear_decay(s, peak, total, warmup, start_factor=0.2, end_factor=end) for s in range(total + 1)]
     assert lrs[0] == pytest.approx(0.4) and lrs[warmup] == pytest.approx(peak) and max(lrs) == pytest.approx(peak)
     assert all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup + 1]))  # rising
     assert all(a > b for a, b in zip(lrs[warmup:total], lrs[warmup + 1:]))  # falling
-    assert lrs[total] == 0.0 and lrs[total - 1] == pytest.approx(peak / (total - warmup))
+    assert lrs[total] == pytest.approx(end * peak)
+    assert lrs[total - 1] == pytest.approx(end * peak + (1 - end) * peak / (total - warmup))
     steps = [lrs[s] - lrs[s + 1] for s in range(warmup, total)]
     assert max(steps) - min(steps) < 1e-9  # linear
-    # The recipe's schedule over a configured run: warm-up FAST.warmup_fraction of the steps.
-    cfg = Config(optim=OptimConfig(recipe="fast", lr=1.0), run=RunConfig(steps=50))
+    # The recipe's schedule over a configured run: airbench's triangle 0.2 -> 1 at 23% -> 0.07.
+    cfg = Config(optim=OptimConfig(recipe="fast", lr=1.0), run=RunConfig(steps=100))
     lr_at = FAST_RECIPE.make_schedule(cfg, 1000)
-    assert lr_at(round(FAST.warmup_fraction * 50)) == pytest.approx(1.0) and lr_at(50) == 0.0
+    assert lr_at(0) == pytest.approx(FAST.warmup_start) and lr_at(23) == pytest.approx(1.0)
+    assert lr_at(100) == pytest.approx(FAST.final_lr_fraction) == pytest.approx(0.07)
     assert steps_for_epochs(10, 45000, 512) == 870 and steps_for_epochs(0.5, 2048, 128) == 8
 
 
@@ -116,13 +123,14 @@ def test_optimizer_nesterov_weight_decay_and_faster_bn_shifts():
     model = build_model("airbench", widths=TINY)
     cfg = Config(optim=OptimConfig(recipe="fast", lr=0.5))
     optimizer = FAST_RECIPE.make_optimizer(model, cfg)
-    weights, shifts = optimizer.param_groups
+    weights, shifts, whitening = optimizer.param_groups
     assert all(g["nesterov"] and g["momentum"] == FAST.momentum for g in optimizer.param_groups)
     assert shifts["lr_scale"] == FAST.bias_lr_scale and all(p.dim() == 1 for p in shifts["params"])
     # every parameter shrinks by the same lr x weight decay per step
     assert weights["weight_decay"] == pytest.approx(shifts["weight_decay"] * shifts["lr_scale"])
+    assert whitening["params"] == [model.whiten.bias] and whitening["train_epochs"] == FAST.whitening_bias_epochs == 3
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert len(weights["params"]) + len(shifts["params"]) == len(trainable)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(trainable)
 
 
 def test_moving_average_covers_batch_norm_statistics():
@@ -155,6 +163,10 @@ class Stop(Exception):
 def test_fast_recipe_resumes_bitwise(synth_dir, tmp_path, monkeypatch):
     # The schedule spans the whole run, so the interrupted run is one of 6 steps stopped after
     # its step-3 checkpoint (not a run of 3 steps, whose learning rate reaches 0 at step 3).
+    # Lookahead from the start, every 2 steps: its slow weights (taken at step 2) must come
+    # back from the checkpoint for the resumed steps 4-6 to match.
+    monkeypatch.setitem(recipe_module.RECIPES, "fast",
+                        dataclasses.replace(FAST_RECIPE, lookahead=LookaheadSchedule(every=2, start_epoch=0)))
     train(fast_cfg(synth_dir, tmp_path / "straight", 6))
 
     def stop_at_4(rank, step):
@@ -163,17 +175,31 @@ def test_fast_recipe_resumes_bitwise(synth_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "maybe_inject", stop_at_4)
     with pytest.raises(Stop):
         train(fast_cfg(synth_dir, tmp_path / "split", 6, checkpoint_every=3))
-    monkeypatch.undo()
+    monkeypatch.setattr(loop, "maybe_inject", lambda rank, step: None)
+    assert CheckpointDir(tmp_path / "split" / "checkpoints").load()["lookahead"] is not None
     train(fast_cfg(synth_dir, tmp_path / "split", 6, checkpoint_every=3, resume=True))
     straight = CheckpointDir(tmp_path / "straight" / "checkpoints").load()
     resumed = CheckpointDir(tmp_path / "split" / "checkpoints").load()
     assert straight["step"] == resumed["step"] == 6
     assert "block2.norm1.running_var" in straight["model"] and "whiten.weight" in straight["model"]
-    for part in ("model", "ema"):
+    # The run ends on Lookahead's slow weights.
+    assert all(torch.equal(straight["model"][name], slow) for name, slow in straight["lookahead"].items())
+    for part in ("model", "ema", "lookahead"):
         for name, tensor in straight[part].items():
             assert torch.equal(tensor, resumed[part][name]), f"{part}/{name} differs after resume"
     assert straight["optimizer"]["state"] and all(torch.equal(a["momentum_buffer"], b["momentum_buffer"]) for a, b in
                            zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()))
+
+
+def test_whitening_bias_trains_for_its_first_epochs_only(synth_dir, tmp_path):
+    # 2,048 training images at batch 256: 8 steps per epoch; the bias trains in epochs 0-2.
+    cfg = fast_cfg(synth_dir, tmp_path / "run", 32)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=256))
+    biases = []
+    train(cfg, on_step=lambda step, model, ema: biases.append(model.whiten.bias.detach().clone()) and False)
+    moved = [not torch.equal(a, b) for a, b in zip(biases, biases[1:])]  # moved[i]: at step i + 2
+    assert all(moved[:23]) and not any(moved[23:]), moved
+    assert not torch.equal(biases[0], biases[-1])
 
 
 def test_resume_refuses_another_recipe(synth_dir, tmp_path):

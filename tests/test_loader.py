@@ -17,8 +17,10 @@ from multitower.data.loader import (
     ExampleSource,
     TrainBatches,
     derive_seed,
+    example_coins,
     running_producers,
 )
+from multitower.data.fast_augment import FlipTranslate, normalize
 from multitower.errors import UserError
 
 
@@ -208,3 +210,36 @@ def test_eval_errors():
         EvalBatches(ArraySource(10), batch_size=0)
     with pytest.raises(UserError, match="rank=3 is out of range"):
         EvalBatches(ArraySource(10), batch_size=4, rank=3, world_size=3)
+
+
+def test_alternating_flip_mirrors_every_image_in_every_other_epoch():
+    # pad=0: no translation, so each training image is its normalised original or its mirror.
+    source = ArraySource(40)
+    batches = TrainBatches(source, global_batch_size=10, seed=5, augment=FlipTranslate(pad=0))
+    flipped = {}  # example -> [mirrored in epoch 0, 1, 2, 3]
+    for step in range(4 * batches.steps_per_epoch):
+        batch = batches.batch_at(step)
+        plain = normalize(source.images[torch.from_numpy(batch.indices)])
+        for example, image, original in zip(batch.indices, batch.images, plain):
+            mirrored = torch.equal(image, original.flip(-1))
+            assert mirrored or torch.equal(image, original)
+            flipped.setdefault(int(example), []).append(mirrored)
+    assert len(flipped) == 40 and all(len(f) == 4 for f in flipped.values())
+    assert all(f == [f[0], not f[0], f[0], not f[0]] for f in flipped.values())  # alternates
+    first = [f[0] for f in flipped.values()]
+    assert 10 <= sum(first) <= 30  # epoch 0: a fair coin per image (binomial(40, 1/2))
+    # The coins are the run's: another seed picks other images; every rank sees the same.
+    assert not torch.equal(example_coins(5, np.arange(40)), example_coins(6, np.arange(40)))
+    ranks = [TrainBatches(source, global_batch_size=10, rank=r, world_size=2, seed=5,
+                          augment=FlipTranslate(pad=0)).batch_at(7) for r in range(2)]
+    assert torch.equal(torch.cat([b.images for b in ranks]), batches.batch_at(7).images)
+    # Without alternation each draw flips at random: some image shows the same view twice running.
+    random_flips = TrainBatches(source, global_batch_size=10, seed=5,
+                                augment=FlipTranslate(pad=0, alternate_flip=False))
+    views = {}
+    for step in range(2 * random_flips.steps_per_epoch):
+        batch = random_flips.batch_at(step)
+        plain = normalize(source.images[torch.from_numpy(batch.indices)])
+        for example, image, original in zip(batch.indices, batch.images, plain):
+            views.setdefault(int(example), []).append(torch.equal(image, original))
+    assert any(v[0] == v[1] for v in views.values())

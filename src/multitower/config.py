@@ -50,7 +50,8 @@ class OptimConfig:
     recipe: str = "tutorial"
     """Training recipe (multitower.train.recipe.RECIPES): "tutorial" (the TF tutorial: 24x24 crops,
     TF distortions, SGD with staircase decay) or "fast" (airbench: whitened VGG-like net on 32x32,
-    flip+translate, Nesterov SGD, label smoothing, warm-up + linear decay to 0, flip TTA)."""
+    alternating flip + translate, Nesterov SGD, label smoothing, warm-up + linear decay, Lookahead,
+    flip+translate TTA)."""
     lr: float = 0.1
     """Initial learning rate (tutorial INITIAL_LEARNING_RATE); the peak learning rate of the fast recipe."""
     lr_decay_factor: float = 0.1

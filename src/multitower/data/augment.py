@@ -40,6 +40,17 @@ class PerImageDraws:
         return type(self)(*(getattr(self, f.name)[sl] for f in fields(self)))
 
 
+@dataclass(frozen=True)
+class Visit:
+    """What a training batch's draws may depend on besides its step's generator: the epoch,
+    and one fair coin per image of the (global) batch that stays the same for that example
+    all run (loader.example_coins). The tutorial's distortions ignore it; the fast recipe's
+    alternating flip mirrors an image in the epochs where coin XOR (epoch is odd)."""
+
+    epoch: int
+    coins: torch.Tensor  # bool [n]
+
+
 @dataclass
 class Distortions(PerImageDraws):
     """The tutorial's draws for a batch of images (see PerImageDraws)."""
@@ -226,12 +237,12 @@ def eval_transform(images: torch.Tensor, crop_size: int = 24) -> torch.Tensor:
 @dataclass(frozen=True)
 class TutorialDistortions:
     """The tutorial's input pipeline as one object, the interface TrainBatches and EvalBatches
-    take (`sample(n, generator)` -> per-image draws that slice, `apply(images, draws)`,
+    take (`sample(n, generator, visit)` -> per-image draws that slice, `apply(images, draws)`,
     `eval_transform(images)`); data/fast_augment.FlipTranslate is the fast recipe's."""
 
     crop_size: int = 24
 
-    def sample(self, n: int, generator: torch.Generator) -> Distortions:
+    def sample(self, n: int, generator: torch.Generator, visit: Visit | None = None) -> Distortions:
         return sample_distortions(n, generator, crop_size=self.crop_size)
 
     def apply(self, images: torch.Tensor, d: Distortions) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The fast recipe's input pipeline (airbench): full 32x32 images, batched, no per-image loop.
 
 Training: random translation by up to `pad` pixels on each axis (a random crop of the image
-reflect-padded by `pad`, as airbench's batch_crop on a reflect-padded batch) and a random
-left-right flip, then per-channel normalisation with the CIFAR-10 mean and stddev. No
+reflect-padded by `pad`, as airbench's batch_crop on a reflect-padded batch) and a left-right
+flip in alternate epochs (airbench's alternating flip; random per draw without the loader's
+epoch and per-image coins), then per-channel normalisation with the CIFAR-10 mean and stddev. No
 brightness/contrast distortions, no per-image standardisation.
 Evaluation: the per-channel normalisation alone.
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from multitower.data.augment import PerImageDraws
+from multitower.data.augment import PerImageDraws, Visit
 from multitower.errors import UserError
 
 # CIFAR-10's training-set channel statistics on [0, 1] (as airbench, hlb-CIFAR10 and
@@ -60,16 +61,25 @@ class FlipTranslate:
     pad: int = 2
     mean: tuple[float, ...] = CIFAR10_MEAN
     std: tuple[float, ...] = CIFAR10_STD
+    alternate_flip: bool = True
+    """airbench's derandomised flip: each image is mirrored in every other epoch (a coin
+    fixed per image picks which), so two consecutive epochs see both views, where random
+    flips would show ~half the images the same way twice. False: an independent coin per draw."""
 
-    def sample(self, n: int, generator: torch.Generator) -> Translations:
-        """Draw n images' translations and flips, in a fixed order (shift_y, shift_x, flip)."""
+    def sample(self, n: int, generator: torch.Generator, visit: Visit | None = None) -> Translations:
+        """Draw n images' translations (shift_y, then shift_x) and flips: with alternate_flip
+        and a `visit` (the loader's), flip = coin XOR (epoch is odd); otherwise drawn too."""
         if self.pad < 0:
             raise UserError(f"translation pad={self.pad} is negative")
-        return Translations(
-            shift_y=torch.randint(-self.pad, self.pad + 1, (n,), generator=generator),
-            shift_x=torch.randint(-self.pad, self.pad + 1, (n,), generator=generator),
-            flip=torch.rand(n, generator=generator) < 0.5,
-        )
+        shift_y = torch.randint(-self.pad, self.pad + 1, (n,), generator=generator)
+        shift_x = torch.randint(-self.pad, self.pad + 1, (n,), generator=generator)
+        if self.alternate_flip and visit is not None:
+            if len(visit.coins) != n:
+                raise ValueError(f"{len(visit.coins)} coins for a batch of {n} images")
+            flip = visit.coins ^ (visit.epoch % 2 == 1)
+        else:
+            flip = torch.rand(n, generator=generator) < 0.5
+        return Translations(shift_y=shift_y, shift_x=shift_x, flip=flip)
 
     def translate_and_flip(self, images: torch.Tensor, d: Translations) -> torch.Tensor:
         """uint8 [B, C, H, W] -> uint8 [B, C, H, W]: out[b, c, i, j] = image[b, c, R(i + dy), R(j' + dx)]

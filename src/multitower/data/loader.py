@@ -5,9 +5,11 @@ on what ran before:
   epoch e = step // steps_per_epoch visits the examples in the order
       torch.randperm(len(source), generator=Generator().manual_seed(derive_seed(seed, PERMUTATION, e)));
   the global batch of `step` is that order's slice [(step % steps_per_epoch) * G, ... + G);
-  its distortions are augment.sample(G, Generator().manual_seed(derive_seed(seed, DISTORTION, step)))
+  its distortions are augment.sample(G, Generator().manual_seed(derive_seed(seed, DISTORTION, step)), visit)
       drawn for the whole global batch (augment: the tutorial's sample_distortions by default,
-      or a recipe's, e.g. data/fast_augment.FlipTranslate);
+      or a recipe's, e.g. data/fast_augment.FlipTranslate), where visit (augment.Visit) holds
+      the epoch and a coin per example fixed for the run (example_coins), for draws that
+      depend on the example (the fast recipe's alternating flip);
   rank r takes the contiguous slice [r * B, (r + 1) * B), B = G // world_size, of both.
 So N workers with batch B see exactly what one worker with batch N*B sees, and a run
 resumed at step s (start_step=s) goes on with exactly the next examples.
@@ -26,7 +28,7 @@ from typing import Callable, Iterable, Iterator, Protocol, TypeVar, runtime_chec
 import numpy as np
 import torch
 
-from multitower.data.augment import TutorialDistortions
+from multitower.data.augment import TutorialDistortions, Visit
 from multitower.errors import UserError
 
 _MASK64 = (1 << 64) - 1
@@ -34,6 +36,7 @@ _MASK64 = (1 << 64) - 1
 # Stream tags keep the permutation of epoch k and the distortions of step k apart.
 PERMUTATION = 1
 DISTORTION = 2
+EXAMPLE_COINS = 3
 
 
 @runtime_checkable
@@ -65,6 +68,23 @@ def _splitmix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
+
+
+def _splitmix64_array(x: np.ndarray) -> np.ndarray:
+    """_splitmix64 on every element of a uint64 array (numpy wraps uint64 arithmetic)."""
+    u = np.uint64
+    x = x + u(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> u(30))) * u(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> u(27))) * u(0x94D049BB133111EB)
+    return x ^ (x >> u(31))
+
+
+def example_coins(seed: int, examples: np.ndarray) -> torch.Tensor:
+    """One fair coin per example, fixed for the run (the same in every epoch and on every
+    rank): the top bit of SplitMix64 of the example's position mixed with the run's seed."""
+    key = np.uint64(derive_seed(seed, EXAMPLE_COINS, 0))
+    mixed = _splitmix64_array(np.asarray(examples).astype(np.uint64) ^ key)
+    return torch.from_numpy((mixed >> np.uint64(63)).astype(bool))
 
 
 def derive_seed(seed: int, stream: int, counter: int) -> int:
@@ -340,7 +360,7 @@ class TrainBatches(_Batches):
     ):
         super().__init__(prefetch, device)
         num_examples = _check_source(source, "TrainBatches")
-        # sample(n, generator) -> draws that slice per rank; apply(uint8 images, draws) -> float.
+        # sample(n, generator, visit) -> draws that slice per rank; apply(uint8 images, draws) -> float.
         self.augment = augment if augment is not None else TutorialDistortions()
         _check_positive("global_batch_size", global_batch_size)
         _check_rank(rank, world_size)
@@ -402,9 +422,11 @@ class TrainBatches(_Batches):
 
     def batch_at(self, step: int) -> Batch:
         """This rank's batch for `step`, made synchronously; iteration yields the same."""
-        indices = self.indices_at(step)
+        everyone = self.global_indices_at(step)
+        indices = everyone[self._rank_slice()].copy()
         generator = _seeded(derive_seed(self.seed, DISTORTION, step))
-        draws = self.augment.sample(self.global_batch_size, generator)[self._rank_slice()]
+        visit = Visit(epoch=self.epoch_of(step), coins=example_coins(self.seed, everyone))
+        draws = self.augment.sample(self.global_batch_size, generator, visit)[self._rank_slice()]
         # The source gets its own copy: it may sort or reuse the array.
         raw_images, labels = self.source.gather(indices.copy())
         images, labels = _to_device(self.augment.apply(raw_images, draws), labels, self.device)

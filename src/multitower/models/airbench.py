@@ -2,9 +2,11 @@
 (Keller Jordan's airbench94 / hlb-CIFAR10, https://github.com/KellerJordan/cifar10-airbench),
 on full 32x32 images, for `--recipe fast` (see multitower.train.recipe).
 
-  whiten  frozen 2x2 conv, 3 -> 24 channels: the eigenvectors of the training data's
-          2x2x3 patch covariance, scaled by 1/sqrt(eigenvalue), and their negatives
-          (fit_whitening; buffers, so checkpoints and eval reproduce it), then GELU
+  whiten  2x2 conv, 3 -> 24 channels, its filters frozen: the eigenvectors of the training
+          data's 2x2x3 patch covariance, scaled by 1/sqrt(eigenvalue), and their negatives
+          (fit_whitening; a buffer, so checkpoints and eval reproduce it); its bias starts
+          by centring the patches and is a parameter (the fast recipe trains it for the
+          first 3 epochs, as airbench), then GELU
   block1  conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU   (widths[0] channels)
   block2  the same                                                     (widths[1])
   block3  the same                                                     (widths[2])
@@ -30,13 +32,14 @@ AIRBENCH_WIDTHS = (64, 256, 256)
 
 
 class Whitening(nn.Module):
-    """A frozen conv whose filters whiten the image's k x k patches.
+    """A conv whose frozen filters whiten the image's k x k patches.
 
-    weight/bias are buffers (never trained, never averaged differently from what they are):
-    for the patch covariance C = V diag(lam) V^T of the data it was fit on, and the patch
+    For the patch covariance C = V diag(lam) V^T of the data it was fit on, and the patch
     mean m, filter i is v_i / sqrt(lam_i + eps) and bias_i = -filter_i . m, so the outputs
     of the first half of the channels have covariance ~ identity and mean 0; the second half
-    are their negatives (so that the GELU after it keeps both signs).
+    are their negatives (so that the GELU after it keeps both signs). The filters are a
+    buffer (never trained); the bias is a parameter that fit() initialises (a recipe may
+    train it or leave it: requires_grad is the caller's choice).
     """
 
     def __init__(self, in_channels: int = 3, kernel_size: int = 2, eps: float = 5e-4):
@@ -47,7 +50,7 @@ class Whitening(nn.Module):
         # Until fit: the identity basis (each filter picks one pixel of the patch), and negatives.
         eye = torch.eye(dim).view(dim, in_channels, kernel_size, kernel_size)
         self.register_buffer("weight", torch.cat([eye, -eye]))
-        self.register_buffer("bias", torch.zeros(2 * dim))
+        self.bias = nn.Parameter(torch.zeros(2 * dim))
 
     def patches(self, images: torch.Tensor) -> torch.Tensor:
         """Every k x k patch of float images [N, C, H, W] as rows [N * P, C * k * k],
@@ -79,7 +82,7 @@ class Whitening(nn.Module):
         return F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, frozen"
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, frozen filters"
 
 
 class Conv(nn.Conv2d):

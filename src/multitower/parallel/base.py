@@ -47,6 +47,9 @@ class Strategy:
     refuses: dict[str, str] = {}
     """Fast-path flags this strategy cannot apply -> why; config.validate refuses them in one
     line, and --channels-last's automatic default stays off."""
+    shares_parameters = False
+    """True where the processes train one set of weights in shared memory (hogwild): what
+    changes the weights outside the optimizer (Lookahead) then runs on rank 0 alone."""
     trains = True
     """False for a process with another role (downpour's parameter servers): train() then
     calls its `serve()`, which returns when the job is done, and skips the training loop."""

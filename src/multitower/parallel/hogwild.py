@@ -45,6 +45,7 @@ FILE_PREFIX = "multitower-hogwild-"
 class Hogwild(Strategy):
     name = "hogwild"
     refuses = {"--channels-last": "maps its parameters onto one flat shared buffer in NCHW order"}
+    shares_parameters = True
 
     def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):
         if device.type != "cpu":

@@ -13,7 +13,7 @@ def tf_ema_decay(decay: float, num_updates: int) -> float:
     return min(decay, (1.0 + num_updates) / (10.0 + num_updates))
 
 
-def _averaged(model: nn.Module):
+def averaged_tensors(model: nn.Module):
     """(name, tensor) of what the average covers: the trainable parameters, and the
     floating-point buffers (batch norm's running mean and variance, as timm's ModelEmaV2 and
     torch's AveragedModel(use_buffers=True) do; constant buffers such as a frozen whitening
@@ -39,19 +39,19 @@ class ExponentialMovingAverage:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.shadow: dict[str, torch.Tensor] = {name: t.detach().clone() for name, t in _averaged(model)}
+        self.shadow: dict[str, torch.Tensor] = {name: t.detach().clone() for name, t in averaged_tensors(model)}
 
     @torch.no_grad()
     def update(self, model: nn.Module, global_step: int) -> None:
         weight = 1.0 - tf_ema_decay(self.decay, global_step)
-        for name, t in _averaged(model):
+        for name, t in averaged_tensors(model):
             if name in self.shadow:
                 self.shadow[name].lerp_(t.detach(), weight)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Load the averaged weights (and buffers) into `model` (the evaluation model)."""
-        for name, t in _averaged(model):
+        for name, t in averaged_tensors(model):
             if name in self.shadow:
                 t.copy_(self.shadow[name])
 

@@ -27,6 +27,7 @@ from multitower.parallel import STRATEGIES
 from multitower.parallel.memory import check_memory_budget
 from multitower.train.checkpoint import CheckpointDir, atomic_write_bytes
 from multitower.train.ema import ExponentialMovingAverage, LossAverage
+from multitower.train.lookahead import Lookahead
 from multitower.train.recipe import get_recipe, steps_for_epochs
 from multitower.train.summaries import Summaries, capture_activations
 from multitower.heartbeat import Heartbeat
@@ -154,6 +155,12 @@ def train(cfg: Config, on_step=None) -> TrainResult:
     # After wrap: a pipeline stage holds only its own layers.
     check_memory_budget(model, optimizer, cfg.parallel.max_memory_per_device, strategy.rank)
     ema = ExponentialMovingAverage(model, cfg.optim.ema_decay)
+    # A recipe's Lookahead: on every process's own weights, or rank 0's alone where the
+    # processes share one set (hogwild).
+    lookahead = None
+    if recipe.lookahead is not None and (strategy.is_rank0 or not strategy.shares_parameters):
+        steps_per_epoch = steps_for_epochs(1, len(train_split), cfg.data.batch_size)
+        lookahead = Lookahead(recipe.lookahead, cfg.run.steps, steps_per_epoch)
     loss_avg, ce_avg = LossAverage(cfg.optim.loss_average_decay), LossAverage(cfg.optim.loss_average_decay)
     checkpoints = CheckpointDir(run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
 
@@ -162,6 +169,8 @@ def train(cfg: Config, on_step=None) -> TrainResult:
         state = checkpoints.load(map_location=device)
         strategy.load_state_dict(state)
         ema.load_state_dict(state["ema"])
+        if lookahead is not None:
+            lookahead.load_state_dict(state.get("lookahead"))
         loss_avg.value, ce_avg.value = state["loss_average"], state["cross_entropy_average"]
         torch.set_rng_state(state["rng"])
         step = state["step"]
@@ -180,6 +189,8 @@ def train(cfg: Config, on_step=None) -> TrainResult:
         state = strategy.state_dict()  # on every rank: a strategy may need a collective to gather it
         ema_state = strategy.gather_named_tensors(ema.state_dict())  # a collective where ranks hold parts
         if strategy.is_rank0:
+            if lookahead is not None:
+                state = {**state, "lookahead": lookahead.state_dict()}
             checkpoints.save({**state, "ema": ema_state, "rng": torch.get_rng_state(),
                               "loss_average": loss_avg.value, "cross_entropy_average": ce_avg.value,
                               "config": cfg.to_json(), "model_name": cfg.model.name,
@@ -204,13 +215,17 @@ def train(cfg: Config, on_step=None) -> TrainResult:
             batch = next(batch_iter)
             data_wait_s += time.perf_counter() - wait_start
             lr = lr_at(step)
+            epoch = batches.epoch_of(step)
             for group in optimizer.param_groups:  # a recipe may scale a group's lr (fast: BN shifts)
-                group["lr"] = lr * group.get("lr_scale", 1.0)
+                done = epoch >= group.get("train_epochs", math.inf)  # (fast: the whitening bias)
+                group["lr"] = 0.0 if done else lr * group.get("lr_scale", 1.0)
             summarize = summaries is not None and cfg.run.summary_every and step % cfg.run.summary_every == 0
             with capture_activations(model) if summarize else contextlib.nullcontext({}) as activations:
                 metrics = strategy.step(batch)
             step += 1
             maybe_inject(strategy.rank, step)
+            if lookahead is not None:
+                lookahead.after_step(model, step)
             ema.update(model, step)
             window_steps += 1
             window_examples += metrics.examples

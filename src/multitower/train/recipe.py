@@ -5,11 +5,13 @@ schedule a run uses, and how evaluation turns images into logits.
             TF distortions, cross-entropy + L2 on local3/local4, plain SGD, staircase decay.
   fast      airbench (Keller Jordan's airbench94 / hlb-CIFAR10, the fastest published CIFAR-10
             training): the `airbench` net on full 32x32 images with a frozen patch-whitening
-            first layer fit on the training data, random flip + 2-pixel reflect translation,
+            first layer fit on the training data, alternating flip + 2-pixel reflect translation,
             per-channel normalisation, label smoothing 0.2, Nesterov SGD (momentum 0.85) with
             weight decay in the optimizer and a 64x learning rate on batch-norm shifts, a linear
-            warm-up then linear decay to 0 over the run, and test-time augmentation over mirror
-            images and 1-pixel translations (airbench94's tta_level 2).
+            warm-up then linear decay (airbench's triangle: 0.2 -> 1 at 23% -> 0.07), the
+            whitening bias trained for the first 3 epochs, Lookahead on the weights from
+            epoch 3 (train/lookahead.py), and test-time augmentation over mirror images and
+            1-pixel translations (airbench94's tta_level 2).
 
 The training loop looks a recipe up by name (cfg.optim.recipe) and calls its functions; it
 never branches on the name. Every recipe works with the strategies single, sync, local-sgd
@@ -38,6 +40,7 @@ from multitower.data.augment import TutorialDistortions
 from multitower.data.fast_augment import FlipTranslate
 from multitower.errors import UserError
 from multitower.models.cifar10_tf import tower_loss
+from multitower.train.lookahead import LookaheadSchedule
 from multitower.train.schedule import decay_steps_for, staircase_lr
 
 # loss_fn(model, logits, labels) -> (total loss, cross-entropy), as parallel.base.LossFn.
@@ -50,12 +53,13 @@ class Recipe:
     models: tuple[str, ...]
     """Models the recipe trains (the first is its default): the input pipeline fixes the image size."""
     augment: Any
-    """Input pipeline: sample(n, generator) -> draws (sliceable per rank), apply(uint8 images,
+    """Input pipeline: sample(n, generator, visit) -> draws (sliceable per rank), apply(uint8 images,
     draws) -> float training images, eval_transform(uint8 images) -> float eval images."""
     make_loss: Callable[[Any], LossFn]
     """cfg -> loss_fn(model, logits, labels) -> (total, cross_entropy)."""
     make_optimizer: Callable[[nn.Module, Any], torch.optim.Optimizer]
-    """(model, cfg) -> optimizer. A param group's "lr_scale" (default 1) multiplies the schedule's lr."""
+    """(model, cfg) -> optimizer. A param group's "lr_scale" (default 1) multiplies the schedule's
+    lr; its "train_epochs", if set, is how many epochs it trains (lr 0 afterwards)."""
     make_schedule: Callable[[Any, int], Callable[[int], float]]
     """(cfg, training examples) -> lr_at(step): the learning rate of the update made at `step` (0-based)."""
     prepare_model: Callable[[nn.Module, Any, Any], None]
@@ -69,6 +73,8 @@ class Recipe:
     """CLI presets for flags not given: model, widths, batch_size, ema_decay, steps or epochs."""
     unsupported: dict[str, str] = field(default_factory=dict)
     """Strategy -> why this recipe cannot run under it."""
+    lookahead: LookaheadSchedule | None = None
+    """Lookahead the loop applies to the weights while training (fast: airbench's), or None."""
 
 
 # --- tutorial ---------------------------------------------------------------------------
@@ -114,9 +120,11 @@ class FastHyper:
     weight_decay: float = 0.0153 / 11.5  # ~1.33e-3, in the optimizer, not the loss
     bias_lr_scale: float = 64.0
     label_smoothing: float = 0.2
-    warmup_fraction: float = 0.2  # of the run's steps; airbench: 23%
+    warmup_fraction: float = 0.23  # of the run's steps, as airbench
     warmup_start: float = 0.2  # warm-up starts at this fraction of the peak lr, as airbench
+    final_lr_fraction: float = 0.07  # the decay ends at this fraction of the peak lr, as airbench
     whitening_images: int = 5000  # training images the whitening layer is fit on (airbench: 5000)
+    whitening_bias_epochs: int = 3  # the whitening layer's bias trains this long, then stays (airbench)
 
 
 FAST = FastHyper()
@@ -148,28 +156,36 @@ def _batch_norm_shifts(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _fast_optimizer(model: nn.Module, cfg, hyper: FastHyper = FAST) -> torch.optim.Optimizer:
+    """Three groups: the weights; the batch-norm shifts (64x lr); the whitening bias, trained
+    for its first epochs only ("train_epochs": the loop gives the group lr 0 from then on,
+    rather than requires_grad=False, which DDP's reducer would not expect)."""
     shifts = _batch_norm_shifts(model)
-    shift_ids = {id(p) for p in shifts}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in shift_ids]
+    whitening_bias = [model.whiten.bias] if model.whiten.bias.requires_grad else []
+    special = {id(p) for p in shifts + whitening_bias}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
     groups = [{"params": others, "lr_scale": 1.0, "weight_decay": hyper.weight_decay},
               {"params": shifts, "lr_scale": hyper.bias_lr_scale,
-               "weight_decay": hyper.weight_decay / hyper.bias_lr_scale}]
+               "weight_decay": hyper.weight_decay / hyper.bias_lr_scale},
+              {"params": whitening_bias, "lr_scale": 1.0, "weight_decay": hyper.weight_decay,
+               "train_epochs": hyper.whitening_bias_epochs}]
     return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=hyper.momentum, nesterov=True)
 
 
 def warmup_linear_decay(step: int, peak: float, total_steps: int, warmup_steps: int,
-                        start_factor: float = 0.0) -> float:
-    """Linear from start_factor x peak at step 0 to peak at warmup_steps, then linear to 0 at
-    total_steps (the update at the last step, total_steps - 1, is peak / (total - warmup))."""
+                        start_factor: float = 0.0, end_factor: float = 0.0) -> float:
+    """Linear from start_factor x peak at step 0 to peak at warmup_steps, then linear to
+    end_factor x peak at total_steps (airbench's triangle: 0.2, 1, 0.07)."""
     if step < warmup_steps:
         return peak * (start_factor + (1.0 - start_factor) * step / warmup_steps)
-    return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    remaining = max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return peak * (end_factor + (1.0 - end_factor) * remaining)
 
 
 def _fast_schedule(cfg, train_examples: int, hyper: FastHyper = FAST) -> Callable[[int], float]:
     total = cfg.run.steps
-    warmup = min(max(1, round(hyper.warmup_fraction * total)), max(total - 1, 0))
-    return lambda step: warmup_linear_decay(step, cfg.optim.lr, total, warmup, hyper.warmup_start)
+    warmup = min(max(1, int(hyper.warmup_fraction * total)), max(total - 1, 0))
+    return lambda step: warmup_linear_decay(step, cfg.optim.lr, total, warmup, hyper.warmup_start,
+                                            hyper.final_lr_fraction)
 
 
 @torch.no_grad()
@@ -199,7 +215,7 @@ FAST_RECIPE = Recipe(
     name="fast", models=("airbench",), augment=FlipTranslate(pad=2),
     make_loss=lambda cfg: label_smoothing_loss(FAST.label_smoothing),
     make_optimizer=_fast_optimizer, make_schedule=_fast_schedule,
-    prepare_model=fit_whitening, eval_logits=flip_translate_tta_logits,
+    prepare_model=fit_whitening, eval_logits=flip_translate_tta_logits, lookahead=LookaheadSchedule(),
     default_lr=lambda batch_size: FAST.lr_per_1024 * batch_size / 1024,
     defaults={"model": "airbench", "widths": FAST_CPU_WIDTHS, "batch_size": 512, "ema_decay": 0.99,
               "epochs": 10.0},
