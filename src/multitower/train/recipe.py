@@ -133,7 +133,7 @@ FAST = FastHyper()
 # the measured training throughput (benchmarks/fast_throughput.py: full step at batch 512,
 # 2 threads, channels_last; see the fast-recipe section of README.md): airbench94's
 # 64/256/256 does ~150 images/s on a quiet machine (10 epochs of 45,000 images: ~50 min;
-# measured 90.3%), 32/128/128 ~670 (~11 min; 87.4%). A short real run by default; on a GPU
+# measured 90.7%), 32/128/128 ~670 (~11 min; 88.2%). A short real run by default; on a GPU
 # pass --widths 64,256,256 (airbench94's own).
 FAST_CPU_WIDTHS = [32, 128, 128]
 
