@@ -60,7 +60,7 @@ def evaluate_state(state: dict, cfg: Config, split_name: str, *, data_dir: str |
                    device: torch.device = torch.device("cpu"), batch_size: int = 500,
                    use_ema: bool = True) -> EvalResult:
     """Evaluate the weights of one checkpoint `state` on a split of the run's data set, with the
-    run's recipe's input transform and logits (the fast recipe: normalisation, flip TTA)."""
+    run's recipe's input transform and logits (the fast recipe: normalisation, flip+translate TTA)."""
     dataset = open_dataset(data_dir or cfg.data.dir, label=cfg.data.label)
     split = dataset.split(split_name)
     num_classes = dataset.fmt.num_classes
