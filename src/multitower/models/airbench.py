@@ -38,8 +38,8 @@ class Whitening(nn.Module):
     mean m, filter i is v_i / sqrt(lam_i + eps) and bias_i = -filter_i . m, so the outputs
     of the first half of the channels have covariance ~ identity and mean 0; the second half
     are their negatives (so that the GELU after it keeps both signs). The filters are a
-    buffer (never trained); the bias is a parameter that fit() initialises (a recipe may
-    train it or leave it: requires_grad is the caller's choice).
+    buffer (never trained); the bias is a parameter that fit() initialises and the fast
+    recipe's optimizer trains for the first epochs only (train/recipe.py).
     """
 
     def __init__(self, in_channels: int = 3, kernel_size: int = 2, eps: float = 5e-4):

@@ -160,13 +160,13 @@ def _fast_optimizer(model: nn.Module, cfg, hyper: FastHyper = FAST) -> torch.opt
     for its first epochs only ("train_epochs": the loop gives the group lr 0 from then on,
     rather than requires_grad=False, which DDP's reducer would not expect)."""
     shifts = _batch_norm_shifts(model)
-    whitening_bias = [model.whiten.bias] if model.whiten.bias.requires_grad else []
-    special = {id(p) for p in shifts + whitening_bias}
+    whitening_bias = model.whiten.bias
+    special = {id(p) for p in shifts} | {id(whitening_bias)}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
     groups = [{"params": others, "lr_scale": 1.0, "weight_decay": hyper.weight_decay},
               {"params": shifts, "lr_scale": hyper.bias_lr_scale,
                "weight_decay": hyper.weight_decay / hyper.bias_lr_scale},
-              {"params": whitening_bias, "lr_scale": 1.0, "weight_decay": hyper.weight_decay,
+              {"params": [whitening_bias], "lr_scale": 1.0, "weight_decay": hyper.weight_decay,
                "train_epochs": hyper.whitening_bias_epochs}]
     return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=hyper.momentum, nesterov=True)
 
