@@ -196,7 +196,12 @@ def test_whitening_bias_trains_for_its_first_epochs_only(synth_dir, tmp_path):
     cfg = fast_cfg(synth_dir, tmp_path / "run", 32)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=256))
     biases = []
-    train(cfg, on_step=lambda step, model, ema: biases.append(model.whiten.bias.detach().clone()) and False)
+
+    def record_bias(step, model, ema) -> bool:
+        biases.append(model.whiten.bias.detach().clone())
+        return False  # never stop the run
+
+    train(cfg, on_step=record_bias)
     moved = [not torch.equal(a, b) for a, b in zip(biases, biases[1:])]  # moved[i]: at step i + 2
     assert all(moved[:23]) and not any(moved[23:]), moved
     assert not torch.equal(biases[0], biases[-1])

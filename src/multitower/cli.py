@@ -41,9 +41,10 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("recipe and model")
     g.add_argument("--recipe", default=o.recipe, choices=list(RECIPE_NAMES),
                    help="training recipe: tutorial (TF's CIFAR-10 tutorial) or fast (airbench: whitened "
-                        "VGG-like net on 32x32, alternating flip, label smoothing, Nesterov SGD, warm-up + linear "
-                        "decay, Lookahead, flip+translate TTA); it presets --model, --widths, --batch-size, --lr, --ema-decay and the "
-                        "length of the run, flags given win (default: %(default)s)")
+                        "VGG-like net on 32x32, alternating flip, label smoothing, Nesterov SGD, warm-up + "
+                        "linear decay, Lookahead, flip+translate TTA); it presets --model, --widths, "
+                        "--batch-size, --lr, --ema-decay and the length of the run, flags given win "
+                        "(default: %(default)s)")
     g.add_argument("--model", default=None, help="model name (default: the recipe's; tutorial cifar10-tf, "
                                                  "fast airbench)")
     g.add_argument("--width", type=_whole_number, default=m.width, help="channel multiplier (default: %(default)s)")

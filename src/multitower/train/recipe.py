@@ -66,7 +66,8 @@ class Recipe:
     """(model, training split, recipe) -> None: data-dependent initialisation before training
     (the fast recipe's whitening); must be deterministic, every rank calls it."""
     eval_logits: Callable[[nn.Module, torch.Tensor], torch.Tensor]
-    """(model in eval mode, eval images) -> logits; the fast recipe averages over mirror images and 1-pixel shifts (TTA)."""
+    """(model in eval mode, eval images) -> logits; the fast recipe averages over mirror images
+    and 1-pixel shifts (TTA)."""
     default_lr: Callable[[int], float]
     """Global batch size -> the --lr the recipe uses unless told otherwise."""
     defaults: dict[str, Any] = field(default_factory=dict)
