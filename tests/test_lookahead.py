@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+from multitower.train.ema import averaged_tensors
 from multitower.train.lookahead import Lookahead, LookaheadSchedule
 
 
 def averaged(model):
-    return {**{n: p for n, p in model.named_parameters() if p.requires_grad},
-            **{n: b for n, b in model.named_buffers() if b.is_floating_point()}}
+    return dict(averaged_tensors(model))  # what Lookahead covers: as the moving average
 
 
 def reference(start, deltas, total, steps_per_epoch, schedule):
