@@ -3,6 +3,7 @@ average of BN statistics, exact resume, and short CLI runs (single and 2-worker 
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -238,9 +239,9 @@ def test_dry_run_derives_steps_from_epochs(capsys, synth_dir, tmp_path):
     assert code == 0 and "recipe fast, airbench" in out and "global batch 128, 48 steps" in out
 
 
-def cli(*argv, timeout=300):
+def cli(*argv, timeout=300, env=None):
     return subprocess.run([sys.executable, "-m", "multitower", *argv], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def test_fast_recipe_trains_and_evaluates_through_the_cli(synth_dir, tmp_path):
@@ -273,3 +274,35 @@ def test_fast_recipe_with_two_workers(synth_dir, tmp_path, strategy):
     evaluated = cli("eval", str(run_dir), "--once")
     assert evaluated.returncode == 0, evaluated.stderr
     assert "precision @ 1" in evaluated.stdout
+
+
+def test_local_sgd_fast_recipe_resumes_bitwise_after_a_crash(synth_dir, tmp_path):
+    """Rank 1 is killed at step 19 of 20 (2 workers, averaging every 4 steps, a checkpoint
+    at step 18); the launcher restarts both from step 18, where the replicas differ (last
+    averaged at 16) and each has its own momentum and Lookahead slow weights (taken at step
+    15: 4 steps per epoch, from epoch 3). The run must end bitwise as one that never crashed."""
+    common = ["train", "--recipe", "fast", "--data", str(synth_dir), "--strategy", "local-sgd", "--workers", "2",
+              "--sync-every", "4", "--device", "cpu", "--widths", ",".join(map(str, TINY)), "--batch-size", "512",
+              "--steps", "20", "--checkpoint-every", "18", "--log-every", "10", "--summary-every", "0"]
+    crashed = cli(*common, "--run-dir", str(tmp_path / "crashed"), "--max-restarts", "1",
+                  env={"MULTITOWER_FAULT": "1:19:kill"})
+    assert crashed.returncode == 0, crashed.stderr
+    assert "at step 18 (restart 1 after a worker failure)" in crashed.stdout, crashed.stdout
+    straight = cli(*common, "--run-dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+    at_18 = CheckpointDir(tmp_path / "straight" / "checkpoints").load(step=18)
+    replicas = at_18["replicas"]
+    assert len(replicas) == 2 and all(r["lookahead"] is not None for r in replicas)
+    assert not torch.equal(replicas[0]["model"]["head.weight"], replicas[1]["model"]["head.weight"])
+    a = CheckpointDir(tmp_path / "crashed" / "checkpoints").load()
+    b = CheckpointDir(tmp_path / "straight" / "checkpoints").load()
+    assert a["step"] == b["step"] == 20
+    for rank in (0, 1):
+        mine, theirs = a["replicas"][rank], b["replicas"][rank]
+        for part in ("model", "ema", "lookahead"):
+            for name, tensor in theirs[part].items():
+                assert torch.equal(mine[part][name], tensor), f"rank {rank} {part}/{name} differs after the restart"
+        for key, state in theirs["optimizer"]["state"].items():
+            assert torch.equal(mine["optimizer"]["state"][key]["momentum_buffer"], state["momentum_buffer"])
+    for name, tensor in b["model"].items():
+        assert torch.equal(a["model"][name], tensor), f"model/{name} differs after the restart"

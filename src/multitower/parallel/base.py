@@ -90,6 +90,21 @@ class Strategy:
         whole model; a strategy whose ranks hold parts of it (pipeline) gathers them."""
         return named
 
+    def replica_states(self, loop_state: dict) -> list[dict] | None:
+        """Every rank's own state, gathered on rank 0 for the checkpoint's "replicas", where
+        the processes' replicas differ between steps (local-sgd); `loop_state` is what the
+        loop keeps per process (moving average, Lookahead). A collective: every rank calls
+        it. None (here) where rank 0's state stands for every rank."""
+        return None
+
+    def own_replica(self, state: dict) -> dict | None:
+        """This rank's entry of a checkpoint's "replicas", if it was written by as many
+        processes as there are now; None otherwise (resume from the shared state)."""
+        replicas = state.get("replicas")
+        if replicas is None or len(replicas) != self.world_size:
+            return None
+        return replicas[self.rank]
+
     def state_dict(self) -> dict:
         """Called on every rank (it may be a collective); rank 0 writes it. The same keys
         at any world size, so that eval and a resume with other workers can read it."""

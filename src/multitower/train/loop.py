@@ -168,9 +168,11 @@ def train(cfg: Config, on_step=None) -> TrainResult:
     if cfg.run.resume and checkpoints.entries():
         state = checkpoints.load(map_location=device)
         strategy.load_state_dict(state)
-        ema.load_state_dict(state["ema"])
+        # Where each process kept its own (local-sgd), its own moving average and Lookahead.
+        own = strategy.own_replica(state) or {"ema": state["ema"], "lookahead": state.get("lookahead")}
+        ema.load_state_dict(own["ema"])
         if lookahead is not None:
-            lookahead.load_state_dict(state.get("lookahead"))
+            lookahead.load_state_dict(own.get("lookahead"))
         loss_avg.value, ce_avg.value = state["loss_average"], state["cross_entropy_average"]
         torch.set_rng_state(state["rng"])
         step = state["step"]
@@ -188,9 +190,13 @@ def train(cfg: Config, on_step=None) -> TrainResult:
     def save_checkpoint() -> None:
         state = strategy.state_dict()  # on every rank: a strategy may need a collective to gather it
         ema_state = strategy.gather_named_tensors(ema.state_dict())  # a collective where ranks hold parts
+        lookahead_state = lookahead.state_dict() if lookahead is not None else None
+        replicas = strategy.replica_states({"ema": ema.state_dict(), "lookahead": lookahead_state})  # collective
         if strategy.is_rank0:
             if lookahead is not None:
-                state = {**state, "lookahead": lookahead.state_dict()}
+                state = {**state, "lookahead": lookahead_state}
+            if replicas is not None:
+                state = {**state, "replicas": replicas}
             checkpoints.save({**state, "ema": ema_state, "rng": torch.get_rng_state(),
                               "loss_average": loss_avg.value, "cross_entropy_average": ce_avg.value,
                               "config": cfg.to_json(), "model_name": cfg.model.name,
