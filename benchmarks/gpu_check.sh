@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: a few minutes on one CUDA GPU.
 #   1. the tests that need CUDA (tests/test_cuda.py: CUDA step = CPU step, bf16 AMP and
-#      fp16 and channels_last against fp32, pinned-memory loader, sync on NCCL, train + eval CLI);
+#      fp16 and channels_last against fp32, pinned-memory loader, augmentation on the GPU equal
+#      to the host's, sync on NCCL, train + eval CLI);
 #   2. the train-step benchmark on CUDA for cifar10-tf (fp32, channels_last, bf16, both,
 #      fp16 with loss scaling);
 #   3. the fast recipe's time to 93% with airbench94's widths, bf16 AMP and channels_last

@@ -14,7 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from multitower.config import ParallelConfig
-from multitower.data.loader import Batch, TrainBatches
+from multitower.data.augment import TutorialDistortions
+from multitower.data.fast_augment import FlipTranslate
+from multitower.data.loader import Batch, EvalBatches, TrainBatches
 from multitower.data.records import open_dataset
 from multitower.models import build_model
 from multitower.models.cifar10_tf import tower_loss
@@ -69,6 +71,24 @@ def test_loader_delivers_pinned_copies_on_the_gpu(synth_dir):
     with TrainBatches(split, global_batch_size=32, seed=0, device=torch.device("cuda")) as batches:
         batch = next(iter(batches))
     assert batch.images.is_cuda and batch.labels.is_cuda and batch.images.shape == (32, 3, 24, 24)
+
+
+@pytest.mark.parametrize("augment", [TutorialDistortions(), FlipTranslate()], ids=["tutorial", "fast"])
+def test_augmentation_on_the_gpu_equals_the_host(synth_dir, augment):
+    """--augment-on device (the default on a GPU) makes the batches the host makes, to float rounding."""
+    split = open_dataset(synth_dir).split("train")
+    made = {}
+    for place in ("host", "device"):
+        with TrainBatches(split, global_batch_size=64, seed=0, prefetch=0, device=torch.device("cuda"),
+                          augment=augment, augment_on=place) as batches:
+            train_batch = batches.batch_at(7)
+        with EvalBatches(split, batch_size=64, prefetch=0, device=torch.device("cuda"),
+                         transform=augment.eval_transform, augment_on=place) as evaluation:
+            eval_batch = evaluation.batch_at(1)
+        made[place] = (train_batch, eval_batch)
+    for on_host, on_device in zip(made["host"], made["device"]):
+        assert on_device.images.is_cuda and torch.equal(on_device.labels, on_host.labels)
+        torch.testing.assert_close(on_device.images, on_host.images, rtol=1e-5, atol=1e-5)
 
 
 def _nccl_worker(rank, store_path):

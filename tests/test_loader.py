@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from multitower.data.augment import eval_transform
+from multitower.data.augment import TutorialDistortions, eval_transform
 from multitower.data.loader import (
     DISTORTION,
     PERMUTATION,
@@ -16,6 +16,7 @@ from multitower.data.loader import (
     EvalBatches,
     ExampleSource,
     TrainBatches,
+    augments_on_device,
     derive_seed,
     example_coins,
     running_producers,
@@ -172,6 +173,7 @@ def test_source_error_surfaces_in_the_consumer(error):
     (dict(global_batch_size=0), "global_batch_size=0"),
     (dict(global_batch_size=8, start_step=-1), "start_step=-1"),
     (dict(global_batch_size=8, prefetch=-1), "prefetch=-1"),
+    (dict(global_batch_size=8, augment_on="gpu"), "--augment-on must be one of auto, host, device, got 'gpu'"),
 ])
 def test_train_errors(kwargs, message):
     with pytest.raises(UserError, match=message):
@@ -243,3 +245,30 @@ def test_alternating_flip_mirrors_every_image_in_every_other_epoch():
         for example, image, original in zip(batch.indices, batch.images, plain):
             views.setdefault(int(example), []).append(torch.equal(image, original))
     assert any(v[0] == v[1] for v in views.values())
+
+
+@pytest.mark.parametrize("augment", [TutorialDistortions(), FlipTranslate()], ids=["tutorial", "fast"])
+def test_augmentation_on_the_device_makes_every_tensor_there(augment):
+    """--augment-on device copies the uint8 images and the draws, then augments where the
+    batch goes. On the meta device (no GPU here; tests/test_cuda.py compares values on one)
+    any op that made a tensor on the host would fail ("not on the expected device")."""
+    source = ArraySource(64)
+    for augment_on in ("host", "device"):
+        with TrainBatches(source, global_batch_size=16, seed=3, prefetch=0, device="meta", augment=augment,
+                          augment_on=augment_on) as batches:
+            batch = batches.batch_at(5)
+            assert batches.augment_on_device == (augment_on == "device")
+        with EvalBatches(source, batch_size=16, prefetch=0, device="meta", transform=augment.eval_transform,
+                         augment_on=augment_on) as evaluation:
+            evaluated = evaluation.batch_at(0)
+        size = 24 if isinstance(augment, TutorialDistortions) else 32
+        for b in (batch, evaluated):
+            assert b.images.device.type == b.labels.device.type == "meta"
+            assert b.images.shape == (16, 3, size, size) and b.images.dtype == torch.float32
+
+
+def test_where_batches_are_augmented():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert augments_on_device("auto", cuda) and augments_on_device("device", cuda)
+    assert not augments_on_device("host", cuda)
+    assert not any(augments_on_device(place, cpu) for place in ("auto", "host", "device"))  # the CPU is the host

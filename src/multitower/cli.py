@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from multitower.config import PRECISIONS, Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig
+from multitower.config import AUGMENT_PLACES, PRECISIONS, Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig
 from multitower.errors import UserError
 
 # The recipes of `train --recipe` (train/recipe.py RECIPES; listed here so --help needs no torch import).
@@ -37,6 +37,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="global batch, examples per step over all workers (default: the recipe's; "
                         "tutorial 128, fast 512)")
     g.add_argument("--prefetch", type=_whole_number, default=d.prefetch, help="batches prepared ahead (default: %(default)s)")
+    g.add_argument("--augment-on", default=d.augment_on, choices=list(AUGMENT_PLACES),
+                   help="where batches are augmented: host (loader thread) or device (after copying the "
+                        "uint8 images); auto: device on a GPU (default: %(default)s)")
     g.add_argument("--eval-split", default=d.eval_split, help="split evaluated by `eval` (default: %(default)s)")
     g = p.add_argument_group("recipe and model")
     g.add_argument("--recipe", default=o.recipe, choices=list(RECIPE_NAMES),
@@ -164,7 +167,8 @@ def recipe_presets(a: argparse.Namespace) -> dict:
 def config_from_args(a: argparse.Namespace) -> Config:
     v = recipe_presets(a)
     return Config(
-        data=DataConfig(dir=a.data, label=a.label, batch_size=v["batch_size"], prefetch=a.prefetch, eval_split=a.eval_split),
+        data=DataConfig(dir=a.data, label=a.label, batch_size=v["batch_size"], prefetch=a.prefetch, eval_split=a.eval_split,
+                        augment_on=a.augment_on),
         model=ModelConfig(name=v["model"], width=a.width, widths=v["widths"]),
         optim=OptimConfig(recipe=a.recipe, lr=v["lr"], lr_decay_factor=a.lr_decay_factor,
                           epochs_per_decay=a.epochs_per_decay, ema_decay=v["ema_decay"]),

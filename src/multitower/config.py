@@ -17,6 +17,7 @@ from multitower.errors import UserError
 # --precision's values (parallel/precision.py implements them); here, torch-free, so that
 # the CLI's --help imports no torch.
 PRECISIONS = ("fp32", "bf16", "fp16")
+AUGMENT_PLACES = ("auto", "host", "device")  # --augment-on: see data/loader.augments_on_device
 
 
 @dataclass
@@ -30,6 +31,10 @@ class DataConfig:
     """Global batch in examples per synchronous step, summed over all workers (tutorial: 128)."""
     prefetch: int = 2
     """Batches prepared ahead by the background thread of each worker."""
+    augment_on: str = "auto"
+    """Where batches are augmented: "host" (the loader's thread, then copied), "device"
+    (the uint8 images copied, then augmented there), "auto" (device for a GPU; see
+    data/loader.augments_on_device). Same batches either way, to float rounding."""
     eval_split: str = "val"
     """Split that `eval` uses by default: "val" (import/synth) or "test" (official download)."""
 
@@ -173,6 +178,8 @@ class Config:
         for flag, value in positive.items():
             if value < 1:
                 raise UserError(f"{flag} must be at least 1, got {value}")
+        from multitower.data.loader import check_augment_on
+        check_augment_on(self.data.augment_on)
         if not self.run.epochs >= 0:
             raise UserError(f"--epochs must be positive (or 0: use --steps), got {self.run.epochs}")
         from multitower.train.recipe import check_recipe  # here: the recipes import models and data

@@ -39,6 +39,10 @@ class PerImageDraws:
             raise TypeError(f"{type(self).__name__} can only be sliced, got {type(sl).__name__}")
         return type(self)(*(getattr(self, f.name)[sl] for f in fields(self)))
 
+    def to(self, device: torch.device, non_blocking: bool = False):
+        """The same draws on `device` (for augmentation on the GPU: data/loader.py)."""
+        return type(self)(*(getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)))
+
 
 @dataclass(frozen=True)
 class Visit:
@@ -136,7 +140,7 @@ def crop_and_flip(images: torch.Tensor, d: Distortions, crop_size: int = 24) -> 
     batch, channels, height, width = images.shape
     if len(d) != batch:
         raise ValueError(f"{len(d)} distortions for a batch of {batch} images")
-    steps = torch.arange(crop_size)
+    steps = torch.arange(crop_size, device=images.device)
     rows = d.crop_y[:, None] + steps  # [B, crop]
     # Flipping after the crop reads the crop's columns right to left.
     column_steps = torch.where(d.flip[:, None], crop_size - 1 - steps, steps)
@@ -182,7 +186,7 @@ def _contrast_and_standardize(crops: torch.Tensor, contrast: torch.Tensor | None
     channel_var = (centred_sq_mean - (channel_mean - pivot) ** 2).clamp_min(0.0)
 
     if contrast is None:
-        factor = torch.ones(batch, 1, dtype=torch.float64)
+        factor = torch.ones(batch, 1, dtype=torch.float64, device=crops.device)
     else:
         factor = contrast.to(torch.float64)[:, None]  # f, [B, 1]
     image_mean = channel_mean.mean(-1, keepdim=True)  # M, [B, 1]

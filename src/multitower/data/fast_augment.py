@@ -41,9 +41,9 @@ def normalize(images: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch
     """uint8 [B, C, H, W] -> float32 (x / 255 - mean_c) / std_c, as one multiply-add."""
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"expected uint8 images [B,C,H,W], got {images.dtype} {tuple(images.shape)}")
-    std_t = torch.tensor(std, dtype=torch.float32)
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device)
     scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1)
-    shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, -1, 1, 1)
+    shift = (-torch.tensor(mean, dtype=torch.float32, device=images.device) / std_t).view(1, -1, 1, 1)
     return torch.addcmul(shift, images.to(torch.float32), scale)
 
 
@@ -91,8 +91,8 @@ class FlipTranslate:
             raise ValueError(f"{len(d)} translations for a batch of {batch} images")
         if self.pad >= min(height, width):
             raise UserError(f"translation pad={self.pad} needs images larger than {height}x{width}")
-        rows = reflect(d.shift_y[:, None] + torch.arange(height), height)  # [B, H]
-        steps = torch.arange(width)
+        rows = reflect(d.shift_y[:, None] + torch.arange(height, device=images.device), height)  # [B, H]
+        steps = torch.arange(width, device=images.device)
         # Flip after translating: the output's column j reads the translated column W-1-j.
         column_steps = torch.where(d.flip[:, None], width - 1 - steps, steps)
         columns = reflect(d.shift_x[:, None] + column_steps, width)  # [B, W]

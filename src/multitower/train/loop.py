@@ -208,7 +208,8 @@ def train(cfg: Config, on_step=None) -> TrainResult:
         write_status(run_dir, "running", step)
     batches = TrainBatches(train_split, global_batch_size=cfg.data.batch_size, rank=strategy.rank,
                            world_size=strategy.world_size, seed=cfg.run.seed, start_step=step,
-                           prefetch=cfg.data.prefetch, device=device, augment=recipe.augment)
+                           prefetch=cfg.data.prefetch, device=device, augment=recipe.augment,
+                           augment_on=cfg.data.augment_on)
     start_time = window_start = time.perf_counter()
     start_step, window_steps, window_examples, data_wait_s, comm_s = step, 0, 0, 0.0, 0.0
     window_extra: dict[str, list[float]] = {}  # StepMetrics.extra: key -> values this window
