@@ -24,11 +24,11 @@ from multitower.parallel.precision import FastPath
 from multitower.parallel.single import Single
 
 
-def _one_batch_grads(precision: str, channels_last: bool, images, labels):
+def _one_batch_grads(precision: str, channels_last: bool, images, labels, compile_mode: str = "off"):
     torch.manual_seed(0)
     model = build_model("cifar10-tf")
-    strategy = Single(ParallelConfig(precision=precision, channels_last=channels_last), torch.device("cpu"),
-                      tower_loss)
+    strategy = Single(ParallelConfig(precision=precision, channels_last=channels_last, compile=compile_mode),
+                      torch.device("cpu"), tower_loss)
     # lr=0: step() runs the whole path (autocast, backward, optimizer) but leaves the weights as they were.
     strategy.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0))
     with strategy.fast.autocast():
@@ -114,6 +114,36 @@ def test_fp16_skips_an_overflowing_step_and_backs_off_the_scale():
     fresh.wrap(other, torch.optim.SGD(other.parameters(), lr=0.1))
     fresh.load_state_dict(state)
     assert fresh.fast.scaler.get_scale() == scale / 2  # ...and a resume continues from it
+
+
+@pytest.mark.slow
+def test_compiled_step_is_the_same_function(batch):
+    """--compile default: the same logits, loss and gradients as eager, to float rounding (a
+    compiled step takes ~1 min to compile on 2 cores, hence slow)."""
+    images, labels = batch
+    logits32, m32, g32 = _one_batch_grads("fp32", True, images, labels)
+    logits_c, m_c, g_c = _one_batch_grads("fp32", True, images, labels, compile_mode="default")
+    torch.testing.assert_close(logits_c, logits32, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(m_c.loss, m32.loss, rtol=1e-5, atol=1e-6)
+    assert set(g_c) == set(g32)  # compiled in place: the same parameter names
+    for name in g32:
+        torch.testing.assert_close(g_c[name], g32[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("compile_mode, device, message", [
+    ("fast", "cpu", "--compile must be one of off, default, max-autotune, reduce-overhead, got 'fast'"),
+    ("reduce-overhead", "cpu", "--compile reduce-overhead records CUDA graphs: it needs a CUDA device, not cpu"),
+])
+def test_fast_path_rejects_bad_compile_modes(compile_mode, device, message):
+    with pytest.raises(UserError, match=message):
+        FastPath("fp32", False, torch.device(device), compile_mode)
+
+
+@pytest.mark.parametrize("strategy", ["hogwild", "downpour", "pipeline"])
+def test_strategies_that_do_not_compile_refuse_it(strategy):
+    cfg = Config(parallel=ParallelConfig(strategy=strategy, workers=2, compile="default"))
+    with pytest.raises(UserError, match=f"--strategy {strategy} cannot take --compile: it is not built to compile"):
+        cfg.validate()
 
 
 def test_fast_path_rejects_unknown_precision():

@@ -189,7 +189,8 @@ def _pin_to_loopback() -> None:
 class Downpour(Strategy):
     name = "downpour"
     refuses = {"--channels-last": "copies parameters to and from its servers in NCHW order",
-               "--precision fp16": "pushes raw gradients to its servers, where loss scaling cannot be undone"}
+               "--precision fp16": "pushes raw gradients to its servers, where loss scaling cannot be undone",
+               "--compile": "is not built to compile its workers' models (single, sync and local-sgd are)"}
     joins_group = False  # no process group: rpc connects workers and servers (see _start)
 
     def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):

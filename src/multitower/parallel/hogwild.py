@@ -44,7 +44,8 @@ FILE_PREFIX = "multitower-hogwild-"
 
 class Hogwild(Strategy):
     name = "hogwild"
-    refuses = {"--channels-last": "maps its parameters onto one flat shared buffer in NCHW order"}
+    refuses = {"--channels-last": "maps its parameters onto one flat shared buffer in NCHW order",
+               "--compile": "is not built to compile its workers' models (single, sync and local-sgd are)"}
     shares_parameters = True
 
     def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):

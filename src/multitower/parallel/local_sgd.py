@@ -98,7 +98,7 @@ class LocalSGD(Strategy):
             self.averager.average_parameters(self.model.parameters())
             # The averager re-points every parameter at a slice of its flat buffer, NCHW
             # contiguous: put --channels-last's layout back (same Parameter objects).
-            self.fast.prepare_model(self.model)
+            self.fast.apply_layout(self.model)
             if self.device.type == "cuda":
                 # NCCL returns before the all-reduce ends; one sync every K steps buys an honest time.
                 torch.cuda.synchronize(self.device)

@@ -173,7 +173,8 @@ class Pipeline(Strategy):
     name = "pipeline"
     refuses = {"--channels-last": "does not convert its stages' layouts",
                "--precision bf16": "sends float32 activations between stages (no autocast across them)",
-               "--precision fp16": "sends float32 activations between stages (no autocast across them)"}
+               "--precision fp16": "sends float32 activations between stages (no autocast across them)",
+               "--compile": "is not built to compile its stages (single, sync and local-sgd are)"}
 
     def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):
         super().__init__(cfg, device, loss_fn)
