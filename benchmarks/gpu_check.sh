@@ -4,7 +4,7 @@
 #      fp16 and channels_last against fp32, pinned-memory loader, augmentation on the GPU equal
 #      to the host's, sync on NCCL, train + eval CLI);
 #   2. the train-step benchmark on CUDA for cifar10-tf (fp32, channels_last, bf16, both,
-#      fp16 with loss scaling);
+#      fp16 with loss scaling, torch.compile and CUDA graphs on bf16 channels_last);
 #   3. the fast recipe's time to 93% with airbench94's widths, bf16 AMP and channels_last
 #      (data/cifar10 when present, else GENERATED data, which says nothing about CIFAR-10
 #      accuracy); its log shows images/sec.
@@ -26,7 +26,7 @@ echo "== 1. CUDA tests"
 
 echo "== 2. train step, cifar10-tf, batch 128"
 "$PY" benchmarks/train_step.py --device cuda --steps 50 --reps 5 \
-    --candidates default,fp32-cl,bf16,bf16-cl,fp16-cl --out "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.txt"
+    --candidates default,fp32-cl,bf16,bf16-cl,fp16-cl,bf16-cl-compile,bf16-cl-graphs --out "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.txt"
 
 echo "== 3. fast recipe: time to 93% (at most ${TTA_MINUTES:-4} minutes of training)"
 DATA=data/cifar10

@@ -92,8 +92,8 @@ def profile_step(split, batch_size: int, steps: int, setting) -> tuple[list[dict
 def compile_ratio(split, batch_size: int, steps: int, reps: int, setting) -> dict:
     """Eager vs torch.compile of the model inside the same step (median of reps each)."""
     eager, eager_batches = multitower_step(split, batch_size, steps, torch.device("cpu"), setting)
-    compiled, compiled_batches = multitower_step(split, batch_size, steps, torch.device("cpu"), setting,
-                                                 compile_model=True)
+    compiled, compiled_batches = multitower_step(split, batch_size, steps, torch.device("cpu"),
+                                                 {**setting, "compile": "default"})
     try:
         eager()
         start = time.perf_counter()
@@ -127,7 +127,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         split = open_dataset(make_synthetic(f"{tmp}/synthetic", train=4096, val=64).root).split("train")
-        setting = ("fp32", not args.nchw)
+        setting = {"precision": "fp32", "channels_last": not args.nchw}
         rows, ranges, step_s = profile_step(split, args.batch_size, args.steps, setting)
         compiled = compile_ratio(split, args.batch_size, args.steps, args.reps, setting) if args.compile else None
 

@@ -13,7 +13,8 @@ distortions and the prefetch thread, the strategy's step, and the EMA update.
 Repetitions alternate baseline and candidates so that machine noise hits both.
 
 Candidates besides the default step: the fast-path settings (--precision,
---channels-last; `--candidates` picks them). Each row also reports achieved FLOP/s
+--channels-last, --compile; `--candidates` picks them; a compiled candidate's first,
+compiling call is part of the warm-up, not timed). Each row also reports achieved FLOP/s
 against this machine's fp32 and bf16 matmul peaks, timed here on an n^3 matmul sized to
 take ~0.25 s (see matmul_peak_flops);
 the network's FLOPs are counted from its conv and dense layers (MACs x 2, x 3 for
@@ -79,10 +80,17 @@ def eager_baseline(batch_size: int, steps: int, device: torch.device):
     return run
 
 
-# name -> (precision, channels_last); "default" is ParallelConfig()'s own setting.
+# name -> the fast-path fields of ParallelConfig; "default" is ParallelConfig()'s own setting.
 # (The default picks channels_last on CPU; fp32-nchw is the layout the baseline uses.)
-CANDIDATES = {"default": None, "fp32-nchw": ("fp32", False), "fp32-cl": ("fp32", True), "bf16": ("bf16", False),
-              "bf16-cl": ("bf16", True), "fp16-cl": ("fp16", True)}
+CANDIDATES = {"default": None,
+              "fp32-nchw": {"precision": "fp32", "channels_last": False},
+              "fp32-cl": {"precision": "fp32", "channels_last": True},
+              "bf16": {"precision": "bf16", "channels_last": False},
+              "bf16-cl": {"precision": "bf16", "channels_last": True},
+              "fp16-cl": {"precision": "fp16", "channels_last": True},
+              "fp32-cl-compile": {"precision": "fp32", "channels_last": True, "compile": "default"},
+              "bf16-cl-compile": {"precision": "bf16", "channels_last": True, "compile": "default"},
+              "bf16-cl-graphs": {"precision": "bf16", "channels_last": True, "compile": "reduce-overhead"}}
 
 
 def train_flops_per_example(image_size: int = 24) -> int:
@@ -114,15 +122,13 @@ def matmul_peak_flops(dtype: torch.dtype, device: torch.device, reps: int = 5) -
 
 
 def multitower_step(split, batch_size: int, steps: int, device: torch.device,
-                    setting: tuple[str, bool] | None = None, compile_model: bool = False):
-    """A closure running `steps` of multitower's own training step, data included
-    (with compile_model, of the torch.compile'd network)."""
+                    setting: dict | None = None):
+    """A closure running `steps` of multitower's own training step, data included, with the
+    fast-path `setting` (ParallelConfig fields: precision, channels_last, compile)."""
     torch.manual_seed(0)
     model = build_model("cifar10-tf").to(device)
-    if compile_model:
-        model = torch.compile(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    cfg = ParallelConfig() if setting is None else ParallelConfig(precision=setting[0], channels_last=setting[1])
+    cfg = ParallelConfig(**(setting or {}))
     strategy = Single(cfg, device, tower_loss)
     strategy.wrap(model, optimizer)
     ema = ExponentialMovingAverage(model, 0.9999)
