@@ -460,6 +460,6 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name such as {out}/report.html")
     out.parent.mkdir(parents=True, exist_ok=True)
-    from multitower.train.checkpoint import atomic_write_bytes
+    from multitower.files import atomic_write_bytes
     atomic_write_bytes(out, render(runs).encode("utf-8"))
     return out

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from multitower.errors import UserError
+from multitower.files import replacing
 
 MANIFEST_NAME = "multitower.json"
 CIFAR10_CLASS_NAMES = [
@@ -178,15 +179,8 @@ def write_records(path, images, labels, fmt: RecordFormat = CIFAR10, coarse_labe
         records[:, 0] = coarse_labels
     records[:, fmt.label_bytes:] = images.reshape(count, -1)
 
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as stream:
-            records.tofile(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with replacing(path) as temporary:
+        records.tofile(temporary)
 
 
 def _check_label_values(path: Path, what: str, values: np.ndarray, num_classes: int) -> None:

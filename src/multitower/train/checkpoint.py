@@ -22,32 +22,10 @@ from typing import Any
 import torch
 
 from multitower.errors import UserError
+from multitower.files import atomic_write_bytes, replacing
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename is durable only once the directory entry is on disk.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256_file(path: Path) -> str:
@@ -99,17 +77,11 @@ class CheckpointDir:
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"step-{step:08d}.pt"
         path = self.directory / name
-        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
         previous = self.entries()
         try:
-            try:
+            with replacing(path) as tmp:
                 torch.save({**state, "format_version": FORMAT_VERSION, "step": step}, tmp)
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
                 sha = _sha256_file(tmp)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
             entries = [e for e in previous if e.step != step] + [CheckpointEntry(step, name, sha)]
             entries.sort(key=lambda e: e.step)
             kept, dropped = entries[-self.keep:], entries[:-self.keep]

@@ -25,7 +25,8 @@ from multitower.faults import maybe_inject
 from multitower.models import model_from_config
 from multitower.parallel import STRATEGIES
 from multitower.parallel.memory import check_memory_budget
-from multitower.train.checkpoint import CheckpointDir, atomic_write_bytes
+from multitower.files import atomic_write_bytes
+from multitower.train.checkpoint import CheckpointDir
 from multitower.train.ema import ExponentialMovingAverage, LossAverage
 from multitower.train.lookahead import Lookahead
 from multitower.train.recipe import get_recipe, steps_for_epochs
