@@ -190,3 +190,24 @@ def test_loss_curve_follows_fp32(synth_dir, precision, channels_last):
     assert abs(gap) < CURVE_TOLERANCE, (
         f"{precision}/channels_last={channels_last}: last-{tail} mean CE {f:.4f} vs fp32 {c:.4f}, paired gap "
         f"{gap:.4f} (spread of the gaps {statistics.pstdev(gaps):.4f}, of fp32 {statistics.pstdev(control[-tail:]):.4f})")
+
+
+@pytest.mark.parametrize("flags, line", [
+    ([], "fast path: fp32, channels_last, compile off, augmentation on the host"),
+    (["--compile", "max-autotune", "--no-channels-last"], "fast path: fp32, NCHW, compile max-autotune, augmentation on the host"),
+    (["--strategy", "hogwild", "--workers", "2"], "fast path: fp32, NCHW, compile off, augmentation on the host"),
+])
+def test_dry_run_shows_the_fast_path(capsys, synth_dir, tmp_path, flags, line):
+    from multitower.cli import main
+    assert main(["train", "--data", str(synth_dir), "--run-dir", str(tmp_path / "run"), "--dry-run", *flags]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == line
+
+
+def test_cuda_graphs_on_a_cpu_fail_in_one_line_before_training(capsys, synth_dir, tmp_path):
+    from multitower.cli import main
+    code = main(["train", "--data", str(synth_dir), "--run-dir", str(tmp_path / "run"), "--device", "cpu",
+                 "--compile", "reduce-overhead"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["multitower: error: --compile reduce-overhead records CUDA graphs: it needs a "
+                                 "CUDA device, not cpu"]
+    assert not (tmp_path / "run").exists()

@@ -232,12 +232,21 @@ def preflight(cfg: Config) -> str:
     if cfg.parallel.strategy == "pipeline":  # a bad --cut or --stages: fail before starting processes
         from multitower.parallel.pipeline import plan_stages
         plan_stages(model, cfg.parallel.stages, cfg.parallel.cut, cfg.parallel.balance)
+    # The step's fast path as the strategy will build it (a mode the device cannot run fails here).
+    from multitower.data.loader import augments_on_device
+    from multitower.parallel import STRATEGIES
+    from multitower.parallel.precision import FastPath
+    refuses = getattr(STRATEGIES.get(cfg.parallel.resolved_strategy(cfg.parallel.workers)), "refuses", {})
+    fast = FastPath.from_config(cfg.parallel, device, "--channels-last" not in refuses)
+    augment_place = "device" if augments_on_device(cfg.data.augment_on, device) else "host"
     params = sum(p.numel() for p in model.parameters())
     return (f"{describe_data(dataset)}\n"
             f"dry run: recipe {cfg.optim.recipe}, {cfg.model.name} ({params:,} parameters) on {device}, "
             f"{len(split)} training examples, "
             f"global batch {cfg.data.batch_size}, {cfg.run.steps} steps, strategy {cfg.parallel.strategy} "
-            f"x {cfg.parallel.workers}; run dir {cfg.run.run_dir}")
+            f"x {cfg.parallel.workers}; run dir {cfg.run.run_dir}\n"
+            f"fast path: {fast.precision}, {'channels_last' if fast.channels_last else 'NCHW'}, "
+            f"compile {fast.compile_mode}, augmentation on the {augment_place}")
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
