@@ -21,10 +21,11 @@ at decay 0.9999) spans many averaging periods, over which the drift averages out
 
 Checkpoints hold the mean of the replicas as "model" (the supervisor's model, what eval
 should see), computed on a copy; training replicas are untouched. Under "replicas" they
-also hold every rank's own weights, buffers and optimizer state (momentum), with the
-loop's per-process moving average and Lookahead: a resume with as many workers puts each
-replica back exactly where it was, so the run goes on bitwise as if never stopped. With
-another number of workers, every replica restarts at the mean with rank 0's optimizer state.
+also hold every rank's own weights, buffers, optimizer state (momentum) and fp16 loss
+scale, with the loop's per-process moving average and Lookahead: a resume with as many
+workers puts each replica back exactly where it was, so the run goes on bitwise as if
+never stopped. With another number of workers, every replica restarts at the mean with
+rank 0's optimizer state.
 """
 
 from __future__ import annotations
@@ -126,9 +127,11 @@ class LocalSGD(Strategy):
         return {"model": model_state, "optimizer": self.optimizer.state_dict(), **self.fast.state_dict()}
 
     def replica_states(self, loop_state: dict) -> list[dict]:
-        """Each rank's replica (weights, buffers, optimizer state) and loop_state, on rank 0
-        (a list in rank order; None on the other ranks). Host copies: gather_object pickles."""
-        own = _on_host({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **loop_state})
+        """Each rank's replica (weights, buffers, optimizer state, fp16 loss scale) and
+        loop_state, on rank 0 (a list in rank order; None on the other ranks). Host copies:
+        gather_object pickles."""
+        own = _on_host({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        **self.fast.state_dict(), **loop_state})
         gathered = [None] * self.world_size if self.is_rank0 else None
         dist.gather_object(own, gathered, dst=0)
         return gathered
@@ -137,7 +140,7 @@ class LocalSGD(Strategy):
         own = self.own_replica(state) or state  # this rank's replica, or the mean
         self.model.load_state_dict(own["model"])
         self.optimizer.load_state_dict(own["optimizer"])
-        self.fast.load_state_dict(state)
+        self.fast.load_state_dict(own)
         # Both schedules count steps from 0; a resumed run goes on where it stopped.
         self.hook_state.iter = self.averager.step = int(state["step"])
 
