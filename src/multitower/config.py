@@ -21,6 +21,13 @@ COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")  # --compi
 AUGMENT_PLACES = ("auto", "host", "device")  # --augment-on: see data/loader.augments_on_device
 
 
+def check_choice(flag: str, value, choices: tuple) -> None:
+    """One-line UserError unless `value` is one of `choices` (Config.validate, and the
+    classes that take these values directly: FastPath, the loaders)."""
+    if value not in choices:
+        raise UserError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
 @dataclass
 class DataConfig:
     dir: str = ""
@@ -183,8 +190,7 @@ class Config:
         for flag, value in positive.items():
             if value < 1:
                 raise UserError(f"{flag} must be at least 1, got {value}")
-        from multitower.data.loader import check_augment_on
-        check_augment_on(self.data.augment_on)
+        check_choice("--augment-on", self.data.augment_on, AUGMENT_PLACES)
         if not self.run.epochs >= 0:
             raise UserError(f"--epochs must be positive (or 0: use --steps), got {self.run.epochs}")
         from multitower.train.recipe import check_recipe  # here: the recipes import models and data
@@ -193,10 +199,8 @@ class Config:
             raise UserError(f"--summary-every must be 0 (off) or positive, got {self.run.summary_every}")
         if self.parallel.accumulate < 1:
             raise UserError(f"--accumulate must be at least 1, got {self.parallel.accumulate}")
-        if self.parallel.compile not in COMPILE_MODES:
-            raise UserError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {self.parallel.compile!r}")
-        if self.parallel.precision not in PRECISIONS:
-            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.parallel.precision!r}")
+        check_choice("--compile", self.parallel.compile, COMPILE_MODES)
+        check_choice("--precision", self.parallel.precision, PRECISIONS)
         # A fast-path flag the strategy cannot apply: one line, rather than silently ignored.
         from multitower.parallel import STRATEGIES  # here: the strategies import this module
         refuses = getattr(STRATEGIES.get(self.parallel.strategy), "refuses", {})

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator, Protocol, TypeVar, runtime_chec
 import numpy as np
 import torch
 
-from multitower.config import AUGMENT_PLACES
+from multitower.config import AUGMENT_PLACES, check_choice
 from multitower.data.augment import TutorialDistortions, Visit
 from multitower.errors import UserError
 
@@ -115,17 +115,12 @@ def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device)
     return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
-def check_augment_on(augment_on: str) -> None:
-    if augment_on not in AUGMENT_PLACES:
-        raise UserError(f"--augment-on must be one of {', '.join(AUGMENT_PLACES)}, got {augment_on!r}")
-
-
 def augments_on_device(augment_on: str, device: torch.device) -> bool:
     """Where a batch is augmented (or eval-transformed): "host" in the loader's thread, then
     copied as float32; "device" after copying the uint8 images (4x fewer bytes) and the
     draws, by the same torch ops on the device, which frees the CPU cores for reading and
     the copy; "auto" (the default) picks the device for a GPU. A CPU device is the host."""
-    check_augment_on(augment_on)
+    check_choice("--augment-on", augment_on, AUGMENT_PLACES)
     return device.type != "cpu" and (augment_on == "device" or (augment_on == "auto" and device.type == "cuda"))
 
 

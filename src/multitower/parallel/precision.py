@@ -37,7 +37,7 @@ import contextlib
 import torch
 from torch import nn
 
-from multitower.config import COMPILE_MODES, PRECISIONS
+from multitower.config import COMPILE_MODES, PRECISIONS, check_choice
 from multitower.errors import UserError
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,10 +47,8 @@ class FastPath:
     """Built by a strategy from its ParallelConfig; used in wrap() and step()."""
 
     def __init__(self, precision: str, channels_last: bool, device: torch.device, compile_mode: str = "off"):
-        if precision not in PRECISIONS:
-            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        if compile_mode not in COMPILE_MODES:
-            raise UserError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
+        check_choice("--precision", precision, PRECISIONS)
+        check_choice("--compile", compile_mode, COMPILE_MODES)
         if compile_mode == "reduce-overhead" and device.type != "cuda":
             raise UserError(f"--compile reduce-overhead records CUDA graphs: it needs a CUDA device, not {device}")
         self.compile_mode = compile_mode
