@@ -235,9 +235,7 @@ def preflight(cfg: Config) -> str:
     # The step's fast path as the strategy will build it (a mode the device cannot run fails here).
     from multitower.data.loader import augments_on_device
     from multitower.parallel import STRATEGIES
-    from multitower.parallel.precision import FastPath
-    refuses = getattr(STRATEGIES.get(cfg.parallel.resolved_strategy(cfg.parallel.workers)), "refuses", {})
-    fast = FastPath.from_config(cfg.parallel, device, "--channels-last" not in refuses)
+    fast = STRATEGIES[cfg.parallel.resolved_strategy(cfg.parallel.workers)].fast_path(cfg.parallel, device)
     augment_place = "device" if augments_on_device(cfg.data.augment_on, device) else "host"
     params = sum(p.numel() for p in model.parameters())
     return (f"{describe_data(dataset)}\n"

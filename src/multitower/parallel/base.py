@@ -61,9 +61,15 @@ class Strategy:
         else:
             self.rank, self.world_size = 0, 1
         self.cfg, self.device, self.loss_fn = cfg, device, loss_fn
-        self.fast = FastPath.from_config(cfg, device, "--channels-last" not in self.refuses)
+        self.fast = self.fast_path(cfg, device)
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+
+    @classmethod
+    def fast_path(cls, cfg, device: torch.device) -> FastPath:
+        """The step's FastPath under this strategy: --channels-last's automatic default stays
+        off where the strategy refuses it. Also built before any process starts (preflight)."""
+        return FastPath.from_config(cfg, device, "--channels-last" not in cls.refuses)
 
     @property
     def is_rank0(self) -> bool:
