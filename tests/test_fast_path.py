@@ -120,9 +120,13 @@ def test_fp16_skips_an_overflowing_step_and_backs_off_the_scale():
 def test_compiled_step_is_the_same_function(batch):
     """--compile default: the same logits, loss and gradients as eager, to float rounding (a
     compiled step takes ~1 min to compile on 2 cores, hence slow)."""
+    from torch._dynamo.utils import counters  # dynamo's own tally of the graphs it compiled
     images, labels = batch
     logits32, m32, g32 = _one_batch_grads("fp32", True, images, labels)
+    torch._dynamo.reset()
+    counters.clear()
     logits_c, m_c, g_c = _one_batch_grads("fp32", True, images, labels, compile_mode="default")
+    assert counters["stats"]["unique_graphs"] > 0, "nothing was compiled: the comparison would be eager vs eager"
     torch.testing.assert_close(logits_c, logits32, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(m_c.loss, m32.loss, rtol=1e-5, atol=1e-6)
     assert set(g_c) == set(g32)  # compiled in place: the same parameter names
