@@ -241,8 +241,8 @@ def train(cfg: Config, on_step=None) -> TrainResult:
             for key, value in metrics.extra.items():
                 window_extra.setdefault(key, []).append(value)
 
-            # One host sync per step on CPU is free; on CUDA check only when logging.
-            if device.type == "cpu" or step % cfg.run.log_every == 0 or step == cfg.run.steps:
+            # One host sync per step on CPU is free; on CUDA only when logging or summarising.
+            if device.type == "cpu" or summarize or step % cfg.run.log_every == 0 or step == cfg.run.steps:
                 loss_value = metrics.loss.item()
                 if not math.isfinite(loss_value):
                     last = checkpoints.latest_step()
