@@ -1,9 +1,12 @@
 """Training throughput of the fast recipe (airbench) at several widths: the whole step as the
 loop runs it (batch from the loader with flip + translate, the Single strategy's forward,
 label-smoothed loss, backward and Nesterov SGD, moving average of weights and BN
-statistics), images/sec, in channels_last and NCHW memory order (--layouts).
+statistics), images/sec, in channels_last and NCHW memory order (--layouts), in fp32 or
+bf16/fp16 autocast (--precisions), on the CPU or a GPU (--device).
 
     python benchmarks/fast_throughput.py --widths 64,256,256 32,128,128 --batch-size 512 --threads 2
+    python benchmarks/fast_throughput.py --device cuda --widths 64,256,256 --batch-size 1024 \
+        --precisions fp32 bf16 --steps 20 --reps 5
 
 Used to choose the fast recipe's default widths for this CPU (train/recipe.py FAST_CPU_WIDTHS):
 ~10 epochs of 45,000 images in ~60 minutes needs >= 125 images/sec. Writes JSON
@@ -29,18 +32,21 @@ from multitower.train.ema import ExponentialMovingAverage
 from multitower.train.recipe import get_recipe
 
 
-def measure(widths: list[int], batch_size: int, steps: int, reps: int, split, channels_last: bool) -> dict:
+def measure(widths: list[int], batch_size: int, steps: int, reps: int, split, channels_last: bool,
+            precision: str, device: torch.device) -> dict:
     recipe = get_recipe("fast")
     cfg = Config(data=DataConfig(batch_size=batch_size), model=ModelConfig(name="airbench", widths=widths),
                  optim=OptimConfig(recipe="fast", lr=recipe.default_lr(batch_size), ema_decay=0.99))
     torch.manual_seed(0)
     model = model_from_config(cfg.model)
     recipe.prepare_model(model, split, recipe)
+    model.to(device)
     optimizer = recipe.make_optimizer(model, cfg)
-    strategy = Single(ParallelConfig(channels_last=channels_last), torch.device("cpu"), recipe.make_loss(cfg))
+    strategy = Single(ParallelConfig(precision=precision, channels_last=channels_last), device, recipe.make_loss(cfg))
     strategy.wrap(model, optimizer)
     ema = ExponentialMovingAverage(model, cfg.optim.ema_decay)
-    batches = iter(TrainBatches(split, global_batch_size=batch_size, seed=0, prefetch=0, augment=recipe.augment))
+    batches = iter(TrainBatches(split, global_batch_size=batch_size, seed=0, prefetch=0, augment=recipe.augment,
+                                device=device))
     step = [0]
 
     def run_once() -> int:
@@ -50,14 +56,20 @@ def measure(widths: list[int], batch_size: int, steps: int, reps: int, split, ch
             ema.update(model, step[0])
         return steps * batch_size
 
-    rate = median_rate(run_once, repetitions=reps, warmup=1)
+    def run_synced() -> int:  # queued GPU kernels belong to the timed steps
+        done = run_once()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return done
+
+    rate = median_rate(run_synced, repetitions=reps, warmup=1)
     params = sum(p.numel() for p in model.parameters())
     minutes = 10 * 45000 / rate["median"] / 60
     layout = "channels_last" if channels_last else "NCHW"
-    print(f"widths {','.join(map(str, widths)):>12} {layout:>13}  batch {batch_size}: {rate['median']:7.1f} images/sec "
+    print(f"widths {','.join(map(str, widths)):>12} {layout:>13} {precision:>4}  batch {batch_size}: {rate['median']:7.1f} images/sec "
           f"(reps {', '.join(f'{r:.0f}' for r in rate['all'])}); {params:,} parameters; "
           f"10 epochs of 45,000 images: {minutes:.0f} min", flush=True)
-    return {"widths": widths, "layout": layout, "batch_size": batch_size, "images_per_sec": rate, "parameters": params,
+    return {"widths": widths, "layout": layout, "precision": precision, "device": str(device), "batch_size": batch_size, "images_per_sec": rate, "parameters": params,
             "minutes_for_10_epochs_of_45000": minutes}
 
 
@@ -68,6 +80,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=512, help="global batch (default: %(default)s)")
     p.add_argument("--layouts", nargs="+", default=["channels_last", "nchw"], choices=["channels_last", "nchw"],
                    help="memory formats to measure each width in (default: %(default)s)")
+    p.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
+                   help="step precisions to measure each width in (default: %(default)s)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the steps run (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: %(default)s)")
     p.add_argument("--steps", type=int, default=2, help="steps per timed repetition (default: %(default)s)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (default: %(default)s)")
@@ -80,10 +95,11 @@ def main(argv=None) -> int:
     print(f"data: {'GENERATED data' if generated else 'CIFAR-10'} from {root}; {a.threads} threads; "
           f"load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores "
           f"(other processes running slow every figure down)", flush=True)
+    device = torch.device(a.device)
     results = [measure([int(w) for w in widths.split(",")], a.batch_size, a.steps, a.reps, split,
-                       layout == "channels_last")
-               for widths in a.widths for layout in a.layouts]
-    path = write_json(a.out, {"benchmark": "fast_throughput", "threads": a.threads, "data": str(root),
+                       layout == "channels_last", precision, device)
+               for widths in a.widths for layout in a.layouts for precision in a.precisions]
+    path = write_json(a.out, {"benchmark": "fast_throughput", "device": a.device, "threads": a.threads, "data": str(root),
                               "load_average_1min_after": os.getloadavg()[0],
                               "generated_data": generated, "results": results, "environment": environment()})
     print(f"wrote {path}")

@@ -3,39 +3,87 @@
 #   1. the tests that need CUDA (tests/test_cuda.py: CUDA step = CPU step, bf16 AMP and
 #      fp16 and channels_last against fp32, pinned-memory loader, augmentation on the GPU equal
 #      to the host's, sync on NCCL, train + eval CLI);
-#   2. the train-step benchmark on CUDA for cifar10-tf (fp32, channels_last, bf16, both,
-#      fp16 with loss scaling, torch.compile and CUDA graphs on bf16 channels_last);
-#   3. the fast recipe's time to 93% with airbench94's widths, bf16 AMP and channels_last
-#      (data/cifar10 when present, else GENERATED data, which says nothing about CIFAR-10
-#      accuracy); its log shows images/sec.
+#   2. the train-step benchmark of cifar10-tf on CUDA at batch 128 against a plain eager fp32
+#      step (fp32, channels_last, bf16, both, fp16 with loss scaling), and of the fast
+#      recipe's airbench network (fp32 and bf16, both layouts);
+#   3. the fast recipe's time to 93% with airbench94's widths and batch, bf16 AMP and
+#      channels_last, once per seed in TTA_SEEDS (default 0);
+#   4. the cifar10-tf step with torch.compile and with CUDA graphs (compiling takes a while,
+#      so it comes after the rest);
+#   5. (only when PARTS names it) the tutorial recipe's time to accuracy, TUTORIAL_MINUTES
+#      (default 2) of training.
+# PARTS picks the parts (default "1 2 3 4"), e.g. PARTS="1 3 5" to rerun some.
+# Data: data/cifar10 when present; else, with CIFAR_JPEG=<ImageFolder of CIFAR-10 JPEGs>, it
+# is imported there first (45,000 train / 5,000 val); else GENERATED data, which says nothing
+# about CIFAR-10 accuracy.
+# Each part runs under its own time limit (seconds: TESTS_S, STEP_S, TTA_S, COMPILE_S,
+# TUTORIAL_S) and a
+# failing part does not stop the others; $OUT/summary.txt lists each part's exit status.
 # It uses the python that has a CUDA build of torch ($PYTHON, default python3) and runs
 # the package from src/ without installing it (the repo pins the CPU wheel for CI).
 # Results go to $OUT (default bench-results/gpu): JSON files and the printed logs.
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-bench-results/gpu}
 mkdir -p "$OUT"
+: >"$OUT/summary.txt"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: torch sees no CUDA device')"
+# part NAME SECONDS LOG COMMAND...: run COMMAND under a time limit, its output shown and
+# kept in $OUT/LOG, and its exit status and duration appended to the summary.
+part() {
+    local name=$1 limit=$2 log=$3 start=$SECONDS rc
+    shift 3
+    echo "== $name (at most $limit s)"
+    timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$OUT/$log"
+    rc=${PIPESTATUS[0]}
+    echo "gpu_check: $name: exit $rc$([ "$rc" = 124 ] && echo ' (time limit)') after $((SECONDS - start)) s" \
+        | tee -a "$OUT/summary.txt"
+}
+
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: torch sees no CUDA device')" \
+    || exit 1
 "$PY" -m multitower devices 2>&1 | tee "$OUT/devices.txt"
 
-echo "== 1. CUDA tests"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/tests.txt"
-
-echo "== 2. train step, cifar10-tf, batch 128"
-"$PY" benchmarks/train_step.py --device cuda --steps 50 --reps 5 \
-    --candidates default,fp32-cl,bf16,bf16-cl,fp16-cl,bf16-cl-compile,bf16-cl-graphs --out "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.txt"
-
-echo "== 3. fast recipe: time to 93% (at most ${TTA_MINUTES:-4} minutes of training)"
 DATA=data/cifar10
+if [ ! -f "$DATA/multitower.json" ] && [ -n "${CIFAR_JPEG:-}" ]; then
+    part "import $CIFAR_JPEG" 300 import.txt "$PY" -m multitower data import "$CIFAR_JPEG" --out "$DATA" --val 5000
+fi
 if [ ! -f "$DATA/multitower.json" ]; then
     DATA=/tmp/gpu-check-synthetic
     [ -f "$DATA/multitower.json" ] || "$PY" -m multitower data synth --out "$DATA"
-    echo "gpu_check: no data/cifar10 here: the fast recipe runs on GENERATED data"
+    echo "gpu_check: no data/cifar10 here: the benchmarks run on GENERATED data" | tee -a "$OUT/summary.txt"
 fi
-"$PY" benchmarks/time_to_accuracy.py --recipe fast --data "$DATA" --device cuda --widths 64,256,256 \
-    --batch-size 1024 --precision bf16 --channels-last --max-minutes "${TTA_MINUTES:-4}" \
-    --run-dir "$OUT/tta-fast" --out "$OUT/time_to_accuracy-fast.json" 2>&1 | tee "$OUT/time_to_accuracy.txt"
-echo "gpu_check: done; results in $OUT"
+
+PARTS=" ${PARTS:-1 2 3 4} "
+wanted() { [[ $PARTS == *" $1 "* ]]; }
+
+wanted 1 && part "1. CUDA tests" "${TESTS_S:-240}" tests.txt "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+
+wanted 2 && part "2a. train step, cifar10-tf, batch 128" "${STEP_S:-150}" train_step.txt \
+    "$PY" benchmarks/train_step.py --device cuda --data "$DATA" --steps 50 --reps 5 \
+    --candidates default,fp32-cl,bf16,bf16-cl,fp16-cl --out "$OUT/train_step.json"
+wanted 2 && part "2b. train step, airbench 64,256,256, batch 1024" "${STEP_S:-150}" fast_throughput.txt \
+    "$PY" benchmarks/fast_throughput.py --device cuda --data "$DATA" --widths 64,256,256 --batch-size 1024 \
+    --precisions fp32 bf16 --threads "$(nproc)" --steps 10 --reps 5 --out "$OUT/fast_throughput.json"
+
+for seed in ${TTA_SEEDS:-0}; do
+    wanted 3 && part "3. fast recipe, seed $seed: time to 93%" "${TTA_S:-300}" "time_to_accuracy-fast-$seed.txt" \
+        "$PY" benchmarks/time_to_accuracy.py --recipe fast --data "$DATA" --device cuda --widths 64,256,256 \
+        --batch-size 1024 --precision bf16 --channels-last --seed "$seed" --max-minutes "${TTA_MINUTES:-4}" \
+        --run-dir "${RUN_DIR:-/tmp/gpu-check-runs}/tta-fast-$seed" --out "$OUT/time_to_accuracy-fast-$seed.json"
+done
+
+wanted 4 && part "4. train step, cifar10-tf, compiled" "${COMPILE_S:-300}" train_step_compiled.txt \
+    "$PY" benchmarks/train_step.py --device cuda --data "$DATA" --steps 50 --reps 5 \
+    --candidates bf16-cl,bf16-cl-compile,bf16-cl-graphs --out "$OUT/train_step_compiled.json"
+
+wanted 5 && part "5. tutorial recipe: time to accuracy" "${TUTORIAL_S:-300}" time_to_accuracy-tutorial.txt \
+    "$PY" benchmarks/time_to_accuracy.py --recipe tutorial --data "$DATA" --device cuda --steps 60000 \
+    --eval-every 2 --weights ema raw --max-minutes "${TUTORIAL_MINUTES:-2}" \
+    --run-dir "${RUN_DIR:-/tmp/gpu-check-runs}/tta-tutorial" --out "$OUT/time_to_accuracy-tutorial.json"
+
+echo "== summary"
+cat "$OUT/summary.txt"
+! grep -q "exit [1-9]" "$OUT/summary.txt"
