@@ -81,7 +81,7 @@ def eager_baseline(batch_size: int, steps: int, device: torch.device):
 
 
 # name -> the fast-path fields of ParallelConfig; "default" is ParallelConfig()'s own setting.
-# (The default picks channels_last on CPU; fp32-nchw is the layout the baseline uses.)
+# (The default picks channels_last; fp32-nchw is the layout the baseline uses.)
 CANDIDATES = {"default": None,
               "fp32-nchw": {"precision": "fp32", "channels_last": False},
               "fp32-cl": {"precision": "fp32", "channels_last": True},

@@ -79,8 +79,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                         "fp16 with dynamic loss scaling "
                         "(AMP on CUDA) (default: %(default)s)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=par.channels_last,
-                   help="NHWC memory format for convs and images (default: on for CPU, and CUDA with "
-                        "bf16, where the strategy applies it: single, sync, local-sgd)")
+                   help="NHWC memory format for convs and images (default: on where the strategy "
+                        "applies it: single, sync, local-sgd)")
     g.add_argument("--compile", default=par.compile, choices=COMPILE_MODES,
                    help="torch.compile the model in this mode; reduce-overhead = CUDA graphs, CUDA only "
                         "(default: %(default)s: 0.18x eager on a 2-core CPU; single, sync, local-sgd)")

@@ -97,8 +97,9 @@ class ParallelConfig:
     and loss; AMP on CUDA) or "fp16" (the same with dynamic loss scaling). fp32 on CPU: measured ~5x slower in bf16 where oneDNN lacks bf16 kernels."""
     channels_last: bool | None = None
     """Conv weights and images in NHWC memory order (same function, only strides differ). None =
-    auto: on where measured faster (CPU: 1.08-1.13x on the cifar10-tf step; CUDA with bf16) and
-    the strategy applies it (single, sync, local-sgd); parallel/precision.py."""
+    auto: on where the strategy applies it (single, sync, local-sgd), measured faster on CPU
+    (1.08-1.13x on the cifar10-tf step) and on an H200 (1.06x cifar10-tf, 1.45x airbench, fp32);
+    parallel/precision.py."""
     compile: str = "off"
     """torch.compile of the model's forward (and so backward): "off", or its mode: "default",
     "max-autotune", "reduce-overhead" (CUDA graphs; CUDA only). Off: measured 0.18x eager on

@@ -19,15 +19,17 @@ channels_last=True stores the conv weights and input images as NHWC: oneDNN's
 native layout on CPU (no reorder per conv; measured 1.08-1.13x on the cifar10-tf step)
 and the tensor cores' layout on CUDA. Same function, same parameter shapes:
 state_dict keys and shapes are unchanged, only strides differ. None (the default)
-picks by measurement: on for CPU and for CUDA with bf16/fp16 (fp32 convs on CUDA run in
-NCHW), and only for a strategy that applies it (hogwild, downpour and pipeline keep
-NCHW buffers: their `refuses` names --channels-last).
+picks by measurement: on, on CPU and CUDA alike (an H200 ran fp32 cifar10-tf 1.06x and
+airbench 1.45x faster in NHWC), but only for a strategy that applies it (hogwild,
+downpour and pipeline keep NCHW buffers: their `refuses` names --channels-last).
 
 compile="default"/"max-autotune"/"reduce-overhead" compiles the model's forward in place
 (nn.Module.compile: parameter names, state_dict keys and checkpoints are unchanged; autograd
 compiles the backward with it) in that torch.compile mode; "reduce-overhead" records CUDA
 graphs and needs a CUDA device. Off by default: on this repo's 2-core CPU the compiled
-cifar10-tf step ran at 0.18x eager (benchmarks/profile_step.py --compile); on a GPU unmeasured.
+cifar10-tf step ran at 0.18x eager (benchmarks/profile_step.py --compile); on an H200
+"default" ran 1.21x and "reduce-overhead" 1.92x eager, paid for with tens of seconds
+of compiling in every run (benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ class FastPath:
     def from_config(cls, cfg, device: torch.device, allows_channels_last: bool = True) -> "FastPath":
         # getattr: a ParallelConfig written before these fields existed (an old checkpoint's).
         precision, channels_last = getattr(cfg, "precision", "fp32"), getattr(cfg, "channels_last", False)
-        if channels_last is None:
-            channels_last = allows_channels_last and (device.type == "cpu" or precision != "fp32")
+        if channels_last is None:  # measured faster on CPU and CUDA: see the module's docstring
+            channels_last = allows_channels_last
         return cls(precision, bool(channels_last), device, getattr(cfg, "compile", "off"))
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
