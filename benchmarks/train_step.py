@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from multitower.bench.flops import layer_macs
-from multitower.bench.measure import environment, write_json
+from multitower.bench.measure import environment, timed_rate, write_json
 from multitower.config import ParallelConfig
 from multitower.data.loader import TrainBatches
 from multitower.data.records import open_dataset
@@ -157,14 +157,6 @@ def pipeline_alone(split, batch_size: int, steps: int):
     return run
 
 
-def timed(run) -> float:
-    start = time.perf_counter()
-    items = run()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()  # queued kernels belong to the timed steps
-    return items / (time.perf_counter() - start)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="", help="data-set directory (default: a generated one in a temp dir)")
@@ -197,9 +189,9 @@ def main() -> None:
             run()
         base_rates, rates = [], {n: [] for n in names}
         for _ in range(args.reps):
-            base_rates.append(timed(baseline))
+            base_rates.append(timed_rate(baseline))
             for n, (run, _) in candidates.items():
-                rates[n].append(timed(run))
+                rates[n].append(timed_rate(run))
         for _, batches in candidates.values():
             batches.close()
         peak = {"fp32": matmul_peak_flops(torch.float32, device), "bf16": matmul_peak_flops(torch.bfloat16, device)}
@@ -207,7 +199,7 @@ def main() -> None:
         torch.set_num_threads(1)
         pipeline = pipeline_alone(split, args.batch_size, args.steps * 5)
         pipeline()
-        pipe_rates = [timed(pipeline) for _ in range(args.reps)]
+        pipe_rates = [timed_rate(pipeline) for _ in range(args.reps)]
         torch.set_num_threads(threads)
 
     base, pipe = statistics.median(base_rates), statistics.median(pipe_rates)
