@@ -14,6 +14,8 @@ multiply-add per value.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -37,13 +39,21 @@ class Translations(PerImageDraws):
     flip: torch.Tensor  # bool, mirror left-right after the translation
 
 
+@functools.lru_cache(maxsize=16)
+def _scale_and_shift(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """normalize's per-channel constants, made once per (mean, std, device): not per batch,
+    where on a GPU each would be a blocking host-to-device copy."""
+    std_t = torch.tensor(std, dtype=torch.float32, device=device)
+    scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1)
+    shift = (-torch.tensor(mean, dtype=torch.float32, device=device) / std_t).view(1, -1, 1, 1)
+    return scale, shift
+
+
 def normalize(images: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
     """uint8 [B, C, H, W] -> float32 (x / 255 - mean_c) / std_c, as one multiply-add."""
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"expected uint8 images [B,C,H,W], got {images.dtype} {tuple(images.shape)}")
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device)
-    scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1)
-    shift = (-torch.tensor(mean, dtype=torch.float32, device=images.device) / std_t).view(1, -1, 1, 1)
+    scale, shift = _scale_and_shift(tuple(mean), tuple(std), images.device)
     return torch.addcmul(shift, images.to(torch.float32), scale)
 
 
