@@ -69,7 +69,7 @@ def test_fast_path_on_cuda_follows_fp32(precision, channels_last):
         # Tensor-wise, not element-wise: cuDNN chooses each layout's kernels by timing
         # (cudnn.benchmark), and one of its fp32 weight-gradient algorithms for conv1 (3
         # input channels, 5x5) is ~1e-3 off. On an H200 this test once measured conv1.weight
-        # 1.1e-3 and every other tensor under 5e-7; a one-off diagnostic (not in the repo)
+        # 1.1e-3 and the other tensors it printed 7e-8 to 5e-7; a one-off diagnostic (not in the repo)
         # found each layout 6e-7 from the CPU's gradients under cudnn.benchmark and NCHW
         # 1.07e-3 under cudnn.deterministic. A layout bug (a wrong permutation) is O(1).
         errors = {name: relative_error(grads[name], ref[name]) for name in ref}
