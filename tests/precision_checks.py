@@ -22,15 +22,23 @@ from multitower.models.cifar10_tf import tower_loss
 from multitower.parallel.single import Single
 
 
-def one_batch_grads(precision: str, channels_last: bool, images, labels, device: str = "cpu",
-                    compile_mode: str = "off"):
-    """Logits, step metrics and fp32 parameter gradients of one step of cifar10-tf on `device`."""
+def single_step_of(precision: str, channels_last: bool, device: str = "cpu", lr: float = 0.1,
+                   compile_mode: str = "off"):
+    """cifar10-tf (seeded init) on `device` under the Single strategy with plain SGD at
+    `lr`: (model, strategy), the strategy's step() the one under test."""
     torch.manual_seed(0)
     model = build_model("cifar10-tf").to(device)
     strategy = Single(ParallelConfig(precision=precision, channels_last=channels_last, compile=compile_mode),
                       torch.device(device), tower_loss)
+    strategy.wrap(model, torch.optim.SGD(model.parameters(), lr=lr))
+    return model, strategy
+
+
+def one_batch_grads(precision: str, channels_last: bool, images, labels, device: str = "cpu",
+                    compile_mode: str = "off"):
+    """Logits, step metrics and fp32 parameter gradients of one step of cifar10-tf on `device`."""
     # lr=0: step() runs the whole path (autocast, backward, optimizer) but leaves the weights as they were.
-    strategy.wrap(model, torch.optim.SGD(model.parameters(), lr=0.0))
+    model, strategy = single_step_of(precision, channels_last, device, lr=0.0, compile_mode=compile_mode)
     images, labels = images.to(device), labels.to(device)
     with strategy.fast.autocast():
         logits = model(strategy.fast.images(images)).float()
@@ -71,11 +79,7 @@ def assert_grads_follow_fp32(grads: dict, control: dict, precision: str) -> None
 def loss_curve(data_dir, precision: str, channels_last: bool, steps: int, batch_size: int,
                device: str = "cpu") -> list[float]:
     """Cross-entropy of each of `steps` training steps of cifar10-tf at the tutorial's lr."""
-    torch.manual_seed(0)
-    model = build_model("cifar10-tf").to(device)
-    strategy = Single(ParallelConfig(precision=precision, channels_last=channels_last), torch.device(device),
-                      tower_loss)
-    strategy.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))  # the tutorial's initial lr
+    _, strategy = single_step_of(precision, channels_last, device, lr=0.1)  # the tutorial's initial lr
     split = open_dataset(data_dir).split("train")
     with TrainBatches(split, global_batch_size=batch_size, seed=0, device=torch.device(device)) as batches:
         iterator = iter(batches)

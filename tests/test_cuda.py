@@ -20,10 +20,9 @@ from multitower.data.loader import Batch, EvalBatches, TrainBatches
 from multitower.data.records import open_dataset
 from multitower.models import build_model
 from multitower.models.cifar10_tf import tower_loss
-from multitower.parallel.single import Single
 from multitower.parallel.sync import Sync
 from precision_checks import assert_curve_follows_fp32, assert_grads_follow_fp32, loss_curve, one_batch_grads, \
-    relative_error
+    relative_error, single_step_of
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -37,10 +36,7 @@ def exact_fp32():
 
 
 def one_step(device: str):
-    torch.manual_seed(0)
-    model = build_model("cifar10-tf").to(device)
-    strategy = Single(ParallelConfig(precision="fp32", channels_last=False), torch.device(device), tower_loss)
-    strategy.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    model, strategy = single_step_of("fp32", False, device, lr=0.1)
     torch.manual_seed(1)
     images, labels = torch.randn(64, 3, 24, 24), torch.randint(0, 10, (64,))
     metrics = strategy.step(Batch(images=images.to(device), labels=labels.to(device), step=0, epoch=0))
