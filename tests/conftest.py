@@ -1,4 +1,5 @@
-"""Shared fixtures: a small generated data set and the path of the real CIFAR-10 images."""
+"""Shared fixtures: a small generated data set, the path of the real CIFAR-10 images, and
+the CPU-only rule below."""
 
 from pathlib import Path
 
@@ -6,6 +7,21 @@ import pytest
 
 # Read at run time only, never copied: tests that use it are skipped when it is absent.
 SHARED_CIFAR10 = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "cifar10-jpeg" / "train"
+
+# Modules that test the machine's real devices; every other test runs on the CPU alone.
+SEES_REAL_DEVICES = {"test_cuda.py", "test_devices.py"}
+
+
+@pytest.fixture(autouse=True)
+def cpu_only(request, monkeypatch):
+    """Outside the CUDA tests, hide any GPU: `--device auto` then means the CPU in this
+    process (torch.cuda.is_available) and in the jobs a test starts (CUDA_VISIBLE_DEVICES),
+    so the CPU suite computes the same on a GPU machine as on a CPU-only one."""
+    if Path(str(request.node.fspath)).name in SEES_REAL_DEVICES:
+        return
+    import torch
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 @pytest.fixture(scope="session")
