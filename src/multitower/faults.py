@@ -5,10 +5,12 @@ of that rank injects the fault when it reaches that global step:
   raise  an exception (a bug or bad data on one rank)
   exit   os._exit(3) (the process dies without cleaning up)
   kill   SIGKILL to itself (kill -9, OOM killer)
-  hang   sleeps forever (a rank that stops responding)
+  hang   sleeps forever in the training loop (a rank whose main thread stops responding)
+  stop   SIGSTOP to itself: the whole process freezes, as under a debugger or a stalled VM
   slow   sleeps after every step from STEP on: a straggler; "RANK:STEP:slow:SECONDS"
          sets the delay per step (default 0.2 s)
-Only the first attempt of a job injects it: after an elastic restart
+Downpour's parameter servers (global ranks workers .. workers + ps - 1) count as their
+"step" the pushes they have applied. Only the first attempt of a job injects it: after an elastic restart
 (TORCHELASTIC_RESTART_COUNT > 0) the run goes on, as after a real one-off fault.
 Unset, this costs one comparison per step.
 """
@@ -20,7 +22,7 @@ import signal
 import time
 
 _SPEC = os.environ.get("MULTITOWER_FAULT", "")
-KINDS = ("raise", "exit", "kill", "hang", "slow")
+KINDS = ("raise", "exit", "kill", "hang", "stop", "slow")
 SLOW_DEFAULT_S = 0.2
 
 
@@ -66,5 +68,8 @@ def maybe_inject(rank: int, step: int) -> None:
         os._exit(3)
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return  # (only after a SIGCONT)
     while True:  # hang
         time.sleep(3600)

@@ -50,7 +50,9 @@ from torch import nn
 from multitower.config import ParallelConfig
 from multitower.data.loader import Batch
 from multitower.errors import UserError
+from multitower.faults import maybe_inject
 from multitower.parallel.base import LossFn, StepMetrics, Strategy
+from multitower.parallel.process_group import rpc_init_method
 
 
 def balance_shards(sizes: list[int], num_servers: int) -> list[list[int]]:
@@ -92,8 +94,9 @@ class ParameterServer:
     it through an RRef. Methods run on rpc threads, concurrently: `_lock` guards the
     parameters, the optimizer and the update count."""
 
-    def __init__(self, optimizer_name: str, num_workers: int):
+    def __init__(self, optimizer_name: str, num_workers: int, rank: int = -1):
         self.optimizer_name = optimizer_name
+        self.rank = rank  # the process's global rank, for faults injected by tests (faults.py)
         self._lock = threading.Lock()
         self._params: list[nn.Parameter] = []
         self._optimizer: torch.optim.Optimizer | None = None
@@ -139,6 +142,7 @@ class ParameterServer:
                     group["lr"] = lr
                 self._optimizer.step()
                 self._updates += 1
+                maybe_inject(self.rank, self._updates)
             # Copies, made under the lock: rpc serialises the reply after we return.
             tensors = [p.detach().clone() for p in self._params] if fetch else None
             return staleness, tensors, self._updates
@@ -226,7 +230,7 @@ class Downpour(Strategy):
     def _init_rpc(self) -> None:
         _pin_to_loopback()
         name = f"trainer{self.global_rank}" if self.trains else f"ps{self.rank}"
-        options = rpc.TensorPipeRpcBackendOptions(rpc_timeout=self.cfg.timeout_s)
+        options = rpc.TensorPipeRpcBackendOptions(rpc_timeout=self.cfg.timeout_s, init_method=rpc_init_method())
         with warnings.catch_warnings():
             # rpc's own start-up all_gather_object on its internal gloo group warns that a
             # Backend is used as a ProcessGroup (torch 2.13); nothing of ours to fix.
@@ -237,7 +241,7 @@ class Downpour(Strategy):
 
     def serve(self) -> None:
         """A server's whole life: host one shard until every worker has shut rpc down."""
-        _HOSTED.append(ParameterServer(self.cfg.ps_optimizer, self.cfg.workers))
+        _HOSTED.append(ParameterServer(self.cfg.ps_optimizer, self.cfg.workers, self.global_rank))
         self._init_rpc()
         # Graceful shutdown is a barrier over all rpc processes (no timeout): it returns
         # when every worker has reached its own, after its last push; requests are

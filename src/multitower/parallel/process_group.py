@@ -1,4 +1,5 @@
-"""Joining the workers' process group, and the one collective every strategy's logging uses."""
+"""Joining the workers' process group (and downpour's rpc), and the one collective every
+strategy's logging uses."""
 
 from __future__ import annotations
 
@@ -7,8 +8,46 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.rendezvous import register_rendezvous_handler
 
 from multitower.errors import UserError
+
+# rpc's init_method for a job started by the elastic agent (see rpc_init_method).
+ATTEMPT_SCHEME = "multitower-attempt"
+
+
+def uses_agent_store() -> bool:
+    """True in a worker started by torch's elastic agent, which serves the workers' store."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def attempt_store(timeout: datetime.timedelta) -> dist.Store:
+    """The agent's store seen under a prefix of this restart attempt's own.
+
+    The agent keeps one store for the whole job, so workers restarted after a failure
+    would otherwise read the dead workers' keys (gloo's and rpc's addresses) and fail
+    with "connectFullMesh failed ... Connection refused" (seen on torch 2.13)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"multitower/attempt-{attempt}", store)
+
+
+def _attempt_rendezvous(url: str, rank: int = -1, world_size: int = -1, timeout=None, **kwargs):
+    # A rendezvous handler (torch.distributed.rendezvous's public hook): a generator of
+    # (store, rank, world size). rpc sets the store's timeout itself afterwards.
+    yield attempt_store(timeout or datetime.timedelta(seconds=300)), rank, world_size
+
+
+def rpc_init_method() -> str:
+    """rpc's init_method: under the elastic agent the per-attempt store, else env://."""
+    if not uses_agent_store():
+        return "env://"
+    try:
+        register_rendezvous_handler(ATTEMPT_SCHEME, _attempt_rendezvous)
+    except RuntimeError:  # registered already in this process
+        pass
+    return f"{ATTEMPT_SCHEME}://"
 
 
 def init_process_group(device: torch.device, timeout_s: float, strategy: str) -> None:
@@ -21,17 +60,9 @@ def init_process_group(device: torch.device, timeout_s: float, strategy: str) ->
                         f"(or start it with torchrun)")
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # Workers restarted by the elastic agent reach the same agent store as the
-        # attempt before them; without a per-attempt prefix the new group reads the
-        # dead workers' addresses (seen on torch 2.13: "connectFullMesh failed ...
-        # Connection refused" after --max-restarts).
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                              timeout=timeout)
-        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"multitower/attempt-{attempt}", store),
-                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
-                                timeout=timeout)
+    if uses_agent_store():
+        dist.init_process_group(backend=backend, store=attempt_store(timeout), rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     else:
         dist.init_process_group(backend=backend, timeout=timeout)
 
