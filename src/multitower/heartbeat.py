@@ -1,63 +1,237 @@
-"""Which rank stopped responding: per-rank progress in the launcher's key-value store.
+"""Which process stopped, and why the job ended: per-process state in the launcher's store.
 
-At the start of each iteration each worker records (the step it starts, time) under its rank in the c10d TCPStore
-that the launcher (torch's elastic agent, or torchrun) serves at MASTER_ADDR:MASTER_PORT.
-When a collective fails (a peer hung past --timeout, or died), the failing worker reads
-everyone's progress and names the ranks that fell behind, so the job ends with a message
-like "rank 1 stopped responding after starting step 5 (silent for 12 s)" instead of a
-bare timeout.
+Every process of a multi-process job (trainers, downpour's parameter servers, pipeline
+stages) keeps three kinds of keys in the c10d TCPStore that the launcher (torch's
+elastic agent, or torchrun) serves at MASTER_ADDR:MASTER_PORT, under the restart
+attempt's prefix:
+  info/<rank>    who it is: pid, node (GROUP_RANK), a label such as "parameter server 0"
+  alive/<rank>   a counter a daemon thread raises every BEAT_S seconds: a sign of life
+                 that continues while the main thread waits in a collective, and stops
+                 when the whole process is frozen (SIGSTOP), killed, or cut off
+  step/<rank>    the global step the training loop last started (main thread)
+  failed/<rank>  why it failed: "<kind> <message>" (kind: error, verdict or lost)
+
+The same thread watches the next rank's counter (a ring, so the store's load grows
+with the world size, not its square): a rank silent for longer than --timeout ends the
+job with a verdict naming it, even where no collective would notice (downpour's
+workers never wait for each other). After a collective fails, `verdict()` names the
+rank that caused it: one with no sign of life, else one behind in steps.
+
+Silence is judged by whether a counter changes on the watcher's own monotonic clock,
+never by comparing timestamps from two machines' clocks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import json
 import os
+import sys
+import threading
 import time
 
 import torch.distributed as dist
 
-PREFIX = "multitower/heartbeat/"
+BEAT_S = 1.0  # seconds between signs of life
+FROZEN_AFTER_S = 2.5 * BEAT_S  # no change in this long, while we wait for it: frozen
+KINDS = ("error", "verdict", "lost")
+"""A failure's kind: "error" (the rank's own: a user error, a bug, divergence), "verdict"
+(it names another rank that stopped), "lost" (a peer went away, no one named)."""
+
+
+def _attempt_store(timeout_s: float) -> dist.Store | None:
+    """A client of the launcher's store under this attempt's prefix, or None without one."""
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not address or not port:
+        return None
+    store = dist.TCPStore(address, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"multitower/attempt-{attempt}/", store)
+
+
+def record_failure(kind: str, message: str) -> None:
+    """Leave this process's failure in the launcher's store, for launch() to pick the
+    cause among the ranks that failed (best effort: the store may be gone with the job)."""
+    rank = os.environ.get("RANK")
+    if rank is None:
+        return
+    try:
+        store = _attempt_store(5.0)
+        if store is not None:
+            store.set(f"failed/{rank}", f"{kind} {time.time()} {message}")
+    except Exception:  # noqa: BLE001 - the launcher still sees the exit status
+        pass
+
+
+def recorded_failures(store: dist.Store, attempt: int, processes: int) -> dict[int, tuple[str, float, str]]:
+    """rank -> (kind, time, message) of the failures recorded in `attempt` (launcher side)."""
+    prefixed = dist.PrefixStore(f"multitower/attempt-{attempt}/", store)
+    found = {}
+    for rank in range(processes):
+        try:
+            if prefixed.check([f"failed/{rank}"]):
+                kind, stamp, message = prefixed.get(f"failed/{rank}").decode().split(" ", 2)
+                found[rank] = (kind, float(stamp), message)
+        except Exception:  # noqa: BLE001 - a store being torn down
+            pass
+    return found
+
+
+def worker_pids(store: dist.Store, attempt: int, processes: int) -> list[int]:
+    """The pids the processes of `attempt` recorded (launcher side; those that started)."""
+    prefixed = dist.PrefixStore(f"multitower/attempt-{attempt}/", store)
+    pids = []
+    for rank in range(processes):
+        if prefixed.check([f"info/{rank}"]):
+            pids.append(int(json.loads(prefixed.get(f"info/{rank}").decode())["pid"]))
+    return pids
 
 
 class Heartbeat:
-    def __init__(self, rank: int, world_size: int, store: dist.Store | None):
-        self.rank, self.world_size, self.store = rank, world_size, store
+    """This process's signs of life and step, and its watch over the next rank.
+
+    `on_silence(verdict)` runs on the watching thread when the watched rank has been silent
+    longer than `timeout_s`; by default it records the verdict and ends this process at
+    once (the main thread may be blocked in C++ for as long again)."""
+
+    def __init__(self, rank: int, world_size: int, timeout_s: float, store: dist.Store | None,
+                 on_silence=None):
+        self.rank, self.world_size, self.timeout_s, self.store = rank, world_size, timeout_s, store
+        self.on_silence = on_silence or _end_process
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._label = ""
 
     @classmethod
-    def from_environment(cls, rank: int, world_size: int) -> "Heartbeat":
-        """Connect to the launcher's store; without a launcher (one process) do nothing."""
-        address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-        if world_size < 2 or not address or not port:
-            return cls(rank, world_size, None)
-        store = dist.TCPStore(address, int(port), is_master=False, timeout=datetime.timedelta(seconds=30))
-        return cls(rank, world_size, store)
+    def from_environment(cls, timeout_s: float, on_silence=None) -> "Heartbeat":
+        """Connected to the launcher's store; inert in a one-process job."""
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        store = _attempt_store(min(timeout_s, 30.0)) if world_size > 1 else None
+        return cls(rank, world_size, timeout_s, store, on_silence)
+
+    def start(self, label: str = "") -> "Heartbeat":
+        if self.store is None:
+            return self
+        self._label = label
+        node = os.environ.get("GROUP_RANK", "0")
+        self.store.set(f"info/{self.rank}", json.dumps({"pid": os.getpid(), "node": node, "label": label}))
+        self.store.set(f"alive/{self.rank}", "0")
+        self._thread = threading.Thread(target=self._run, name="multitower-heartbeat", daemon=True)
+        self._thread.start()
+        return self
 
     def beat(self, step: int) -> None:
         """Record that this rank starts global step `step` (1-based) now."""
         if self.store is not None:
-            self.store.set(f"{PREFIX}{self.rank}", f"{step} {time.time()}")
+            self.store.set(f"step/{self.rank}", str(step))
 
-    def laggards(self) -> str | None:
-        """A sentence naming the ranks behind the most advanced one, or None."""
+    def stop(self, failing: bool = False) -> None:
+        """Stop beating; `failing`: say so ("failed"), as this process reports its own
+        failure, so that no peer names it as one that fell silent."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._thread = None
+        if failing and self.store is not None:
+            try:
+                self.store.set(f"alive/{self.rank}", "failed")
+            except Exception:  # noqa: BLE001 - the job may be ending around us
+                pass
+
+    def close(self) -> None:
+        """This process ends normally: stop beating, and say so, so that no one waits for it."""
+        if self.store is None:
+            return
+        self.stop()
+        try:
+            self.store.set(f"alive/{self.rank}", "done")
+        except Exception:  # noqa: BLE001 - the job may be ending around us
+            pass
+
+    # -- the watching thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        # A client of its own: the main thread's may be in the middle of a request.
+        store = _attempt_store(min(self.timeout_s, 30.0))
+        watched = (self.rank + 1) % self.world_size
+        count, last_value, last_change = 0, None, time.monotonic()
+        unreachable_since = None
+        while not self._stop.wait(BEAT_S):
+            now = time.monotonic()
+            try:
+                count += 1
+                store.set(f"alive/{self.rank}", str(count))
+                value = store.get(f"alive/{watched}").decode() if store.check([f"alive/{watched}"]) else None
+                unreachable_since = None
+            except Exception as exc:  # noqa: BLE001 - the store, and so the launcher, is unreachable
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > self.timeout_s:
+                    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+                    self.on_silence(f"{self.describe(self.rank)} lost the launcher's store at {where} for "
+                                    f"{now - unreachable_since:.0f} s (its machine or the link to it is gone?): "
+                                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+                    return
+                continue
+            if value != last_value or value in ("done", "failed"):
+                last_value, last_change = value, now
+            elif now - last_change > self.timeout_s:
+                self.on_silence(self._silent_sentence(watched, now - last_change) +
+                                f"; {self.describe(self.rank)} gave up waiting (--timeout {self.timeout_s:g} s)")
+                return
+
+    # -- verdicts -----------------------------------------------------------------------------
+    def describe(self, rank: int) -> str:
+        """"rank 1 (node 0, pid 4242)", with its label where it has one."""
+        try:
+            info = json.loads(self.store.get(f"info/{rank}").decode()) if self.store.check([f"info/{rank}"]) else {}
+        except Exception:  # noqa: BLE001
+            info = {}
+        parts = [info["label"]] if info.get("label") else []
+        parts += [f"node {info['node']}", f"pid {info['pid']}"] if info else []
+        return f"rank {rank}" + (f" ({', '.join(parts)})" if parts else "")
+
+    def _silent_sentence(self, rank: int, silent_s: float | None = None) -> str:
+        step = self._read(f"step/{rank}")
+        during = f" during step {step}" if step is not None else ""
+        silence = f"no sign of life for {silent_s:.0f} s" if silent_s is not None else "no sign of life"
+        return f"{self.describe(rank)} stopped responding{during}: {silence} (frozen, killed, or its machine unreachable)"
+
+    def _read(self, key: str) -> str | None:
+        try:
+            return self.store.get(key).decode() if self.store.check([key]) else None
+        except Exception:  # noqa: BLE001
+            return None
+
+    def verdict(self) -> str | None:
+        """After a collective failed here: a sentence naming the rank(s) that caused it, or None.
+        Ranks with no sign of life come first (two looks FROZEN_AFTER_S apart), then those
+        whose training loop is behind the most advanced one."""
         if self.store is None:
             return None
-        progress = {}
-        try:
-            for rank in range(self.world_size):
-                key = f"{PREFIX}{rank}"
-                if self.store.check([key]):
-                    step, stamp = self.store.get(key).decode().split()
-                    progress[rank] = (int(step), float(stamp))
-                else:
-                    progress[rank] = (-1, float("nan"))
-        except Exception:  # the store itself may be gone with the failing job
+        others = [r for r in range(self.world_size) if r != self.rank]
+        first = {r: self._read(f"alive/{r}") for r in others}
+        time.sleep(FROZEN_AFTER_S)
+        frozen = [r for r in others if first[r] not in (None, "done", "failed")
+                  and self._read(f"alive/{r}") == first[r]]
+        if frozen:
+            return "; ".join(self._silent_sentence(r) for r in frozen)
+        steps = {r: self._read(f"step/{r}") for r in range(self.world_size)}
+        steps = {r: int(s) for r, s in steps.items() if s is not None}
+        if not steps:
             return None
-        front = max(step for step, _ in progress.values())
-        behind = [(rank, step, stamp) for rank, (step, stamp) in progress.items() if step < front]
-        if not behind:
-            return None
-        now = time.time()
-        return "; ".join(
-            f"rank {rank} stopped responding " + (f"after starting step {step} (silent for {now - stamp:.0f} s)"
-                                                  if step >= 0 else "before its first step")
-            for rank, step, stamp in behind)
+        front = max(steps.values())
+        behind = [r for r in range(self.world_size) if r in steps and steps[r] < front]
+        return "; ".join(f"{self.describe(r)} stopped responding after starting step {steps[r]}"
+                         for r in behind) or None
+
+
+def _end_process(verdict: str) -> None:
+    """The default on_silence: record the verdict, say it where no launcher will, and exit
+    now (os._exit: the main thread may be blocked in a collective for a long time yet)."""
+    record_failure("verdict", verdict)
+    with contextlib.suppress(Exception):
+        store = _attempt_store(5.0)
+        store.set(f"alive/{os.environ.get('RANK', 0)}", "failed")  # not a silence: peers must not name us
+    if not os.environ.get("MULTITOWER_LAUNCHER"):
+        print(f"multitower: error: {verdict}", file=sys.stderr, flush=True)
+    os._exit(1)

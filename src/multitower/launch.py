@@ -8,16 +8,19 @@ the launcher's environment (RANK, WORLD_SIZE, ...) and runs as one worker direct
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import socket
 import sys
-import time
 import traceback
 import uuid
-from datetime import timedelta
+from pathlib import Path
 
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.elastic.rendezvous import RendezvousParameters, rendezvous_handler_registry
 from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import create_backend
@@ -25,7 +28,9 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handl
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from multitower.config import Config
-from multitower.errors import UserError
+from multitower.errors import Interrupted, PeerLost, PeerStopped, UserError, first_line
+from multitower.heartbeat import record_failure, recorded_failures, worker_pids
+from multitower.train.checkpoint import CheckpointDir
 
 
 def in_launched_worker() -> bool:
@@ -55,38 +60,6 @@ def loopback_store_server(port: int = 0) -> dist.TCPStore:
 
 _worker_stores: list[dist.TCPStore] = []  # the stores our handler served, newest last
 
-# Where a failing worker leaves "<time> <message>", per restart attempt and rank.
-FAILED_PREFIX = "multitower/failed/"
-
-
-def record_failure(message: str) -> None:
-    """Leave this worker's failure, and when it happened, in the launcher's store, so that
-    launch() can tell the rank that failed first from those that failed because of it."""
-    address, port, rank = (os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"))
-    if not (address and port and rank):
-        return
-    try:
-        store = dist.TCPStore(address, int(port), is_master=False, timeout=timedelta(seconds=5))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store.set(f"{FAILED_PREFIX}{attempt}/{rank}", f"{time.time()} {first_line(message)}")
-    except Exception:  # the store may be gone with the job; the agent still reports the failure
-        pass
-
-
-def _recorded_failures(processes: int, attempt: int) -> dict[int, tuple[float, str]]:
-    """rank -> (time, message) of the failures workers recorded in the last attempt."""
-    found = {}
-    for store in _worker_stores[-1:]:
-        for rank in range(processes):
-            key = f"{FAILED_PREFIX}{attempt}/{rank}"
-            try:
-                if store.check([key]):
-                    stamp, message = store.get(key).decode().split(" ", 1)
-                    found[rank] = (float(stamp), message)
-            except Exception:
-                pass
-    return found
-
 
 def _loopback_store_for_workers(port: int) -> dist.TCPStore:
     store = loopback_store_server(port)
@@ -111,28 +84,99 @@ LOOPBACK_C10D = "multitower-c10d"
 def worker_main(config_json: str) -> dict:
     """One worker: its rank comes from the environment the agent set."""
     import json
+    return run_worker(Config.from_dict(json.loads(config_json))).__dict__
+
+
+def run_worker(cfg: Config):
+    """train(cfg) in a launched worker (ours or torchrun's): a failure is recorded in the
+    launcher's store for launch() to pick the cause, and leaves as one line (a RuntimeError
+    whose message is that line); a bug's traceback goes to RUN_DIR/logs/rank-R.log, and to
+    stderr as well with --debug."""
     from multitower.train.loop import train
     try:
-        result = train(Config.from_dict(json.loads(config_json)))
+        return train(cfg)
+    except PeerStopped as exc:
+        record_failure("verdict", str(exc))
+        raise RuntimeError(str(exc)) from None
+    except PeerLost as exc:
+        record_failure("lost", str(exc))
+        raise RuntimeError(str(exc)) from None
     except UserError as exc:
-        # A user error needs no traceback: its message becomes the one line the user sees.
-        record_failure(str(exc))
-        raise RuntimeError(f"{exc}") from None
+        record_failure("error", str(exc))
+        raise RuntimeError(str(exc)) from None
     except Exception as exc:
-        record_failure(f"{type(exc).__name__}: {exc}" if not isinstance(exc, RuntimeError) else str(exc))
-        traceback.print_exc()  # a bug: its traceback is worth showing, once
-        raise
-    return result.__dict__
+        message = describe_bug(exc, cfg.run.run_dir, int(os.environ.get("RANK", 0)))
+        record_failure("error", message)
+        raise RuntimeError(message) from None
+
+
+def describe_bug(exc: BaseException, run_dir: str, rank: int) -> str:
+    """One line for an unexpected exception, its traceback logged in the run directory
+    (and printed with --debug)."""
+    from multitower.train.run_dir import log_traceback
+    if os.environ.get(DEBUG_ENV):
+        traceback.print_exception(exc)
+    where = log_traceback(run_dir, rank, exc)
+    found = f"traceback in {where}" if where else "rerun with --debug for its traceback"
+    return f"{type(exc).__name__}: {first_line(exc)} (an internal error; {found})"
+
+
+DEBUG_ENV = "MULTITOWER_DEBUG"  # set by --debug: tracebacks are printed, not only logged
+SHUTDOWN_S = 3
+"""Seconds the agent gives a failed group's other workers to exit after SIGTERM before
+SIGKILL (torch's default, 30, is how long a frozen worker held the verdict back)."""
 
 
 def launch(cfg: Config) -> dict:
     """Run cfg.parallel.processes() processes (the workers, and downpour's parameter servers)
-    on this machine; return rank 0's TrainResult fields.
+    on this machine; return rank 0's TrainResult fields. The launcher holds the run
+    directory's lock for the whole job, restarts included, and writes its final status.
     A failure on any rank stops the whole group and becomes one UserError naming the rank."""
+    from multitower.train.run_dir import HELD_BY_LAUNCHER, RunDirLock
+    run_dir = Path(cfg.run.run_dir)
+    with RunDirLock(run_dir):
+        environment = {HELD_BY_LAUNCHER: str(run_dir.resolve()), "MULTITOWER_LAUNCHER": "1"}
+        if not os.environ.get(DEBUG_ENV):
+            # libtorch's warnings (TensorPipe's "encountered error when reading incoming
+            # request ... eof" as a peer goes) would precede our one line; --debug keeps them.
+            environment["TORCH_CPP_LOG_LEVEL"] = os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")
+        saved = {key: os.environ.get(key) for key in environment}
+        os.environ.update(environment)  # the workers are spawned with this environment
+        try:
+            return _launch(cfg)
+        except UserError as exc:
+            _final_status(cfg, exc)
+            raise
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def _final_status(cfg: Config, exc: UserError) -> None:
+    """The run's status after the launcher ended it: the workers may have died without a word."""
+    from multitower.train.run_dir import read_status, write_status
+    run_dir = Path(cfg.run.run_dir)
+    if not (run_dir / "config.json").exists():
+        return  # the run never started: nothing of it to describe
+    status = read_status(run_dir) or {}
+    latest = CheckpointDir(run_dir / "checkpoints").latest_step()
+    state = "interrupted" if isinstance(exc, Interrupted) else "failed"
+    try:
+        write_status(run_dir, state, int(status.get("step", 0)), latest, str(exc))
+    except OSError:
+        pass  # e.g. the full disk that ended the run
+
+
+def _launch(cfg: Config) -> dict:
     # The agent logs every state change, and each failure with a traceback of its own
     # machinery; the failure is reported below in one line instead.
-    for name in ("torch.distributed.elastic", "torch.multiprocessing"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    # (Each module's logger has its own level, set by torch's get_logger: set them all.)
+    for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic", "torch.multiprocessing"]:
+        if name.startswith(("torch.distributed.elastic", "torch.multiprocessing")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     # When the agent kills a failed group, multiprocessing's resource tracker (a process
     # of its own, started with our -W options) warns about the workers' semaphores
     # after our one-line message; they are the agent's, and the tracker frees them.
@@ -150,44 +194,110 @@ def launch(cfg: Config) -> dict:
         run_id=f"multitower-{uuid.uuid4().hex[:8]}",
         rdzv_backend=LOOPBACK_C10D, rdzv_endpoint=f"127.0.0.1:{rendezvous_store.port}",
         rdzv_configs={"timeout": 120}, local_addr="127.0.0.1",
-        max_restarts=cfg.parallel.max_restarts, monitor_interval=0.5, start_method="spawn")
+        max_restarts=cfg.parallel.max_restarts, monitor_interval=0.5, start_method="spawn",
+        shutdown_timeout=SHUTDOWN_S)
+    reaper = FrozenWorkerReaper(cfg.parallel.processes(), cfg.parallel.max_restarts)
     try:
         results = elastic_launch(launch_config, worker_main)(cfg.to_json())
     except ChildFailedError as exc:
-        rank, failure = root_failure(exc)
-        recorded = _recorded_failures(cfg.parallel.processes(), cfg.parallel.max_restarts)
-        killed = failure.exitcode < 0 and failure.signal_name() != "SIGTERM"
-        if recorded and not killed:
-            # The rank whose own failure came first caused the others' (a peer's lost
-            # connection, a heartbeat verdict); the agent may have seen another exit first.
-            first = min(recorded, key=lambda r: recorded[r][0])
-            raise UserError(f"worker rank {first} failed: {recorded[first][1]}") from None
-        if failure.exitcode < 0:  # killed by a signal: the OOM killer, kill -9
-            raise UserError(f"worker rank {rank} failed: killed by {failure.signal_name()} "
-                            f"(out of memory, or killed)") from None
-        raise UserError(f"worker rank {rank} failed: {first_line(failure.message)}") from None
+        reaper.close()
+        raise UserError(failure_verdict(exc, cfg, reaped=reaper.killed)) from None
+    except SignalException as exc:
+        signal_name = signal.Signals(exc.sigval).name
+        latest = CheckpointDir(Path(cfg.run.run_dir) / "checkpoints").latest_step()
+        kept = f"the newest checkpoint is step {latest}; --resume continues" if latest is not None \
+            else "no checkpoint was written yet"
+        raise Interrupted(f"interrupted by {signal_name}: the workers were stopped; {kept} "
+                          f"({cfg.run.run_dir})", int(exc.sigval)) from None
+    finally:
+        reaper.close()
     return results[0]
 
 
-def root_failure(exc: ChildFailedError):
-    """(rank, failure) of the rank that caused the others to fail. The earliest failure is
-    not always it: when rank 1 raises, rank 0's collective can error out first with the
-    heartbeat's "rank 1 stopped responding", and the agent then SIGTERMs the rest. So
-    failures of that kind count only when there is nothing else."""
-    def consequence(failure) -> bool:
-        if failure.exitcode < 0:
-            return failure.signal_name() == "SIGTERM"
-        return "stopped responding" in first_line(failure.message)
-    return min(exc.failures.items(), key=lambda item: (consequence(item[1]), item[1].timestamp))
+class FrozenWorkerReaper:
+    """SIGKILLs this machine's workers that are stopped (SIGSTOP, state "T") once their
+    attempt is failing: the agent stops a failed group with SIGTERM, which a stopped
+    process never handles, and then waits 30 s before SIGKILL (torch 2.13's _stop_workers,
+    which ignores shutdown_timeout). Workers name their pids in the store (heartbeat's
+    info/<rank>); an attempt is failing once a worker recorded a failure or is gone."""
+
+    def __init__(self, processes: int, max_restarts: int):
+        self.processes, self.max_restarts = processes, max_restarts
+        self.killed: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="multitower-reaper", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            store = _worker_stores[-1] if _worker_stores else None
+            if store is None:
+                continue
+            for attempt in range(self.max_restarts + 1):
+                try:
+                    pids = worker_pids(store, attempt, self.processes)
+                    failing = bool(recorded_failures(store, attempt, self.processes)) or \
+                        any(not os.path.exists(f"/proc/{pid}") for pid in pids)
+                except Exception:  # noqa: BLE001 - a store between attempts
+                    continue
+                for pid in pids if failing else []:
+                    if process_state(pid) in ("T", "t"):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                            self.killed.add(pid)  # our doing: not the failure's cause
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
 
 
-def first_line(message) -> str:
-    """The meaningful line of a failure message (which may be a dict from the error file)."""
-    if isinstance(message, dict):
-        message = message.get("message", str(message))
-    lines = [line for line in str(message).strip().splitlines() if line.strip()]
-    if not lines:
-        return "no message"
-    # A traceback's last line names the exception; "RuntimeError: " adds nothing for users.
-    last = lines[-1] if lines[0].startswith("Traceback") else lines[0]
-    return last.removeprefix("RuntimeError: ")
+def process_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat ("R", "S", "T" stopped, ...), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+# What a worker killed by a signal most likely met (the agent reports the bare signal).
+SIGNAL_CAUSES = {"SIGKILL": "out of memory, or killed", "SIGBUS": "a bus error: a memory-mapped file shrank?",
+                 "SIGSEGV": "a crash in native code", "SIGABRT": "aborted by native code"}
+
+
+def failure_verdict(exc: ChildFailedError, cfg: Config, reaped: set[int] = frozenset()) -> str:
+    """The one line that says which rank caused the failure and why, from what the workers
+    recorded (their own errors, verdicts on a silent peer, lost connections) and what the
+    agent saw (exit codes, signals): a rank's own error first, then a rank killed by a
+    signal, then a verdict naming a stopped rank, then a lost connection."""
+    processes = cfg.parallel.processes()
+    store = _worker_stores[-1] if _worker_stores else None
+    recorded = {}
+    if store is not None:
+        for attempt in range(cfg.parallel.max_restarts, -1, -1):  # the failed, last, attempt
+            recorded = recorded_failures(store, attempt, processes)
+            if recorded:
+                break
+    killed = {rank: failure for rank, failure in exc.failures.items()
+              if failure.exitcode < 0 and failure.signal_name() != "SIGTERM" and failure.pid not in reaped}
+    by_kind = {kind: sorted((stamp, rank, message) for rank, (k, stamp, message) in recorded.items() if k == kind)
+               for kind in ("error", "verdict", "lost")}
+    if by_kind["error"]:
+        _, rank, message = by_kind["error"][0]
+        line = f"worker rank {rank} failed: {message}"
+    elif killed:
+        rank, failure = min(killed.items(), key=lambda item: item[1].timestamp)
+        cause = SIGNAL_CAUSES.get(failure.signal_name(), "killed")
+        line = f"worker rank {rank} failed: killed by {failure.signal_name()} ({cause})"
+    elif by_kind["verdict"]:
+        line = by_kind["verdict"][0][2]
+    elif by_kind["lost"]:
+        _, rank, message = by_kind["lost"][0]
+        line = f"worker rank {rank} failed: {message}"
+    else:
+        rank, failure = min(exc.failures.items(), key=lambda item: item[1].timestamp)
+        line = f"worker rank {rank} failed: {first_line(failure.message)}"
+    latest = CheckpointDir(Path(cfg.run.run_dir) / "checkpoints").latest_step()
+    if latest is not None:
+        line += f" [newest checkpoint: step {latest}; --resume continues]"
+    return line
