@@ -1,6 +1,9 @@
 """Shared fixtures: a small generated data set, the path of the real CIFAR-10 images, and
 the CPU-only rule below."""
 
+import os
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -31,3 +34,40 @@ def synth_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "synthetic"
     make_synthetic(out, train=2048, val=512, seed=0)
     return out
+
+
+def _processes_marked(marker: bytes) -> list[str]:
+    """Processes (other than this one) whose environment carries `marker`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker not in f.read():
+                    continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
+            found.append(f"{pid}: {command}")
+        except OSError:
+            pass
+    return found
+
+
+SESSION_MARKER = uuid.uuid4().hex
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test(monkeypatch):
+    """Every job a test starts (and every worker of it) must be gone when the test ends:
+    a worker left behind holds memory, a core, and perhaps a run directory."""
+    if not os.path.isdir("/proc"):
+        yield
+        return
+    marker = f"MULTITOWER_TEST_SESSION={SESSION_MARKER}"
+    monkeypatch.setenv("MULTITOWER_TEST_SESSION", SESSION_MARKER)
+    yield
+    deadline = time.monotonic() + 15
+    while (left := _processes_marked(marker.encode())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes outlived the test: {left}"

@@ -4,6 +4,7 @@ checkpoint and end with one clear line, never a hang or a traceback."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import start_multitower, wait_for_step
 from multitower.cli import main
 from multitower.train import checkpoint as checkpoint_module
 from multitower.train.checkpoint import CheckpointDir
@@ -53,12 +55,22 @@ def test_hung_worker_ends_the_job_within_the_timeout_naming_it(synth_dir, tmp_pa
                         "--run-dir", str(tmp_path / "run"), "--timeout", "8",
                         env={"MULTITOWER_FAULT": "1:4:hang"}, timeout=120)
     assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert "rank 1 stopped responding after starting step 4" in last, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert re.fullmatch(r"multitower: error: rank 1 \(node 0, pid \d+\) stopped responding after starting step 4; "
+                        r"rank 0 \(node 0, pid \d+\) gave up waiting for it \(--timeout 8 s\)", lines[0]), lines[0]
     assert time.monotonic() - start < 90
 
 
-def test_full_disk_fails_the_save_cleanly(synth_dir, tmp_path, monkeypatch, capsys):
+# torch.save on a full disk raises RuntimeError from its zip writer (torch 2.13), our own
+# writes OSError: both must end in the same one line.
+FULL_DISK = {"OSError": OSError(28, "No space left on device"),
+             "RuntimeError": RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed "
+                                          "writing file data/3: file write failed")}
+
+
+@pytest.mark.parametrize("raised", FULL_DISK, ids=list(FULL_DISK))
+def test_full_disk_fails_the_save_cleanly(synth_dir, tmp_path, monkeypatch, capsys, raised):
     real_save = torch.save
     calls = {"n": 0}
 
@@ -67,7 +79,7 @@ def test_full_disk_fails_the_save_cleanly(synth_dir, tmp_path, monkeypatch, caps
         if calls["n"] >= 2:
             with open(path, "wb") as f:  # a partial write, then the device is full
                 f.write(b"\0" * 1000)
-            raise OSError(28, "No space left on device")
+            raise FULL_DISK[raised]
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint_module.torch, "save", save_until_disk_is_full)
@@ -150,6 +162,7 @@ def test_corrupted_data_is_one_line_and_exit_2(synth_dir, tmp_path, capsys, corr
     ["train", "--device", "tpu"], ["train", "--grad-compression", "zip"], ["train", "--accumulate", "0", "--data", "x"],
     ["eval"], ["eval", "run", "--interval", "soon"], ["data"], ["data", "import"], ["data", "synth", "--out"],
     ["frobnicate"], ["train", "--timeout", "0", "--data", "x"], ["train", "--max-restarts", "-1", "--data", "x"],
+    ["train", "--timeout", "0.000001", "--data", "x"], ["train", "--timeout", "0.000001", "--data", "x", "--workers", "2"],
 ])
 def test_malformed_arguments_are_one_line(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
@@ -158,6 +171,25 @@ def test_malformed_arguments_are_one_line(capsys, argv):
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2
     assert len(err) == 1 and err[0].startswith("multitower: error:"), err
+
+
+def test_a_record_file_truncated_while_training_is_one_line(synth_dir, tmp_path):
+    """A memory-mapped file that shrinks under a running job would kill it with SIGBUS at
+    the next read past its new end; the loader notices the change first."""
+    data = tmp_path / "data"
+    copy_data(synth_dir, data)
+    run_dir = tmp_path / "run"
+    job = start_multitower("train", "--data", data, "--run-dir", run_dir, "--steps", 2000, *ARGS, "--workers", 2)
+    wait_for_step(job, run_dir, 10)
+    with open(data / "data_batch_1.bin", "r+b") as f:
+        f.truncate(100 * RECORD)
+    _, stderr = job.communicate(timeout=120)
+    lines = stderr.strip().splitlines()
+    assert job.returncode == 2 and len(lines) == 1, stderr
+    assert re.fullmatch(rf"multitower: error: worker rank \d failed: {data / 'data_batch_1.bin'} changed size while "
+                        rf"in use \(from [\d,]+ to 307,300 bytes: another program truncated or rewrote it\); "
+                        rf"re-create the data set, then --resume \[newest checkpoint: step \d+; --resume continues\]",
+                        lines[0]), lines[0]
 
 
 def _listening_addresses(pids: list[int]) -> list[str]:

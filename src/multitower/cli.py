@@ -6,12 +6,14 @@ Every user mistake ends with one line on stderr and exit status 2, never a trace
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 
 from multitower.config import AUGMENT_PLACES, COMPILE_MODES, PRECISIONS, Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig
-from multitower.errors import UserError
+from multitower.errors import Interrupted, UserError
 
 # The recipes of `train --recipe` (train/recipe.py RECIPES; listed here so --help needs no torch import).
 RECIPE_NAMES = ("tutorial", "fast")
@@ -28,170 +30,196 @@ def _whole_number(text: str) -> int:
     return value
 
 
+def flag(group, *names: str, default=None, **kwargs) -> None:
+    """A train flag whose value is absent from the parsed arguments unless given (argparse's
+    SUPPRESS), so that a resume can tell what the user changed; --help still shows the
+    default, from the dataclass."""
+    help_text = kwargs.pop("help", "")
+    help_text = help_text.replace("%(default)s", str(default)).replace("%(default)r", repr(default))
+    group.add_argument(*names, default=argparse.SUPPRESS, help=help_text, **kwargs)
+
+
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     d, m, o, par, r = DataConfig(), ModelConfig(), OptimConfig(), ParallelConfig(), RunConfig()
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=d.dir, help="data-set directory made by `multitower data` (required for train)")
-    g.add_argument("--label", default=d.label, choices=["fine", "coarse"], help="CIFAR-100 label byte (default: %(default)s)")
-    g.add_argument("--batch-size", type=_whole_number, default=None,
+    flag(g, "--data", default=d.dir, help="data-set directory made by `multitower data` (required for train)")
+    flag(g, "--label", default=d.label, choices=["fine", "coarse"], help="CIFAR-100 label byte (default: %(default)s)")
+    flag(g, "--batch-size", type=_whole_number, default=None,
                    help="global batch, examples per step over all workers (default: the recipe's; "
                         "tutorial 128, fast 512)")
-    g.add_argument("--prefetch", type=_whole_number, default=d.prefetch, help="batches prepared ahead (default: %(default)s)")
-    g.add_argument("--augment-on", default=d.augment_on, choices=list(AUGMENT_PLACES),
+    flag(g, "--prefetch", type=_whole_number, default=d.prefetch, help="batches prepared ahead (default: %(default)s)")
+    flag(g, "--augment-on", default=d.augment_on, choices=list(AUGMENT_PLACES),
                    help="where batches are augmented: host (loader thread) or device (after copying the "
                         "uint8 images); auto: device on a GPU (default: %(default)s)")
-    g.add_argument("--eval-split", default=d.eval_split, help="split evaluated by `eval` (default: %(default)s)")
+    flag(g, "--eval-split", default=d.eval_split, help="split evaluated by `eval` (default: %(default)s)")
     g = p.add_argument_group("recipe and model")
-    g.add_argument("--recipe", default=o.recipe, choices=list(RECIPE_NAMES),
+    flag(g, "--recipe", default=o.recipe, choices=list(RECIPE_NAMES),
                    help="training recipe: tutorial (TF's CIFAR-10 tutorial) or fast (airbench: whitened "
                         "VGG-like net on 32x32, alternating flip, label smoothing, Nesterov SGD, warm-up + "
                         "linear decay, Lookahead, flip+translate TTA); it presets --model, --widths, "
                         "--batch-size, --lr, --ema-decay and the length of the run, flags given win "
                         "(default: %(default)s)")
-    g.add_argument("--model", default=None, help="model name (default: the recipe's; tutorial cifar10-tf, "
+    flag(g, "--model", default=None, help="model name (default: the recipe's; tutorial cifar10-tf, "
                                                  "fast airbench)")
-    g.add_argument("--width", type=_whole_number, default=m.width, help="channel multiplier (default: %(default)s)")
-    g.add_argument("--widths", default=None,
+    flag(g, "--width", type=_whole_number, default=m.width, help="channel multiplier (default: %(default)s)")
+    flag(g, "--widths", default=None,
                    help="airbench: channels of its 3 conv groups, e.g. 64,256,256 (airbench94) "
                         "(default: the fast recipe's, 32,128,128 for CPU)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=None,
+    flag(g, "--lr", type=float, default=None,
                    help="initial (tutorial) or peak (fast) learning rate (default: the recipe's; tutorial 0.1, "
                         "fast 1.5 x batch / 1024)")
-    g.add_argument("--lr-decay-factor", type=float, default=o.lr_decay_factor, help="tutorial: staircase decay factor (default: %(default)s)")
-    g.add_argument("--epochs-per-decay", type=float, default=o.epochs_per_decay, help="tutorial: epochs between decays (default: %(default)s)")
-    g.add_argument("--ema-decay", type=float, default=None,
+    flag(g, "--lr-decay-factor", type=float, default=o.lr_decay_factor, help="tutorial: staircase decay factor (default: %(default)s)")
+    flag(g, "--epochs-per-decay", type=float, default=o.epochs_per_decay, help="tutorial: epochs between decays (default: %(default)s)")
+    flag(g, "--ema-decay", type=float, default=None,
                    help="weight moving-average decay (default: the recipe's; tutorial 0.9999, fast 0.99)")
     g = p.add_argument_group("parallelism")
-    g.add_argument("--strategy", default=par.strategy,
+    flag(g, "--strategy", default=par.strategy,
                    help="how workers cooperate: single, sync, local-sgd, hogwild, downpour, pipeline; "
                         "auto = single for 1 worker, sync for more (default: %(default)s)")
-    g.add_argument("--workers", type=_whole_number, default=par.workers, help="worker processes (default: %(default)s)")
-    g.add_argument("--device", default=par.device, choices=["auto", "cpu", "cuda"], help="device (default: %(default)s)")
-    g.add_argument("--threads", type=_whole_number, default=par.threads,
+    flag(g, "--workers", type=_whole_number, default=par.workers, help="worker processes (default: %(default)s)")
+    flag(g, "--device", default=par.device, choices=["auto", "cpu", "cuda"], help="device (default: %(default)s)")
+    flag(g, "--threads", type=_whole_number, default=par.threads,
                    help="CPU threads per worker, 0 = cores / workers (default: %(default)s)")
-    g.add_argument("--grad-compression", default=par.grad_compression, choices=["none", "bf16", "powersgd"],
+    flag(g, "--grad-compression", default=par.grad_compression, choices=["none", "bf16", "powersgd"],
                    help="gradient all-reduce compression, sync strategy (default: %(default)s)")
-    g.add_argument("--accumulate", type=_whole_number, default=par.accumulate,
+    flag(g, "--accumulate", type=_whole_number, default=par.accumulate,
                    help="micro-batches per step per worker, one all-reduce (default: %(default)s)")
-    g.add_argument("--precision", default=par.precision, choices=PRECISIONS,
+    flag(g, "--precision", default=par.precision, choices=PRECISIONS,
                    help="forward/backward precision; bf16/fp16 = autocast with fp32 weights and loss, "
                         "fp16 with dynamic loss scaling "
                         "(AMP on CUDA) (default: %(default)s)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=par.channels_last,
+    flag(g, "--channels-last", action=argparse.BooleanOptionalAction, default=par.channels_last,
                    help="NHWC memory format for convs and images (default: on where the strategy "
                         "applies it: single, sync, local-sgd)")
-    g.add_argument("--compile", default=par.compile, choices=COMPILE_MODES,
+    flag(g, "--compile", default=par.compile, choices=COMPILE_MODES,
                    help="torch.compile the model in this mode; reduce-overhead = CUDA graphs, CUDA only "
                         "(default: %(default)s: 0.18x eager on a 2-core CPU; on an H200 reduce-overhead 1.92x "
                         "after compiling; single, sync, local-sgd)")
-    g.add_argument("--timeout", type=float, default=par.timeout_s,
+    flag(g, "--timeout", type=float, default=par.timeout_s,
                    help="seconds a collective waits for a silent rank before failing (default: %(default)s)")
-    g.add_argument("--max-restarts", type=_whole_number, default=par.max_restarts,
+    flag(g, "--max-restarts", type=_whole_number, default=par.max_restarts,
                    help="restarts of the worker group after a failure, resuming from the last checkpoint "
                         "(default: %(default)s)")
-    g.add_argument("--sync-every", type=_whole_number, default=par.sync_every,
+    flag(g, "--sync-every", type=_whole_number, default=par.sync_every,
                    help="local-sgd: steps between averages of the workers' weights (default: %(default)s)")
-    g.add_argument("--local-sgd-warmup", type=_whole_number, default=par.local_sgd_warmup,
+    flag(g, "--local-sgd-warmup", type=_whole_number, default=par.local_sgd_warmup,
                    help="local-sgd: fully synchronous steps before local steps begin (default: %(default)s)")
-    g.add_argument("--ps", type=_whole_number, default=par.ps,
+    flag(g, "--ps", type=_whole_number, default=par.ps,
                    help="downpour: parameter-server processes, besides the --workers (default: %(default)s)")
-    g.add_argument("--n-fetch", type=_whole_number, default=par.n_fetch,
+    flag(g, "--n-fetch", type=_whole_number, default=par.n_fetch,
                    help="downpour: steps between a worker's parameter fetches (default: %(default)s)")
-    g.add_argument("--n-push", type=_whole_number, default=par.n_push,
+    flag(g, "--n-push", type=_whole_number, default=par.n_push,
                    help="downpour: steps between a worker's gradient pushes (default: %(default)s)")
-    g.add_argument("--ps-optimizer", default=par.ps_optimizer, choices=["sgd", "adagrad"],
+    flag(g, "--ps-optimizer", default=par.ps_optimizer, choices=["sgd", "adagrad"],
                    help="downpour: update applied by the servers; adagrad wants a ~20x smaller --lr "
                         "(default: %(default)s)")
-    g.add_argument("--stages", type=_whole_number, default=par.stages,
+    flag(g, "--stages", type=_whole_number, default=par.stages,
                    help="pipeline: stages the network is cut into, one process each; --workers S x R runs R "
                         "data-parallel replicas of the pipeline (default: %(default)s)")
-    g.add_argument("--microbatches", type=_whole_number, default=par.microbatches,
+    flag(g, "--microbatches", type=_whole_number, default=par.microbatches,
                    help="pipeline: micro-batches per replica's share of the global batch (default: %(default)s)")
-    g.add_argument("--schedule", default=par.schedule, choices=["gpipe", "1f1b"],
+    flag(g, "--schedule", default=par.schedule, choices=["gpipe", "1f1b"],
                    help="pipeline: micro-batch schedule (default: %(default)s)")
-    g.add_argument("--cut", default=par.cut,
+    flag(g, "--cut", default=par.cut,
                    help="pipeline: comma-separated layers where stages 2..S begin, e.g. local3; "
                         "empty = balanced by --balance (default: %(default)r)")
-    g.add_argument("--balance", default=par.balance, choices=["params", "flops"],
+    flag(g, "--balance", default=par.balance, choices=["params", "flops"],
                    help="pipeline: without --cut, balance the stages by parameter count or by forward "
                         "multiply-adds per example (default: %(default)s)")
-    g.add_argument("--max-memory-per-device", type=int, default=par.max_memory_per_device,
+    flag(g, "--max-memory-per-device", type=int, default=par.max_memory_per_device,
                    help="bytes of parameters + gradients + optimizer state per device, 0 = no limit "
                         "(default: %(default)s)")
     g = p.add_argument_group("run")
-    g.add_argument("--run-dir", default=r.run_dir, help="run directory (default: %(default)s)")
-    g.add_argument("--steps", type=_whole_number, default=None,
+    flag(g, "--run-dir", default=r.run_dir, help="run directory (default: %(default)s)")
+    flag(g, "--steps", type=_whole_number, default=None,
                    help="total training steps (default: tutorial 2000; fast: from --epochs)")
-    g.add_argument("--epochs", type=float, default=None,
+    flag(g, "--epochs", type=float, default=None,
                    help="train this many epochs instead of --steps: steps = epochs x (training examples // "
                         "batch) (default: fast 10; tutorial: use --steps)")
-    g.add_argument("--seed", type=_whole_number, default=r.seed, help="seed of weights, data order, distortions (default: %(default)s)")
-    g.add_argument("--log-every", type=_whole_number, default=r.log_every, help="steps between log lines (default: %(default)s)")
-    g.add_argument("--summary-every", type=_whole_number, default=r.summary_every,
+    flag(g, "--seed", type=_whole_number, default=r.seed, help="seed of weights, data order, distortions (default: %(default)s)")
+    flag(g, "--log-every", type=_whole_number, default=r.log_every, help="steps between log lines (default: %(default)s)")
+    flag(g, "--summary-every", type=_whole_number, default=r.summary_every,
                    help="steps between TensorBoard summaries, 0 = off (default: %(default)s)")
-    g.add_argument("--checkpoint-every", type=_whole_number, default=r.checkpoint_every,
+    flag(g, "--checkpoint-every", type=_whole_number, default=r.checkpoint_every,
                    help="steps between checkpoints (default: %(default)s)")
-    g.add_argument("--keep-checkpoints", type=_whole_number, default=r.keep_checkpoints,
+    flag(g, "--keep-checkpoints", type=_whole_number, default=r.keep_checkpoints,
                    help="newest checkpoints kept (default: %(default)s)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
-    g.add_argument("--progress", default=r.progress, choices=["auto", "on", "off"],
+    flag(g, "--resume", action="store_true", help="continue the run in --run-dir")
+    flag(g, "--progress", default=r.progress, choices=["auto", "on", "off"],
                    help="progress bar; auto = only on a terminal (default: %(default)s)")
     g.add_argument("--dry-run", action="store_true", help="check the configuration and data, then exit")
+    g.add_argument("--debug", action="store_true",
+                   help="print the traceback of an internal error (it is always logged in RUN_DIR/logs/)")
 
 
-def recipe_presets(a: argparse.Namespace) -> dict:
-    """The recipe's values for the preset flags the user did not give (train/recipe.py)."""
-    from multitower.models.airbench import parse_widths
-    from multitower.train.recipe import get_recipe
-    recipe = get_recipe(a.recipe)
-    if a.steps is not None and a.epochs is not None:
+# Parsed train arguments that are not settings of the Config.
+NOT_SETTINGS = {"command", "func", "dry_run", "debug"}
+# A flag's dest where it is not its setting's field name.
+DEST_PATHS = {"data": "data.dir", "model": "model.name", "timeout": "parallel.timeout_s"}
+
+
+def given_settings(a: argparse.Namespace) -> dict:
+    """The settings the command line gave, by dotted path ({"optim.lr": 0.05, ...}): only
+    flags actually typed (their defaults are SUPPRESSed), with paths made absolute."""
+    fields = {name: f"{section}.{name}" for section, values in Config().to_dict().items() for name in values}
+    given = {}
+    for dest, value in vars(a).items():
+        if dest in NOT_SETTINGS:
+            continue
+        given[DEST_PATHS.get(dest, fields.get(dest, dest))] = value
+    if given.get("data.dir"):
+        given["data.dir"] = str(Path(given["data.dir"]).resolve())  # eval works from anywhere
+    if "model.widths" in given:
+        from multitower.models.airbench import parse_widths
+        given["model.widths"] = list(parse_widths(given["model.widths"]))
+    if "run.steps" in given and "run.epochs" in given:
         raise UserError("give --steps or --epochs, not both")
-    chosen = {key: getattr(a, key) for key in ("model", "widths", "batch_size", "ema_decay")}
-    values = {key: recipe.defaults.get(key) if value is None else value for key, value in chosen.items()}
-    fallback = {"model": ModelConfig().name, "widths": [], "batch_size": DataConfig().batch_size,
-                "ema_decay": OptimConfig().ema_decay}
-    values = {key: fallback[key] if value is None else value for key, value in values.items()}
-    values["widths"] = list(parse_widths(values["widths"])) if values["widths"] else []
-    if a.widths is None and values["model"] != recipe.defaults.get("model"):
-        values["widths"] = []  # the recipe's widths belong to the recipe's model
-    values["lr"] = a.lr if a.lr is not None else recipe.default_lr(values["batch_size"])
-    if a.epochs is not None:
-        if not a.epochs > 0:
-            raise UserError(f"--epochs must be positive, got {a.epochs}")
-        values["steps"], values["epochs"] = RunConfig().steps, a.epochs
-    elif a.steps is not None:
-        values["steps"], values["epochs"] = a.steps, 0.0
+    if "run.epochs" in given:
+        if not given["run.epochs"] > 0:
+            raise UserError(f"--epochs must be positive, got {given['run.epochs']}")
+    elif "run.steps" in given:
+        given["run.epochs"] = 0.0  # --steps wins over a recipe's (or the run's) epochs
+    return given
+
+
+def recipe_presets(given: dict) -> dict:
+    """The recipe's values for the preset settings the command line did not give (train/recipe.py)."""
+    from multitower.train.recipe import get_recipe
+    recipe = get_recipe(given.get("optim.recipe", OptimConfig().recipe))
+    model = given.get("model.name", recipe.defaults.get("model", ModelConfig().name))
+    batch_size = given.get("data.batch_size", recipe.defaults.get("batch_size", DataConfig().batch_size))
+    presets = {"model.name": model, "data.batch_size": batch_size, "optim.lr": recipe.default_lr(batch_size),
+               "optim.ema_decay": recipe.defaults.get("ema_decay", OptimConfig().ema_decay),
+               # the recipe's widths belong to the recipe's model
+               "model.widths": list(recipe.defaults.get("widths", [])) if model == recipe.defaults.get("model") else []}
+    if "run.epochs" in given:
+        presets["run.steps"] = RunConfig().steps  # train() derives the steps from the epochs
     else:
-        values["steps"] = recipe.defaults.get("steps", RunConfig().steps)
-        values["epochs"] = recipe.defaults.get("epochs", 0.0)
-    return values
+        presets["run.steps"] = recipe.defaults.get("steps", RunConfig().steps)
+        presets["run.epochs"] = recipe.defaults.get("epochs", 0.0)
+    return presets
 
 
 def config_from_args(a: argparse.Namespace) -> Config:
-    v = recipe_presets(a)
-    return Config(
-        data=DataConfig(dir=a.data, label=a.label, batch_size=v["batch_size"], prefetch=a.prefetch, eval_split=a.eval_split,
-                        augment_on=a.augment_on),
-        model=ModelConfig(name=v["model"], width=a.width, widths=v["widths"]),
-        optim=OptimConfig(recipe=a.recipe, lr=v["lr"], lr_decay_factor=a.lr_decay_factor,
-                          epochs_per_decay=a.epochs_per_decay, ema_decay=v["ema_decay"]),
-        parallel=ParallelConfig(strategy=a.strategy, workers=a.workers, device=a.device, threads=a.threads,
-                                grad_compression=a.grad_compression, accumulate=a.accumulate,
-                                precision=a.precision, channels_last=a.channels_last, compile=a.compile,
-                                timeout_s=a.timeout, max_restarts=a.max_restarts,
-                                sync_every=a.sync_every, local_sgd_warmup=a.local_sgd_warmup,
-                                ps=a.ps, n_fetch=a.n_fetch, n_push=a.n_push, ps_optimizer=a.ps_optimizer,
-                                stages=a.stages, microbatches=a.microbatches, schedule=a.schedule, cut=a.cut,
-                                balance=a.balance,
-                                max_memory_per_device=a.max_memory_per_device),
-        run=RunConfig(run_dir=a.run_dir, steps=v["steps"], epochs=v["epochs"], seed=a.seed, log_every=a.log_every,
-                      summary_every=a.summary_every, checkpoint_every=a.checkpoint_every,
-                      keep_checkpoints=a.keep_checkpoints, resume=a.resume, progress=a.progress),
-    ).validate()
+    """The run's Config: the defaults, the recipe's presets and the flags given; with
+    --resume of an existing run, that run's own configuration and the flags given (a
+    resume continues the run: train() refuses changes that would alter its trajectory)."""
+    given = given_settings(a)
+    from multitower.train.run_dir import check_resume, stored_config
+    run_dir = Path(given.get("run.run_dir", RunConfig().run_dir))
+    stored = stored_config(run_dir) if given.get("run.resume") else None
+    if stored is not None:
+        resumed = stored.with_values(given)
+        check_resume(run_dir, stored, resumed)  # before validate: its message names the run's values
+        return resumed.validate()
+    return Config().with_values({**recipe_presets(given), **given}).validate()
 
 
 def cmd_train(a: argparse.Namespace) -> None:
+    if a.debug:
+        from multitower.launch import DEBUG_ENV
+        os.environ[DEBUG_ENV] = "1"  # for the workers too
     cfg = config_from_args(a)
     if not cfg.data.dir:
         raise UserError("--data is required: make one with `multitower data import|download|synth`, "
@@ -199,20 +227,44 @@ def cmd_train(a: argparse.Namespace) -> None:
     from multitower.parallel import STRATEGIES
     if cfg.parallel.strategy not in ("auto", *STRATEGIES):
         raise UserError(f"unknown --strategy {cfg.parallel.strategy!r}; known: auto, {', '.join(STRATEGIES)}")
-    from multitower.launch import in_launched_worker, launch
+    from multitower.launch import in_launched_worker, launch, run_worker
     if a.dry_run:
         print(preflight(cfg))
         return
     if cfg.parallel.processes() > 1 and not in_launched_worker():
         preflight(cfg)
         result = launch(cfg)
-    else:
-        from multitower.train.loop import train
-        result = train(cfg).__dict__
+    elif in_launched_worker():  # started by torchrun: one worker of the job
+        result = run_worker(cfg).__dict__
         if int(os.environ.get("RANK", 0)) != 0:
             return
+    else:
+        from multitower.train.checkpoint import CheckpointDir
+        from multitower.train.loop import train
+        try:
+            with signals_as_interrupts():
+                result = train(cfg).__dict__
+        except Interrupted as exc:
+            latest = CheckpointDir(Path(cfg.run.run_dir) / "checkpoints").latest_step()
+            kept = (f"the newest checkpoint is step {latest} in {cfg.run.run_dir}; --resume continues"
+                    if latest is not None else "no checkpoint was written yet")
+            raise Interrupted(f"{exc}; {kept}", exc.exit_status - 128) from None
     print(f"done: step {result['step']}, loss {result['loss']:.3f}, {result['wall_time_s']:.1f} s, "
           f"{result['examples_per_sec']:.1f} examples/sec")
+
+
+@contextlib.contextmanager
+def signals_as_interrupts():
+    """SIGINT (Ctrl-C), SIGTERM and SIGHUP raise Interrupted in the main thread: the run
+    records its state and exits in one line (Python's default for SIGTERM is a silent death)."""
+    def interrupt(signum, frame):
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name}", signum)
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def preflight(cfg: Config) -> str:
@@ -220,13 +272,19 @@ def preflight(cfg: Config) -> str:
     directory; run before workers start, so that a bad flag fails once, here."""
     from multitower.data.records import open_dataset
     from multitower.models import model_from_config
-    from multitower.train.loop import check_run_dir, describe_data, resolve_device, resolve_steps
+    from multitower.train.checkpoint import CheckpointDir
+    from multitower.train.loop import check_batch_fits, check_steps_ahead, describe_data, resolve_device, resolve_steps
+    from multitower.train.run_dir import check_run_dir
     dataset = open_dataset(cfg.data.dir, label=cfg.data.label)
     split = dataset.split("train")
+    check_batch_fits(cfg, len(split))
     cfg = resolve_steps(cfg, len(split))
     device = resolve_device(cfg.parallel.device)
     model = model_from_config(cfg.model, num_classes=dataset.fmt.num_classes)
-    check_run_dir(Path(cfg.run.run_dir), cfg)
+    run_dir = Path(cfg.run.run_dir)
+    check_run_dir(run_dir, cfg)
+    check_steps_ahead(cfg, CheckpointDir(run_dir / "checkpoints").latest_step() if cfg.run.resume else None,
+                      restarted=False)
     if cfg.parallel.strategy == "downpour":  # --ps beyond the tensor count: fail before starting processes
         from multitower.parallel.downpour import balance_shards
         balance_shards([p.numel() for p in model.parameters()], cfg.parallel.ps)
@@ -293,8 +351,12 @@ def cmd_demo(a: argparse.Namespace) -> None:
         chosen = synth_dir
     run_dir = Path(a.run_dir)
     resume = (run_dir / "config.json").exists()
-    cfg = Config(data=DataConfig(dir=str(chosen)),
-                 run=RunConfig(run_dir=str(run_dir), steps=a.steps, resume=resume,
+    from multitower.train.checkpoint import CheckpointDir
+    done = (CheckpointDir(run_dir / "checkpoints").latest_step() or 0) if resume else 0
+    if done:
+        print(f"{run_dir} holds a demo run at step {done}: training {a.steps} steps more", flush=True)
+    cfg = Config(data=DataConfig(dir=str(chosen.resolve())),
+                 run=RunConfig(run_dir=str(run_dir), steps=done + a.steps, resume=resume,
                                checkpoint_every=max(1, a.steps // 2))).validate()
     result = train(cfg)
     print(f"trained {result.step} steps in {result.wall_time_s:.1f} s ({result.examples_per_sec:.1f} examples/sec)")
@@ -485,10 +547,15 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except UserError as exc:
         print(f"multitower: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_status
     except KeyboardInterrupt:
         print("multitower: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: one line, the traceback logged (and printed with --debug)
+        from multitower.launch import describe_bug
+        run_dir = getattr(args, "run_dir", None) if args.command == "train" else None
+        print(f"multitower: error: {describe_bug(exc, run_dir or '', 0)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -18,7 +18,10 @@ from multitower.errors import UserError
 # the CLI's --help imports no torch.
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")  # --compile: parallel/precision.py
-AUGMENT_PLACES = ("auto", "host", "device")  # --augment-on: see data/loader.augments_on_device
+AUGMENT_PLACES = ("auto", "host", "device")
+# Below a second, gloo's own connection set-up times out before any rank could be silent
+# (--timeout 0.000001 failed in rendezvous with a 71-line traceback).
+MIN_TIMEOUT_S = 1.0  # --augment-on: see data/loader.augments_on_device
 
 
 def check_choice(flag: str, value, choices: tuple) -> None:
@@ -169,6 +172,29 @@ class RunConfig:
     """Progress bar: "auto" (only on an interactive terminal), "on" or "off"."""
 
 
+# Settings a --resume may change: they leave the run's trajectory alone (how fast or where
+# it runs, how often it logs; the same function to rounding), or extend it (steps, epochs).
+# A resume that changes any other setting is refused (train/run_dir.py).
+RESUME_MAY_CHANGE = frozenset({
+    "data.prefetch", "data.augment_on", "data.eval_split",
+    "parallel.workers", "parallel.device", "parallel.threads", "parallel.channels_last", "parallel.compile",
+    "parallel.timeout_s", "parallel.max_restarts", "parallel.ps", "parallel.stages", "parallel.microbatches",
+    "parallel.schedule", "parallel.cut", "parallel.balance", "parallel.max_memory_per_device",
+    "run.run_dir", "run.steps", "run.epochs", "run.log_every", "run.summary_every", "run.checkpoint_every",
+    "run.keep_checkpoints", "run.resume", "run.progress",
+})
+# data.dir is compared by its resolved path; a resume may name a new one only where the old is
+# gone (the data set moved).
+
+# A setting's flag where it is not "--" + its name with dashes.
+_FLAGS = {"data.dir": "--data", "model.name": "--model", "parallel.timeout_s": "--timeout"}
+
+
+def flag_of(path: str) -> str:
+    """The train flag of a dotted setting path: "optim.lr" -> "--lr", "data.dir" -> "--data"."""
+    return _FLAGS.get(path, "--" + path.partition(".")[2].replace("_", "-"))
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -214,8 +240,9 @@ class Config:
                                 f"{refuses[flag]}; drop the flag")
         if self.parallel.grad_compression not in ("none", "bf16", "powersgd"):
             raise UserError(f"--grad-compression must be none, bf16 or powersgd, got {self.parallel.grad_compression!r}")
-        if not self.parallel.timeout_s > 0:
-            raise UserError(f"--timeout must be positive seconds, got {self.parallel.timeout_s}")
+        if not self.parallel.timeout_s >= MIN_TIMEOUT_S:
+            raise UserError(f"--timeout must be at least {MIN_TIMEOUT_S:g} s (a collective's wait for a silent "
+                            f"rank; default {ParallelConfig().timeout_s:g}), got {self.parallel.timeout_s:g}")
         if self.parallel.max_restarts < 0:
             raise UserError(f"--max-restarts must be 0 or more, got {self.parallel.max_restarts}")
         if self.parallel.sync_every < 1:
@@ -272,6 +299,23 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting by its dotted path: {"data.batch_size": 128, "optim.lr": 0.1, ...}."""
+        return {f"{section}.{key}": value for section, values in self.to_dict().items()
+                for key, value in values.items()}
+
+    def with_values(self, values: dict[str, Any]) -> "Config":
+        """A copy with the settings at the dotted paths of `values` replaced."""
+        sections = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        changes: dict[str, dict[str, Any]] = {}
+        for path, value in values.items():
+            section, _, key = path.partition(".")
+            if section not in sections or key not in {f.name for f in dataclasses.fields(sections[section])}:
+                raise UserError(f"unknown setting {path!r}")
+            changes.setdefault(section, {})[key] = value
+        return dataclasses.replace(self, **{name: dataclasses.replace(sections[name], **fields)
+                                            for name, fields in changes.items()})
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":

@@ -20,6 +20,7 @@ from multitower.models import model_from_config
 from multitower.train.checkpoint import CheckpointDir
 from multitower.train.loop import describe_data, resolve_device
 from multitower.train.recipe import get_recipe
+from multitower.train.run_dir import run_state, stored_config
 from multitower.train.summaries import Summaries
 
 
@@ -46,13 +47,10 @@ class EvalResult:
 
 
 def load_run_config(run_dir: Path) -> Config:
-    path = run_dir / "config.json"
-    if not path.exists():
+    cfg = stored_config(run_dir)
+    if cfg is None:
         raise UserError(f"{run_dir} is not a multitower run directory (no config.json)")
-    try:
-        return Config.from_dict(json.loads(path.read_text()))
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"{path} is unreadable: {exc}") from None
+    return cfg
 
 
 @torch.no_grad()
@@ -135,7 +133,8 @@ def watch(run_dir: str | Path, *, interval_s: float = 60.0, split: str | None = 
           data_dir: str | None = None, device: str = "auto", batch_size: int = 500,
           max_evals: int | None = None, report=print) -> list[EvalResult]:
     """Continuous evaluation: every `interval_s`, evaluate each checkpoint not yet evaluated,
-    once. Stops after the run's final checkpoint (status "finished"), or after `max_evals`."""
+    once. Stops once the run has ended (finished, failed, interrupted, or its writer gone)
+    and its checkpoints are evaluated, or after `max_evals`."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     split = split or cfg.data.eval_split
@@ -144,8 +143,8 @@ def watch(run_dir: str | Path, *, interval_s: float = 60.0, split: str | None = 
     done = evaluated_steps(run_dir, split)
     results: list[EvalResult] = []
     while True:
-        status_path = run_dir / "status.json"
-        finished = status_path.exists() and json.loads(status_path.read_text()).get("state") == "finished"
+        # Stop once the run has ended, whichever way (its last checkpoints are evaluated first).
+        finished = run_state(run_dir) in ("finished", "failed", "interrupted", "stopped")
         for entry in checkpoints.entries():
             if entry.step in done:
                 continue

@@ -86,15 +86,35 @@ class CheckpointDir:
             entries.sort(key=lambda e: e.step)
             kept, dropped = entries[-self.keep:], entries[:-self.keep]
             self._write_index(kept)
-        except OSError as exc:  # e.g. ENOSPC: the index still names only the earlier checkpoints
+        except (OSError, RuntimeError) as exc:
+            # ENOSPC and friends: OSError from our own writes, RuntimeError from torch.save's
+            # zip writer ("PytorchStreamWriter failed writing file ..."). The index still
+            # names only the earlier checkpoints.
             if not any(e.step == step for e in previous):
                 path.unlink(missing_ok=True)
             latest = f"step {previous[-1].step}" if previous else "none"
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
             raise UserError(f"could not write the checkpoint of step {step} to {self.directory}: "
-                            f"{exc.strerror or exc}; earlier checkpoints are intact (latest: {latest})") from None
+                            f"{reason}; earlier checkpoints are intact (latest: {latest})") from None
         for entry in dropped:  # only after the new index no longer names them
             (self.directory / entry.file).unlink(missing_ok=True)
         return path
+
+    def remove_uncommitted(self) -> list[Path]:
+        """Delete temporary files (.step-*.pt.tmp-<pid>, .index.json.tmp-<pid>) and
+        step-*.pt files the index does not name: what a crash mid-save leaves. Only the run's
+        one writer may call it (it holds the run directory's lock). Returns what went."""
+        if not self.directory.is_dir():
+            return []
+        named = {entry.file for entry in self.entries()}
+        removed = []
+        for path in self.directory.iterdir():
+            temporary = path.name.startswith(".") and ".tmp-" in path.name
+            uncommitted = path.name.startswith("step-") and path.suffix == ".pt" and path.name not in named
+            if temporary or uncommitted:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
 
     # -- load ------------------------------------------------------------------
     def load(self, step: int | None = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -20,12 +19,13 @@ from tqdm import tqdm
 from multitower.config import Config
 from multitower.data.loader import TrainBatches
 from multitower.data.records import Dataset, open_dataset
-from multitower.errors import UserError
+from multitower.errors import Interrupted, PeerLost, PeerStopped, UserError, first_line, is_communication_error
 from multitower.faults import maybe_inject
 from multitower.models import model_from_config
 from multitower.parallel import STRATEGIES
 from multitower.parallel.memory import check_memory_budget
 from multitower.files import atomic_write_bytes
+from multitower.train.run_dir import HELD_BY_LAUNCHER, RunDirLock, check_run_dir, remove_leftovers, write_status
 from multitower.train.checkpoint import CheckpointDir
 from multitower.train.ema import ExponentialMovingAverage, LossAverage
 from multitower.train.lookahead import Lookahead
@@ -70,41 +70,33 @@ def describe_data(dataset: Dataset) -> str:
     return f"data: {kind} from {dataset.root}"
 
 
-def check_run_dir(run_dir: Path, cfg: Config) -> None:
-    """Refuse to touch a directory that is not ours to write: an existing run without
-    --resume (the tutorial deletes train_dir; multitower never does), a run of another
-    model, or a non-empty directory that is not a run."""
-    config_path = run_dir / "config.json"
-    if config_path.exists():
-        try:
-            old = json.loads(config_path.read_text())
-        except ValueError:
-            raise UserError(f"{config_path} is unreadable; choose another --run-dir") from None
-        if not cfg.run.resume:
-            raise UserError(f"{run_dir} already holds a run; pass --resume to continue it "
-                            f"or choose another --run-dir")
-        old_model = old.get("model", {})
-        if (old_model.get("name"), old_model.get("width")) != (cfg.model.name, cfg.model.width):
-            raise UserError(f"{run_dir} holds a run of model {old_model.get('name')} (width "
-                            f"{old_model.get('width')}), not {cfg.model.name} (width {cfg.model.width})")
-        if old_model.get("widths", []) != list(cfg.model.widths):
-            raise UserError(f"{run_dir} holds a run of model {old_model.get('name')} with widths "
-                            f"{old_model.get('widths', [])}, not {list(cfg.model.widths)}")
-        old_recipe = old.get("optim", {}).get("recipe", "tutorial")
-        if old_recipe != cfg.optim.recipe:
-            raise UserError(f"{run_dir} holds a run of --recipe {old_recipe}, not {cfg.optim.recipe}")
-    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise UserError(f"{run_dir} exists and is not a multitower run directory; choose another --run-dir")
-
-
 def prepare_run_dir(run_dir: Path, cfg: Config) -> None:
-    check_run_dir(run_dir, cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """With the run's lock held: the configuration written, a crash's debris removed."""
+    remove_leftovers(run_dir)
     atomic_write_bytes(run_dir / "config.json", cfg.to_json().encode())
 
 
-def write_status(run_dir: Path, state: str, step: int) -> None:
-    atomic_write_bytes(run_dir / "status.json", json.dumps({"state": state, "step": step}).encode())
+def check_batch_fits(cfg: Config, train_examples: int) -> None:
+    if cfg.data.batch_size > train_examples:
+        raise UserError(f"--batch-size {cfg.data.batch_size} is more than the {train_examples} training "
+                        f"examples of {cfg.data.dir}; use --batch-size {train_examples} or less")
+
+
+def check_steps_ahead(cfg: Config, checkpoint_step: int | None, restarted: bool) -> None:
+    """A resume must have steps left to train (a restart may find the run already done)."""
+    if checkpoint_step is None or not cfg.run.resume:
+        return
+    if cfg.run.steps < checkpoint_step or (cfg.run.steps == checkpoint_step and not restarted):
+        raise UserError(f"{cfg.run.run_dir} is already at step {checkpoint_step}; --steps {cfg.run.steps} "
+                        f"leaves nothing to train: pass --steps above {checkpoint_step} to extend it")
+
+
+def process_label(cfg: Config) -> str:
+    """What this process is, for messages naming it (roles are fixed where processes start)."""
+    rank = int(os.environ.get("RANK", 0))
+    if cfg.parallel.strategy == "downpour" and rank >= cfg.parallel.workers:
+        return f"parameter server {rank - cfg.parallel.workers}"
+    return ""
 
 
 def resolve_steps(cfg: Config, train_examples: int) -> Config:
@@ -118,16 +110,47 @@ def resolve_steps(cfg: Config, train_examples: int) -> Config:
 def train(cfg: Config, on_step=None) -> TrainResult:
     """Train as cfg says. on_step(step, model, ema) -> bool, if given, is called after every
     step (after the moving average, before any checkpoint); True ends the run there, with a
-    final checkpoint (the time-to-accuracy benchmark evaluates and stops through it; one process)."""
+    final checkpoint (the time-to-accuracy benchmark evaluates and stops through it; one process).
+
+    A failure caused by another process of the job (a collective that timed out or lost its
+    peer) is raised as PeerStopped naming that process, or PeerLost."""
     cfg.validate()
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+    if cfg.data.dir:  # the run names its data absolutely: eval and resume work from anywhere
+        cfg = cfg.with_values({"data.dir": str(Path(cfg.data.dir).resolve())})
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    if restarted:
         # The elastic agent restarted the worker group after a failure: continue the
         # run from its last checkpoint rather than refusing the existing run directory.
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=True))
+    heartbeat = Heartbeat.from_environment(cfg.parallel.timeout_s).start(process_label(cfg))
+    try:
+        result = _train(cfg, on_step, heartbeat, restarted)
+    except Exception as exc:
+        if not is_communication_error(exc):
+            heartbeat.stop(failing=True)
+            raise
+        # Name the process that caused it: one with no sign of life, or one behind. (Still
+        # beating meanwhile: peers judging at the same moment must not take us for it.)
+        me = heartbeat.describe(heartbeat.rank)
+        verdict = heartbeat.verdict()
+        heartbeat.stop(failing=True)
+        if verdict:
+            raise PeerStopped(f"{verdict}; {me} gave up waiting for it "
+                              f"(--timeout {cfg.parallel.timeout_s:g} s)") from None
+        raise PeerLost(f"{me} lost its connection to another process of the job: {first_line(exc)}") from None
+    except BaseException:
+        heartbeat.stop(failing=True)
+        raise
+    heartbeat.close()
+    return result
+
+
+def _train(cfg: Config, on_step, heartbeat: Heartbeat, restarted: bool) -> TrainResult:
     device = resolve_device(cfg.parallel.device)
     torch.set_num_threads(threads_per_worker(cfg.parallel.threads, cfg.parallel.workers))
     dataset = open_dataset(cfg.data.dir, label=cfg.data.label)
     train_split = dataset.split("train")
+    check_batch_fits(cfg, len(train_split))
     cfg = resolve_steps(cfg, len(train_split))
     # Model, input pipeline, loss, optimizer, schedule and eval logits (train/recipe.py).
     recipe = get_recipe(cfg.optim.recipe)
@@ -144,10 +167,25 @@ def train(cfg: Config, on_step=None) -> TrainResult:
         return TrainResult(step=0, loss=float("nan"), wall_time_s=time.perf_counter() - start_time,
                            examples_per_sec=0.0)
     run_dir = Path(cfg.run.run_dir)
+    checkpoints = CheckpointDir(run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
+    check_steps_ahead(cfg, checkpoints.latest_step() if cfg.run.resume else None, restarted)
+    lock = None
     if strategy.is_rank0:
+        check_run_dir(run_dir, cfg)
+        if os.environ.get(HELD_BY_LAUNCHER) != str(run_dir.resolve()):
+            lock = RunDirLock(run_dir).acquire()  # rank 0 is the run's one writer
         print(describe_data(dataset), flush=True)
         prepare_run_dir(run_dir, cfg)
+    try:
+        return _train_locked(cfg, on_step, heartbeat, device, dataset, train_split, recipe, strategy, checkpoints)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _train_locked(cfg, on_step, heartbeat, device, dataset, train_split, recipe, strategy,
+                  checkpoints) -> TrainResult:
+    run_dir = Path(cfg.run.run_dir)
     torch.manual_seed(cfg.run.seed)  # the initial weights depend on the seed alone
     model = model_from_config(cfg.model, num_classes=dataset.fmt.num_classes).to(device)
     recipe.prepare_model(model, train_split, recipe)  # e.g. fit the whitening layer (deterministic)
@@ -163,7 +201,6 @@ def train(cfg: Config, on_step=None) -> TrainResult:
         steps_per_epoch = steps_for_epochs(1, len(train_split), cfg.data.batch_size)
         lookahead = Lookahead(recipe.lookahead, cfg.run.steps, steps_per_epoch)
     loss_avg, ce_avg = LossAverage(cfg.optim.loss_average_decay), LossAverage(cfg.optim.loss_average_decay)
-    checkpoints = CheckpointDir(run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
 
     step = 0
     if cfg.run.resume and checkpoints.entries():
@@ -189,6 +226,7 @@ def train(cfg: Config, on_step=None) -> TrainResult:
     say = bar.write if show_bar else (lambda line: print(line, flush=True))
 
     def save_checkpoint() -> None:
+        nonlocal saved_step
         state = strategy.state_dict()  # on every rank: a strategy may need a collective to gather it
         ema_state = strategy.gather_named_tensors(ema.state_dict())  # a collective where ranks hold parts
         lookahead_state = lookahead.state_dict() if lookahead is not None else None
@@ -203,10 +241,11 @@ def train(cfg: Config, on_step=None) -> TrainResult:
                               "config": cfg.to_json(), "model_name": cfg.model.name,
                               "data_position": {"global_step": step, "global_batch_size": cfg.data.batch_size,
                                                 "seed": cfg.run.seed}}, step)
+            saved_step = step
 
-    heartbeat = Heartbeat.from_environment(strategy.rank, strategy.world_size)
+    saved_step = checkpoints.latest_step() if strategy.is_rank0 else None
     if strategy.is_rank0:
-        write_status(run_dir, "running", step)
+        write_status(run_dir, "running", step, saved_step)
     batches = TrainBatches(train_split, global_batch_size=cfg.data.batch_size, rank=strategy.rank,
                            world_size=strategy.world_size, seed=cfg.run.seed, start_step=step,
                            prefetch=cfg.data.prefetch, device=device, augment=recipe.augment,
@@ -274,6 +313,7 @@ def train(cfg: Config, on_step=None) -> TrainResult:
                           **{key: sum(values) / len(values) for key, values in window_extra.items()}}
                 if summaries is not None:
                     summaries.append_jsonl("metrics.jsonl", record)
+                    write_status(run_dir, "running", step, saved_step)
                     line = (f"step {step}, loss = {mean_loss:.2f} (avg {loss_avg.value:.2f}) "
                             f"({record['examples_per_sec']:.1f} examples/sec; {record['sec_per_batch']:.3f} sec/batch)")
                     if strategy.world_size > 1:
@@ -289,16 +329,12 @@ def train(cfg: Config, on_step=None) -> TrainResult:
                 save_checkpoint()
         save_checkpoint()
         if strategy.is_rank0:
-            write_status(run_dir, "finished", step)
+            write_status(run_dir, "finished", step, step)
     except BaseException as exc:
-        if strategy.is_rank0 and run_dir.exists():
-            write_status(run_dir, "failed", step)
-        # A collective that timed out or lost its peer: name the rank that fell behind.
-        if isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("Timed out", "timed out", "Connection closed")):
-            stalled = heartbeat.laggards()
-            if stalled:
-                raise UserError(f"{stalled}; rank {strategy.rank} gave up waiting for it "
-                                f"(--timeout {cfg.parallel.timeout_s:g} s)") from None
+        if strategy.is_rank0:
+            state = "interrupted" if isinstance(exc, (KeyboardInterrupt, Interrupted)) else "failed"
+            with contextlib.suppress(OSError):  # e.g. the disk that is full
+                write_status(run_dir, state, step, checkpoints.latest_step(), first_line(exc) if str(exc) else type(exc).__name__)
         raise
     finally:
         batches.close()

@@ -1,0 +1,49 @@
+"""What tests share: the `multitower` command as a subprocess, and reading a run's files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def multitower(*args, env=None, timeout=600, cwd=None) -> subprocess.CompletedProcess:
+    """Run `python -m multitower ARGS` to the end; stdout and stderr captured as text."""
+    return subprocess.run([sys.executable, "-m", "multitower", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def start_multitower(*args, env=None) -> subprocess.Popen:
+    """Start `python -m multitower ARGS` in the background (stdout and stderr piped, text)."""
+    return subprocess.Popen([sys.executable, "-m", "multitower", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def metrics(run_dir) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def status(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "status.json").read_text())
+
+
+def wait_for_step(job: subprocess.Popen, run_dir, step: int, timeout_s: float = 120) -> float:
+    """Wait until metrics.jsonl records `step` (or beyond); the monotonic time it was seen."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        records = metrics(run_dir)
+        if records and records[-1]["step"] >= step:
+            return time.monotonic()
+        if job.poll() is not None:
+            raise AssertionError(f"the job ended (status {job.returncode}) before step {step}: "
+                                 f"{job.stderr.read()[-2000:]}")
+        time.sleep(0.1)
+    raise AssertionError(f"step {step} not reached in {timeout_s} s")
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.strip().splitlines() if line.strip()]
