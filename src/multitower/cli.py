@@ -1,6 +1,7 @@
 """`multitower` command line: argparse subcommands -> a Config or arguments -> one call.
 
-Every user mistake ends with one line on stderr and exit status 2, never a traceback.
+Every user mistake ends with one line on stderr and exit status 2, never a traceback;
+output cut short by a closed pipe (`multitower devices --json | head`) ends quietly.
 """
 
 from __future__ import annotations
@@ -18,6 +19,47 @@ RECIPE_NAMES = ("tutorial", "fast")
 
 # Where the demo looks for the real CIFAR-10 images when no imported data set exists.
 SHARED_CIFAR10 = Path("../shared/datasets/cifar10-jpeg/train")
+
+# What `multitower --help` says the tool is for (the module docstring above is about the code).
+# Wrapped here: the raw formatter that keeps TOP_EPILOG's columns keeps the description as written.
+DESCRIPTION = """\
+Train deep networks on many CPU cores, GPUs and machines: TensorFlow's CIFAR-10
+multi-GPU tutorial and the classic parallel strategies (synchronous towers,
+local SGD, Downpour, Hogwild, pipelines) on torch.distributed."""
+TOP_EPILOG = """\
+start here:
+  multitower demo                      find or make a data set, train 300 steps, evaluate
+  multitower devices                   what this machine offers and what train would pick
+then: data -> train -> eval -> report; `multitower COMMAND --help` for each."""
+
+# `train --help`'s examples; tests/test_cli.py parses every one, so they stay valid.
+TRAIN_EXAMPLES = [
+    ("multitower data synth --out data/synthetic", "make a data set first (or: data import DIR, data download)"),
+    ("multitower train --data data/synthetic --steps 2000", "the tutorial's recipe, one process"),
+    ("multitower train --data data/cifar10 --recipe fast --epochs 10 --run-dir runs/fast",
+     "airbench's recipe"),
+    ("multitower train --data data/cifar10 --workers 2 --strategy sync --run-dir runs/sync",
+     "2 synchronous workers"),
+    ("multitower train --data data/cifar10 --workers 4 --strategy local-sgd --sync-every 8 --dry-run",
+     "check a configuration, train nothing"),
+    ("multitower train --data data/cifar10 --run-dir runs/sync --resume --steps 4000",
+     "continue a run to step 4000"),
+]
+
+
+def train_epilog() -> str:
+    return "examples:\n" + "\n".join(f"  {command}\n      {what}" for command, what in TRAIN_EXAMPLES)
+
+
+def version() -> str:
+    """This package's version and torch's, read without importing torch (~1 s)."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+    from multitower import __version__
+    try:
+        torch_version = installed("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"multitower {__version__} (torch {torch_version})"
 
 
 def _whole_number(text: str) -> int:
@@ -414,10 +456,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="multitower", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="multitower", description=DESCRIPTION, epilog=TOP_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version(),
+                        help="print multitower's and torch's versions and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model")
+    p = sub.add_parser("train", help="train a model", epilog=train_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -479,16 +525,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # inside: --help can meet a closed pipe too
         args.func(args)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
     except UserError as exc:
         print(f"multitower: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("multitower: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): what is left of the output has nowhere to go.
+        # Python's documented way (signal module, "Note on SIGPIPE"): point stdout at
+        # devnull so that the interpreter's final flush does not fail again, exit 1.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 
