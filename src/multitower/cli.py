@@ -294,21 +294,22 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from multitower import eval as evaluation
     if a.once:
         result = evaluation.evaluate_run(a.run_dir, split=a.split, step=a.step, data_dir=a.data, device=a.device,
-                                         batch_size=a.batch_size, use_ema=not a.raw_weights)
+                                         batch_size=a.batch_size, use_ema=not a.raw_weights, progress=a.progress)
         print(result.table())
     else:
         evaluation.watch(a.run_dir, interval_s=a.interval, split=a.split, data_dir=a.data, device=a.device,
-                         batch_size=a.batch_size, max_evals=a.max_evals)
+                         batch_size=a.batch_size, max_evals=a.max_evals, progress=a.progress)
 
 
 def cmd_data(a: argparse.Namespace) -> None:
     from multitower.data import sources
     if a.data_command == "download":
-        ds = sources.download_cifar10(a.out, url=a.url, md5=a.md5)
+        ds = sources.download_cifar10(a.out, url=a.url, md5=a.md5, progress=a.progress)
     elif a.data_command == "import":
-        ds = sources.import_imagefolder(a.src, a.out, val=a.val, seed=a.seed, workers=a.workers or None)
+        ds = sources.import_imagefolder(a.src, a.out, val=a.val, seed=a.seed, workers=a.workers or None,
+                                        progress=a.progress)
     else:
-        ds = sources.make_synthetic(a.out, train=a.train, val=a.val, seed=a.seed)
+        ds = sources.make_synthetic(a.out, train=a.train, val=a.val, seed=a.seed, progress=a.progress)
     counts = ", ".join(f"{name} {len(ds.split(name))}" for name in ds.splits)
     label = " (GENERATED data)" if ds.generated else ""
     print(f"wrote {ds.root}{label}: {counts} examples, {len(ds.class_names)} classes")
@@ -340,10 +341,23 @@ def cmd_demo(a: argparse.Namespace) -> None:
                                checkpoint_every=max(1, a.steps // 2))).validate()
     result = train(cfg)
     print(f"trained {result.step} steps in {result.wall_time_s:.1f} s ({result.examples_per_sec:.1f} examples/sec)")
-    evaluation = evaluate_run(run_dir)
+    evaluation = evaluate_run(run_dir, progress="auto")
     print(evaluation.table())
     if open_dataset(chosen).generated:
         print("note: these figures are on GENERATED data, not CIFAR-10")
+    print(demo_next_steps(run_dir, chosen, a.steps))
+
+
+def demo_next_steps(run_dir: Path, data_dir: Path, steps: int) -> str:
+    """The demo's last words: where to look at the run, and how to take it further."""
+    return "\n".join([
+        "next:",
+        f"  tensorboard --logdir {run_dir / 'events'}",
+        "      loss, learning rate, activations and precision @ 1 (events/eval) in a browser",
+        f"  multitower report {run_dir} --out report.html",
+        "      one HTML page: curves, throughput, per-class accuracy, confusion matrix",
+        f"  multitower train --data {data_dir} --run-dir {run_dir} --resume --steps {2 * steps}",
+        f"      train on to step {2 * steps}, then `multitower eval {run_dir} --once`"])
 
 
 def cmd_devices(a: argparse.Namespace) -> None:
@@ -447,6 +461,14 @@ def cmd_report(a: argparse.Namespace) -> None:
     print(f"wrote {write_report(a.run_dirs, a.out)}")
 
 
+def add_progress_flag(p: argparse.ArgumentParser) -> None:
+    """--progress of the commands besides train (whose flag lives with its others)."""
+    from multitower.progress import MODES
+    p.add_argument("--progress", default="auto", choices=MODES,
+                   help="progress on stderr: auto = a bar on a terminal, else a few plain lines; "
+                        "on = the bar anywhere; off = nothing (default: %(default)s)")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (argparse prints the usage too)."""
 
@@ -478,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default: %(default)s)")
     p.add_argument("--batch-size", type=_whole_number, default=500, help="examples per batch (default: %(default)s)")
     p.add_argument("--raw-weights", action="store_true", help="evaluate the trained weights, not their moving average")
+    add_progress_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="make a data set: download, import an image folder, or generate")
@@ -487,17 +510,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="new directory for the data set")
     q.add_argument("--url", default=CIFAR10_URL, help="tarball address (default: the official one)")
     q.add_argument("--md5", default=CIFAR10_MD5, help="expected MD5 of the tarball (default: the official one)")
+    add_progress_flag(q)
     q = data_sub.add_parser("import", help="convert an ImageFolder tree (class sub-folders) to the record format")
     q.add_argument("src", help="folder with one sub-folder of images per class")
     q.add_argument("--out", required=True, help="new directory for the data set")
     q.add_argument("--val", type=_whole_number, default=5000, help="images held out as the val split (default: %(default)s)")
     q.add_argument("--seed", type=_whole_number, default=0, help="seed of the val split (default: %(default)s)")
     q.add_argument("--workers", type=_whole_number, default=0, help="decoding processes, 0 = all cores (default: %(default)s)")
+    add_progress_flag(q)
     q = data_sub.add_parser("synth", help="generate a learnable synthetic data set (labelled as generated)")
     q.add_argument("--out", required=True, help="new directory for the data set")
     q.add_argument("--train", type=_whole_number, default=20000, help="training images (default: %(default)s)")
     q.add_argument("--val", type=_whole_number, default=2000, help="validation images (default: %(default)s)")
     q.add_argument("--seed", type=_whole_number, default=0, help="generator seed (default: %(default)s)")
+    add_progress_flag(q)
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("demo", help="the README's main job: a short real training run plus evaluation")
