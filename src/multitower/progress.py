@@ -16,7 +16,7 @@ from multitower.errors import UserError
 
 # The choices of every --progress flag: auto = a bar only on a terminal.
 MODES = ("auto", "on", "off")
-# Plain lines at 25, 50, 75 and 100%: enough to see that a 71 s evaluation is moving.
+# Plain lines at 25, 50, 75 and 100%: a log shows the command is moving, and stays short.
 PLAIN_LINES = 4
 
 
