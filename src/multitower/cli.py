@@ -382,7 +382,10 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=_whole_number, default=o.threads,
                    help="CPU threads of the profiling run, 0 = all cores (default: %(default)s)")
     g.add_argument("--profile-steps", type=_whole_number, default=o.profile_steps,
-                   help="timed steps of the profiling run, median taken (default: %(default)s)")
+                   help="steps in each repetition of the profiling run (default: %(default)s)")
+    g.add_argument("--profile-reps", type=_whole_number, default=o.profile_reps,
+                   help="timed repetitions of train's step, the median counts; a spread over 20%% is "
+                        "said (default: %(default)s)")
     g = p.add_argument_group("interconnect")
     g.add_argument("--link", default=o.link, choices=list(LINKS), help="link between nodes (default: %(default)s)")
     g.add_argument("--intra-link", default=o.intra_link, choices=list(LINKS),
@@ -433,7 +436,7 @@ def cmd_plan(a: argparse.Namespace) -> None:
     opts = plan.PlanOptions(
         model=a.model, width=a.width, batch_size=a.batch_size, strong_scaling=a.strong_scaling,
         compute_ms_per_example=a.compute_ms_per_example, from_benchmark=a.from_benchmark, threads=a.threads,
-        profile_steps=a.profile_steps, link=a.link, intra_link=a.intra_link, devices_per_node=a.devices_per_node,
+        profile_steps=a.profile_steps, profile_reps=a.profile_reps, link=a.link, intra_link=a.intra_link, devices_per_node=a.devices_per_node,
         nics_per_node=a.nics_per_node, bandwidth_gbps=a.bandwidth_gbps, latency_us=a.latency_us,
         calibration=a.calibration, overlap=not a.no_overlap, sync_every=a.sync_every, ps=a.ps,
         ps_period=a.ps_period, stages=a.stages, micro_batches=a.micro_batches, tolerance=a.tolerance,
