@@ -71,7 +71,7 @@ def _mark_resumes(ax, run: Run, seconds: float) -> None:
     """A dotted line in the run's colour where each resumed segment starts on a wall-time axis."""
     elapsed = run.elapsed_s()
     for i in run.resumes():
-        start = (elapsed[i] - run.metrics[i].get("sec_per_batch", 0.0)) / seconds
+        start = elapsed[i - 1] / seconds  # the training time at which the segment took over
         ax.axvline(start, color=run.colour, ls=":", lw=1.2)
         ax.annotate(" resumed", (start, 1), xycoords=("data", "axes fraction"), va="top", fontsize=8,
                     color=run.colour)
@@ -177,7 +177,7 @@ def per_class_figure(runs: list[Run]):
     import numpy as np
     groups = per_class_groups(runs)
     fig, axes = _pyplot().subplots(len(groups), 1, figsize=(11, 3.4 * len(groups)), constrained_layout=True,
-                             squeeze=False)
+                                   squeeze=False)
     for ax, (names, members) in zip(axes[:, 0], groups):
         width = 0.8 / len(members)
         x = np.arange(len(names))
