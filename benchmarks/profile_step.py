@@ -26,9 +26,10 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from train_step import matmul_peak_flops, multitower_step, train_flops_per_example
+from train_step import matmul_peak_flops, train_flops_per_example
 
 from multitower.bench.measure import environment, write_json
+from multitower.bench.step import training_step
 from multitower.data.records import open_dataset
 from multitower.data.sources import make_synthetic
 from multitower.models import tf_ops
@@ -67,7 +68,8 @@ def profile_step(split, batch_size: int, steps: int, setting) -> tuple[list[dict
     """(per-op rows, ms per step inside each annotated range, wall seconds per step). The
     hand-written LRN's ops are elementwise aten ops like any other; its forward and
     backward are annotated (here only) so that their total shows."""
-    run, batches = multitower_step(split, batch_size, steps, torch.device("cpu"), setting)
+    step = training_step(batch_size, steps, torch.device("cpu"), setting=setting, split=split)
+    run = step.run
     original = tf_ops._LRN.forward, tf_ops._LRN.backward
     tf_ops._LRN.forward = _annotated(original[0], "LRN forward")
     tf_ops._LRN.backward = _annotated(original[1], "LRN backward")
@@ -79,7 +81,7 @@ def profile_step(split, batch_size: int, steps: int, setting) -> tuple[list[dict
         wall = time.perf_counter() - start
     finally:
         tf_ops._LRN.forward, tf_ops._LRN.backward = (staticmethod(f) for f in original)
-        batches.close()
+        step.close()
     ranges = {e.key: e.cpu_time_total / 1e3 / steps for e in prof.key_averages() if e.key.startswith("LRN ")}
     rows = []
     for event in prof.key_averages():
@@ -91,9 +93,10 @@ def profile_step(split, batch_size: int, steps: int, setting) -> tuple[list[dict
 
 def compile_ratio(split, batch_size: int, steps: int, reps: int, setting) -> dict:
     """Eager vs torch.compile of the model inside the same step (median of reps each)."""
-    eager, eager_batches = multitower_step(split, batch_size, steps, torch.device("cpu"), setting)
-    compiled, compiled_batches = multitower_step(split, batch_size, steps, torch.device("cpu"),
-                                                 {**setting, "compile": "default"})
+    eager_step = training_step(batch_size, steps, torch.device("cpu"), setting=setting, split=split)
+    compiled_step = training_step(batch_size, steps, torch.device("cpu"), setting={**setting, "compile": "default"},
+                                  split=split)
+    eager, compiled = eager_step.run, compiled_step.run
     try:
         eager()
         start = time.perf_counter()
@@ -106,8 +109,8 @@ def compile_ratio(split, batch_size: int, steps: int, reps: int, setting) -> dic
                 images = run()
                 rates[name].append(images / (time.perf_counter() - t))
     finally:
-        eager_batches.close()
-        compiled_batches.close()
+        eager_step.close()
+        compiled_step.close()
     med = {k: statistics.median(v) for k, v in rates.items()}
     return {"eager_images_per_sec": med["eager"], "compiled_images_per_sec": med["compiled"],
             "ratio": med["compiled"] / med["eager"], "first_call_s": compile_s}

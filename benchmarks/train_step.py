@@ -33,14 +33,12 @@ from torch import nn
 
 from multitower.bench.flops import layer_macs
 from multitower.bench.measure import environment, timed_rate, write_json
-from multitower.config import ParallelConfig
+from multitower.bench.step import training_step
 from multitower.data.loader import TrainBatches
 from multitower.data.records import open_dataset
 from multitower.data.sources import make_synthetic
 from multitower.models import build_model
 from multitower.models.cifar10_tf import tower_loss
-from multitower.parallel.single import Single
-from multitower.train.ema import ExponentialMovingAverage
 
 
 class PlainLRN(nn.Module):
@@ -121,30 +119,6 @@ def matmul_peak_flops(dtype: torch.dtype, device: torch.device, reps: int = 5) -
     return statistics.median(2 * n**3 / one(a, b) for _ in range(reps))
 
 
-def multitower_step(split, batch_size: int, steps: int, device: torch.device,
-                    setting: dict | None = None):
-    """A closure running `steps` of multitower's own training step, data included, with the
-    fast-path `setting` (ParallelConfig fields: precision, channels_last, compile)."""
-    torch.manual_seed(0)
-    model = build_model("cifar10-tf").to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    cfg = ParallelConfig(**(setting or {}))
-    strategy = Single(cfg, device, tower_loss)
-    strategy.wrap(model, optimizer)
-    ema = ExponentialMovingAverage(model, 0.9999)
-    batches = TrainBatches(split, global_batch_size=batch_size, seed=0, device=device)
-    iterator = iter(batches)
-    state = {"step": 0}
-
-    def run() -> int:
-        for _ in range(steps):
-            strategy.step(next(iterator)).loss.item()  # the loop's per-step NaN check syncs too
-            state["step"] += 1
-            ema.update(model, state["step"])
-        return steps * batch_size
-    return run, batches
-
-
 def pipeline_alone(split, batch_size: int, steps: int):
     batches = TrainBatches(split, global_batch_size=batch_size, seed=0)
     state = {"step": 0}
@@ -183,17 +157,19 @@ def main() -> None:
             parser.error(f"unknown --candidates {unknown}; known: {', '.join(CANDIDATES)}")
         device = torch.device(args.device)
         baseline = eager_baseline(args.batch_size, args.steps, device)
-        candidates = {n: multitower_step(split, args.batch_size, args.steps, device, CANDIDATES[n]) for n in names}
+        # multitower's own step, data included (bench/step.py: the one plan profiles too).
+        candidates = {n: training_step(args.batch_size, args.steps, device, setting=CANDIDATES[n], split=split)
+                      for n in names}
         baseline()  # warm-up: allocator, caches, first-call costs
-        for run, _ in candidates.values():
-            run()
+        for candidate in candidates.values():
+            candidate.run()
         base_rates, rates = [], {n: [] for n in names}
         for _ in range(args.reps):
             base_rates.append(timed_rate(baseline))
-            for n, (run, _) in candidates.items():
-                rates[n].append(timed_rate(run))
-        for _, batches in candidates.values():
-            batches.close()
+            for n, candidate in candidates.items():
+                rates[n].append(timed_rate(candidate.run))
+        for candidate in candidates.values():
+            candidate.close()
         peak = {"fp32": matmul_peak_flops(torch.float32, device), "bf16": matmul_peak_flops(torch.bfloat16, device)}
 
         torch.set_num_threads(1)

@@ -69,3 +69,45 @@ def test_train_then_eval_through_the_entry_point(synth_dir, tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert "already holds a run" in again.stderr
+
+
+@pytest.mark.parametrize("argv", [["devices", "--json"], ["plan", "--dry-run"]])
+def test_a_closed_pipe_ends_quietly(argv):
+    """`multitower devices --json | head`: the reader is gone before the output is written."""
+    child = subprocess.Popen([sys.executable, "-m", "multitower", *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    child.stdout.close()  # long before the child has imported torch and printed
+    err = child.stderr.read()
+    assert child.wait(timeout=120) == 1
+    assert err == "", err  # was a BrokenPipeError traceback
+
+
+def test_version_names_the_package_and_torch(capsys):
+    import torch
+    from multitower import __version__
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"multitower {__version__} (torch {torch.__version__})"
+
+
+def test_top_level_help_describes_the_tool(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "Train deep networks on many CPU cores, GPUs and machines" in out
+    assert "argparse" not in out and "multitower demo" in out
+
+
+def test_train_help_examples_are_valid_command_lines(capsys):
+    import shlex
+    from multitower.cli import TRAIN_EXAMPLES, build_parser
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert out.count("\n  multitower ") == len(TRAIN_EXAMPLES) >= 4
+    for command, _ in TRAIN_EXAMPLES:
+        assert f"  {command}\n" in out
+        words = shlex.split(command)
+        assert words[0] == "multitower"
+        build_parser().parse_args(words[1:])  # an unknown flag or bad value exits here

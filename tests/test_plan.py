@@ -132,10 +132,70 @@ def test_presets_are_sane():
     assert LINKS["10gbe"].bandwidth_Bps == pytest.approx(1.25e9)
 
 
-def test_model_bytes_and_a_tiny_profile():
+def test_model_bytes():
     param_bytes, activation_bytes = model_bytes("cifar10-tf", 1)
     assert param_bytes == 1_068_298 * 4 and activation_bytes > 0
-    assert 0 < profile_compute("cifar10-tf", 1, batch_size=4, threads=1, steps=1, warmup=1) < 1.0
+
+
+def test_the_profile_times_trains_own_step_and_takes_the_median(monkeypatch):
+    """train's Single step, in train's memory format (channels_last on a CPU; the old profile
+    timed its own NCHW step), warm-up untimed, the median of the repetitions."""
+    import statistics
+    import torch
+    from multitower.config import ParallelConfig
+    from multitower.parallel.single import Single
+    layouts = []
+    real_step = Single.step
+
+    def spy(self, batch):
+        weight = self.model.conv1.weight  # [64, 3, 5, 5]: NCHW and NHWC strides differ
+        layouts.append(weight.is_contiguous(memory_format=torch.channels_last))
+        return real_step(self, batch)
+    monkeypatch.setattr(Single, "step", spy)
+    profile = profile_compute("cifar10-tf", 1, batch_size=4, threads=1, steps=2, warmup=1, reps=3)
+    trains_with = Single.fast_path(ParallelConfig(), torch.device("cpu"))
+    assert trains_with.channels_last and all(layouts) and len(layouts) == (1 + 3) * 2
+    assert profile.step == "train's step: fp32, channels_last"
+    assert len(profile.all_s_per_example) == 3 and 0 < profile.s_per_example < 1.0
+    assert profile.s_per_example == statistics.median(profile.all_s_per_example)
+
+
+def test_a_profile_that_spreads_is_said(monkeypatch, capsys, tmp_path):
+    import multitower.plan as plan
+    spread = plan.Profile(1.0e-3, [0.8e-3, 1.0e-3, 1.3e-3], "train's step: fp32, channels_last")
+    monkeypatch.setattr(plan, "profile_compute", lambda *args, **kwargs: spread)
+    assert main(["plan", "--max-devices", "2", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "1.000 ms/example (measured, train's step: fp32, channels_last)" in out
+    assert "warning: the profile's 3 repetitions spread 50% (0.800 .. 1.300 ms/example; the plan uses the median)" in out
+    recorded = json.loads((tmp_path / "plan.json").read_text())["inputs"]["profile"]
+    assert recorded["all_s_per_example"] == [0.8e-3, 1.0e-3, 1.3e-3] and recorded["spread"] == pytest.approx(0.5)
+    steady = plan.Profile(1.0e-3, [0.95e-3, 1.0e-3, 1.1e-3], "train's step: fp32, channels_last")
+    monkeypatch.setattr(plan, "profile_compute", lambda *args, **kwargs: steady)
+    assert main(["plan", "--max-devices", "2", "--out-dir", str(tmp_path)]) == 0
+    assert "warning" not in capsys.readouterr().out  # 15% spread: within PROFILE_SPREAD_WARN
+
+
+def test_the_plot_shows_what_differs_where_efficiency_is_100_for_all():
+    """A CPU's compute time (2.2 ms/example) over 25 GbE: sync, local SGD and downpour all
+    draw ~100% efficiency at 2..64 devices; the lower panels tell them apart."""
+    import matplotlib.pyplot as plt
+    from multitower.plan import PlanOptions, make_plan, plan_figure
+    figure = plan_figure(make_plan(PlanOptions(compute_ms_per_example=2.2, max_devices=64)))
+    rate, efficiency, comm, exposed = figure.axes
+    plt.close(figure)
+
+    def at_2(ax, name):
+        (line,) = [l for l in ax.get_lines() if l.get_label() == name]
+        return dict(zip(line.get_xdata(), line.get_ydata()))[2]
+    names = ("sync", "local-sgd", "downpour")
+    assert max(at_2(efficiency, n) for n in names) - min(at_2(efficiency, n) for n in names) < 1.0  # on top
+    ms = sorted(at_2(comm, n) for n in names)  # local-sgd 0.35, sync 1.39, downpour 2.75 ms
+    assert ms[1] / ms[0] > 1.5 and ms[2] / ms[1] > 1.5
+    shares = {n: at_2(exposed, n) for n in names}  # sync hides its all-reduce behind backward
+    assert shares["sync"] == 0 and 0 < shares["local-sgd"] < shares["downpour"]
+    markers = {l.get_label(): l.get_marker() for l in efficiency.get_lines() if l.get_label() in names}
+    assert len(set(markers.values())) == 3  # drawn over each other, still three shapes
 
 
 def test_plan_command_writes_table_json_and_png(capsys, tmp_path):

@@ -17,6 +17,7 @@ from multitower.data.loader import EvalBatches
 from multitower.data.records import open_dataset
 from multitower.errors import UserError
 from multitower.models import model_from_config
+from multitower.progress import progress as progress_bar
 from multitower.train.checkpoint import CheckpointDir
 from multitower.train.loop import describe_data, resolve_device
 from multitower.train.recipe import get_recipe
@@ -56,9 +57,11 @@ def load_run_config(run_dir: Path) -> Config:
 @torch.no_grad()
 def evaluate_state(state: dict, cfg: Config, split_name: str, *, data_dir: str | None = None,
                    device: torch.device = torch.device("cpu"), batch_size: int = 500,
-                   use_ema: bool = True) -> EvalResult:
+                   use_ema: bool = True, progress: str = "off") -> EvalResult:
     """Evaluate the weights of one checkpoint `state` on a split of the run's data set, with the
-    run's recipe's input transform and logits (the fast recipe: normalisation, flip+translate TTA)."""
+    run's recipe's input transform and logits (the fast recipe: normalisation, flip+translate TTA).
+    `progress` (auto, on, off; multitower.progress) shows the pass on stderr: with TTA, 5,000
+    images took 71 s on a 2-core CPU."""
     dataset = open_dataset(data_dir or cfg.data.dir, label=cfg.data.label)
     split = dataset.split(split_name)
     num_classes = dataset.fmt.num_classes
@@ -73,10 +76,14 @@ def evaluate_state(state: dict, cfg: Config, split_name: str, *, data_dir: str |
         raise UserError(f"checkpoint does not fit model {cfg.model.name}: {str(exc).splitlines()[0]}") from None
     model.to(device).eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    for batch in EvalBatches(split, batch_size=batch_size, device=device, transform=recipe.augment.eval_transform):
-        predicted = recipe.eval_logits(model, batch.images).argmax(dim=1).cpu()
-        confusion += torch.bincount(batch.labels.cpu() * num_classes + predicted,
-                                    minlength=num_classes * num_classes).view(num_classes, num_classes)
+    batches = EvalBatches(split, batch_size=batch_size, device=device, transform=recipe.augment.eval_transform)
+    with progress_bar(progress, total=batches.num_examples, desc=f"eval step {int(state['step'])} ({split_name})",
+                      unit="img") as bar:
+        for batch in batches:
+            predicted = recipe.eval_logits(model, batch.images).argmax(dim=1).cpu()
+            confusion += torch.bincount(batch.labels.cpu() * num_classes + predicted,
+                                        minlength=num_classes * num_classes).view(num_classes, num_classes)
+            bar.update(batch.labels.shape[0])
     per_class_total = confusion.sum(dim=1).clamp_min(1)
     return EvalResult(step=int(state["step"]), split=split_name, examples=int(confusion.sum()),
                       precision_at_1=float(confusion.diag().sum() / confusion.sum().clamp_min(1)),
@@ -117,13 +124,14 @@ def evaluated_steps(run_dir: Path, split: str) -> set[int]:
 
 def evaluate_run(run_dir: str | Path, *, split: str | None = None, step: int | None = None,
                  data_dir: str | None = None, device: str = "auto", batch_size: int = 500,
-                 use_ema: bool = True, write: bool = True) -> EvalResult:
+                 use_ema: bool = True, write: bool = True, progress: str = "off") -> EvalResult:
     """`multitower eval --once`: evaluate the newest (or the given) checkpoint of a run."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     state = CheckpointDir(run_dir / "checkpoints").load(step)
     result = evaluate_state(state, cfg, split or cfg.data.eval_split, data_dir=data_dir,
-                            device=resolve_device(device), batch_size=batch_size, use_ema=use_ema)
+                            device=resolve_device(device), batch_size=batch_size, use_ema=use_ema,
+                            progress=progress)
     if write:
         record(run_dir, result)
     return result
@@ -131,7 +139,7 @@ def evaluate_run(run_dir: str | Path, *, split: str | None = None, step: int | N
 
 def watch(run_dir: str | Path, *, interval_s: float = 60.0, split: str | None = None,
           data_dir: str | None = None, device: str = "auto", batch_size: int = 500,
-          max_evals: int | None = None, report=print) -> list[EvalResult]:
+          max_evals: int | None = None, report=print, progress: str = "off") -> list[EvalResult]:
     """Continuous evaluation: every `interval_s`, evaluate each checkpoint not yet evaluated,
     once. Stops once the run has ended (finished, failed, interrupted, or its writer gone)
     and its checkpoints are evaluated, or after `max_evals`."""
@@ -150,7 +158,7 @@ def watch(run_dir: str | Path, *, interval_s: float = 60.0, split: str | None = 
                 continue
             state = checkpoints.load(entry.step)
             result = evaluate_state(state, cfg, split, data_dir=data_dir, device=resolve_device(device),
-                                    batch_size=batch_size)
+                                    batch_size=batch_size, progress=progress)
             record(run_dir, result)
             report(result.table())
             done.add(entry.step)

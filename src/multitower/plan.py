@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from multitower.config import ParallelConfig
 from multitower.errors import UserError
 
 STRATEGY_COLOURS = {"sync": "#1f77b4", "pipeline": "#9467bd", "local-sgd": "#2ca02c", "downpour": "#ff7f0e"}
+STRATEGY_MARKERS = {"sync": "o", "pipeline": "s", "local-sgd": "^", "downpour": "D"}
 
 
 @dataclass
@@ -46,7 +46,9 @@ class PlanOptions:
     threads: int = 0
     """CPU threads of the profiling run; 0 = all cores of this process."""
     profile_steps: int = 5
-    """Timed steps of the profiling run (median taken; 2 warm-up steps before)."""
+    """Steps in each repetition of the profiling run."""
+    profile_reps: int = 5
+    """Timed repetitions of the profiling run (the median counts; one untimed before)."""
     link: str = "25gbe"
     """Link between nodes: a key of cost_model.LINKS."""
     intra_link: str = "pcie4"
@@ -83,6 +85,7 @@ class PlanOptions:
 
     def validate(self) -> "PlanOptions":
         for flag, value in {"--batch-size": self.batch_size, "--profile-steps": self.profile_steps,
+                            "--profile-reps": self.profile_reps,
                             "--devices-per-node": self.devices_per_node, "--nics-per-node": self.nics_per_node,
                             "--sync-every": self.sync_every, "--ps": self.ps, "--ps-period": self.ps_period,
                             "--max-devices": self.max_devices, "--width": self.width}.items():
@@ -120,38 +123,58 @@ def model_bytes(model_name: str, width: int) -> tuple[int, float]:
     return param_bytes, (statistics.mean(boundary_bytes) if boundary_bytes else 0.0)
 
 
+# Repetitions of a profile further apart than this (max - min over the median) are said
+# to be: on this shared 2-core machine four profiles minutes apart once ranged 4.3 to 12.1
+# ms/example, and a plan from any one of them alone is off by up to 2.8x.
+PROFILE_SPREAD_WARN = 0.20
+
+
+@dataclass
+class Profile:
+    """What profile_compute measured."""
+    s_per_example: float
+    """Median over the repetitions: seconds of one training step per example."""
+    all_s_per_example: list[float]
+    """Each repetition's figure, in the order they ran."""
+    step: str
+    """The step timed, in words: precision and memory format as train runs them."""
+
+    @property
+    def spread(self) -> float:
+        """(slowest - fastest) / median of the repetitions."""
+        return (max(self.all_s_per_example) - min(self.all_s_per_example)) / self.s_per_example
+
+    def warning(self) -> str | None:
+        """A line to print when the repetitions spread more than PROFILE_SPREAD_WARN."""
+        if self.spread <= PROFILE_SPREAD_WARN:
+            return None
+        low, high = min(self.all_s_per_example) * 1e3, max(self.all_s_per_example) * 1e3
+        return (f"warning: the profile's {len(self.all_s_per_example)} repetitions spread {100 * self.spread:.0f}% "
+                f"({low:.3f} .. {high:.3f} ms/example; the plan uses the median): other work is sharing this "
+                f"machine; rerun when it is idle, or pass --compute-ms-per-example")
+
+
 def profile_compute(model_name: str, width: int, batch_size: int, threads: int, steps: int = 5,
-                    warmup: int = 2) -> float:
-    """Seconds per example of the real model's forward, tower loss, backward and SGD update
-    on random inputs at `threads` CPU threads (or the GPU when present); median of `steps`."""
+                    warmup: int = 1, reps: int = 5) -> Profile:
+    """The real training step, as `multitower train` runs it with one worker (bench/step.py:
+    the Single strategy's step with train's fast path, the loss read and the EMA update), on a
+    fixed random batch at `threads` CPU threads (or the GPU when present): `warmup` untimed
+    and `reps` timed repetitions of `steps` steps each; the median repetition counts."""
     import torch
-    from multitower.models import build_model
-    from multitower.models.cifar10_tf import tower_loss
+    from multitower.bench.measure import median_rate
+    from multitower.bench.step import training_step
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     try:
-        torch.manual_seed(0)
-        model = build_model(model_name, width=width).to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-        side = getattr(model, "image_size", 24)
-        images = torch.randn(batch_size, 3, side, side, device=device)
-        labels = torch.randint(0, getattr(model, "num_classes", 10), (batch_size,), device=device)
-        times = []
-        for i in range(warmup + steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()  # the clock starts with the device idle
-            start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss, _ = tower_loss(model, model(images), labels)
-            loss.backward()
-            optimizer.step()
-            loss.item()  # waits for the device
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-        return statistics.median(times) / batch_size
+        step = training_step(batch_size, steps, device, model=model_name, width=width, lr=0.01)
+        rates = median_rate(step.run, repetitions=reps, warmup=warmup)["all"]
+        step.close()
     finally:
         torch.set_num_threads(previous_threads)
+    seconds = [1 / rate for rate in rates]
+    layout = "channels_last" if step.fast.channels_last else "NCHW"
+    return Profile(statistics.median(seconds), seconds, f"train's step: {step.fast.precision}, {layout}")
 
 
 def compute_from_benchmark(path: str) -> float:
@@ -186,7 +209,8 @@ def describe_inputs(opts: PlanOptions) -> str:
     elif opts.from_benchmark:
         compute = f"read from {opts.from_benchmark}"
     else:
-        compute = (f"measured: {opts.profile_steps} steps of {opts.model} at batch {opts.batch_size}, "
+        compute = (f"measured: train's step of {opts.model} at batch {opts.batch_size}, {opts.profile_reps} "
+                   f"repetitions of {opts.profile_steps} steps (median), "
                    f"{opts.threads or len(os.sched_getaffinity(0))} threads")
     scaling = (f"global batch {opts.batch_size} split over the devices" if opts.strong_scaling
                else f"{opts.batch_size} examples per device")
@@ -204,20 +228,25 @@ def describe_inputs(opts: PlanOptions) -> str:
 def make_plan(opts: PlanOptions) -> dict:
     """Measure (or read) the inputs and predict every strategy at every device count."""
     param_bytes, activation_bytes = model_bytes(opts.model, opts.width)
+    profile = None
     if opts.compute_ms_per_example:
         compute_s, source = opts.compute_ms_per_example / 1e3, "given"
     elif opts.from_benchmark:
         compute_s, source = compute_from_benchmark(opts.from_benchmark), opts.from_benchmark
     else:
-        compute_s = profile_compute(opts.model, opts.width, opts.batch_size, opts.threads, opts.profile_steps)
-        source = "measured"
+        profile = profile_compute(opts.model, opts.width, opts.batch_size, opts.threads, opts.profile_steps,
+                                  reps=opts.profile_reps)
+        compute_s, source = profile.s_per_example, f"measured, {profile.step}"
     workload = Workload(compute_s, param_bytes, opts.batch_size, activation_bytes)
     intra, inter = links_from(opts)
     knobs = Knobs(opts.overlap, opts.sync_every, opts.ps, opts.ps_period, opts.stages, opts.micro_batches)
     rows = scan(workload, opts.max_devices, opts.devices_per_node, intra, inter, knobs, opts.nics_per_node,
                 opts.tolerance, strong_scaling_batch=opts.batch_size if opts.strong_scaling else None)
     return {"inputs": {"model": opts.model, "width": opts.width, "compute_s_per_example": compute_s,
-                       "compute_source": source, "param_bytes": param_bytes,
+                       "compute_source": source,
+                       "profile": None if profile is None else {**asdict(profile), "spread": profile.spread,
+                                                                "warning": profile.warning()},
+                       "param_bytes": param_bytes,
                        "activation_bytes_per_example": activation_bytes,
                        "intra_link": asdict(intra), "inter_link": asdict(inter), "knobs": asdict(knobs),
                        "options": asdict(opts)},
@@ -243,17 +272,24 @@ def format_table(plan: dict) -> str:
                      + f"  {row['winner']}")
     lines.append("eff = images/sec / (devices x one device's compute-only images/sec); throughput only: local SGD and "
                  "downpour usually need more steps to the same accuracy")
+    warning = (inputs.get("profile") or {}).get("warning")
+    if warning:
+        lines.append(warning)
     return "\n".join(lines)
 
 
-def plot(plan: dict, path: Path) -> Path:
-    """Two panels: images/sec (log-log, with linear scaling dashed) and scaling efficiency;
-    each device count's winner ringed."""
+def plan_figure(plan: dict):
+    """Four panels: images/sec (log-log, with linear scaling dashed) and scaling efficiency,
+    each device count's winner ringed; below them what tells the strategies apart where the
+    first two coincide (on a CPU, compute dwarfs communication and sync, local SGD and
+    downpour all draw 100%): communication per step in ms (log), and its exposed part, not
+    hidden behind compute, as a share of the step (symlog: 0 is sync hiding it all). Each
+    strategy has its own hollow marker, so that lines drawn over each other still show."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = plan["rows"]
-    fig, (ax_rate, ax_eff) = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
+    fig, ((ax_rate, ax_eff), (ax_comm, ax_exposed)) = plt.subplots(2, 2, figsize=(12, 8.4), constrained_layout=True)
     devices = [r["devices"] for r in rows]
     one_device = 1 / plan["inputs"]["compute_s_per_example"]  # images/sec of one device, compute only
     ax_rate.plot(devices, [n * one_device for n in devices], "k--", lw=1, label="linear scaling")
@@ -262,14 +298,19 @@ def plot(plan: dict, path: Path) -> Path:
         if not points:
             continue
         xs = [n for n, _ in points]
-        ax_rate.plot(xs, [p["images_per_sec"] for _, p in points], "o-", ms=4, color=STRATEGY_COLOURS[name], label=name)
-        ax_eff.plot(xs, [100 * p["efficiency"] for _, p in points], "o-", ms=4, color=STRATEGY_COLOURS[name], label=name)
+        style = dict(color=STRATEGY_COLOURS[name], marker=STRATEGY_MARKERS[name], ms=7, mfc="none", mew=1.5, lw=1.5,
+                     label=name)
+        ax_rate.plot(xs, [p["images_per_sec"] for _, p in points], **style)
+        ax_eff.plot(xs, [100 * p["efficiency"] for _, p in points], **style)
+        talking = [(n, p) for n, p in points if p["comm_s"] > 0]  # one device: nothing to draw on a log axis
+        ax_comm.plot([n for n, _ in talking], [1e3 * p["comm_s"] for _, p in talking], **style)
+        ax_exposed.plot(xs, [100 * p["exposed_comm_s"] / p["step_s"] for _, p in points], **style)
         wins = [(n, p) for n, p in points if any(r["devices"] == n and r["winner"] == name for r in rows)]
         for ax, key, scale in ((ax_rate, "images_per_sec", 1), (ax_eff, "efficiency", 100)):
-            ax.scatter([n for n, _ in wins], [scale * p[key] for _, p in wins], s=140, facecolors="none",
+            ax.scatter([n for n, _ in wins], [scale * p[key] for _, p in wins], s=220, facecolors="none",
                        edgecolors=STRATEGY_COLOURS[name], linewidths=2)
     per_node = plan["inputs"]["options"]["devices_per_node"]
-    for ax in (ax_rate, ax_eff):
+    for ax in (ax_rate, ax_eff, ax_comm, ax_exposed):
         ax.set_xscale("log", base=2)
         ax.set_xticks(devices, [str(n) for n in devices])
         ax.minorticks_off()
@@ -277,16 +318,29 @@ def plot(plan: dict, path: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
         if 1 < per_node < devices[-1]:
             ax.axvline(per_node, color="grey", ls=":", lw=1)
-            ax.text(per_node, ax.get_ylim()[1], " node full", va="top", fontsize=8, color="grey")
+            ax.annotate(" node full", (per_node, 1), xycoords=("data", "axes fraction"), va="top", fontsize=8,
+                        color="grey")
     ax_rate.set_yscale("log")
     ax_rate.set_ylabel("images / sec (all devices)")
     ax_eff.set_ylabel("scaling efficiency (%)")
     ax_eff.set_ylim(0, 105)
+    ax_comm.set_yscale("log")
+    ax_comm.set_ylabel("communication per step (ms), hidden or not")
+    ax_exposed.set_yscale("symlog", linthresh=0.1)  # linear below 0.1%, where a hidden all-reduce sits at 0
+    ax_exposed.set_ylim(0, 100)
+    ax_exposed.set_ylabel("exposed communication (% of step time;\n0: all hidden behind compute)")
     ax_rate.legend(fontsize=8, loc="upper left")
     inputs = plan["inputs"]
     fig.suptitle(f"{inputs['model']}: {inputs['compute_s_per_example'] * 1e3:.2f} ms/example, "
                  f"{inputs['param_bytes'] / 1e6:.1f} MB params; intra {inputs['intra_link']['name']}, "
                  f"inter {inputs['inter_link']['name']} (ringed: the winner)", fontsize=10)
+    return fig
+
+
+def plot(plan: dict, path: Path) -> Path:
+    """plan_figure as a PNG at `path`."""
+    import matplotlib.pyplot as plt
+    fig = plan_figure(plan)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)

@@ -6,7 +6,9 @@ and precision@1 against steps and against wall time, throughput, the fractions o
 time spent communicating and waiting for data, and, from each run's last evaluation,
 per-class accuracy and the confusion matrix. Plots are matplotlib PNGs embedded as
 base64 and the CSS is inline: the file needs no server and fetches nothing. A run
-without eval.jsonl (or metrics.jsonl) is shown as "not evaluated" (or "no metrics").
+without eval.jsonl (or metrics.jsonl) is shown as "not evaluated" (or "no metrics"),
+and one whose last evaluation is older than its training as "stale". What is read from
+the run directories, and what it means (training time, world size), is runs.py's.
 """
 
 from __future__ import annotations
@@ -15,138 +17,40 @@ import base64
 import datetime
 import html
 import io
-import json
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from multitower.errors import UserError
+from multitower.runs import Run, config_differences, load_run, run_names
 
 # matplotlib's tab10, the runs' colours in order.
 RUN_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
                "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
-
-
-@dataclass
-class Run:
-    path: Path
-    name: str
-    colour: str
-    config: dict
-    metrics: list[dict] = field(default_factory=list)
-    evals: list[dict] = field(default_factory=list)
-    status: dict = field(default_factory=dict)
-    generated_data: bool | None = None   # None: the data set's metadata is not reachable
-
-    @property
-    def strategy(self) -> str:
-        parallel = self.config.get("parallel", {})
-        strategy = parallel.get("strategy", "?")
-        if strategy == "auto":  # as ParallelConfig.resolved_strategy does
-            return "sync" if parallel.get("workers", 1) > 1 else "single"
-        return strategy
-
-    @property
-    def last_eval(self) -> dict | None:
-        return max(self.evals, key=lambda e: e.get("step", 0)) if self.evals else None
-
-    def elapsed_s(self) -> list[float]:
-        """Seconds since the run started at each metrics record: wall_time minus the start,
-        taken as the first record's time less its window (step x sec_per_batch)."""
-        if not self.metrics:
-            return []
-        first = self.metrics[0]
-        start = first["wall_time"] - first["step"] * first.get("sec_per_batch", 0.0)
-        return [m["wall_time"] - start for m in self.metrics]
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """Records of a .jsonl file; a torn last line (a run still writing) is skipped."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
-
-
-def load_run(path: str | Path, name: str, colour: str) -> Run:
-    path = Path(path)
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{path} is not a multitower run directory (no config.json)")
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError as exc:
-        raise UserError(f"{config_path} is unreadable: {exc}") from None
-    status = {}
-    if (path / "status.json").exists():
-        try:
-            status = json.loads((path / "status.json").read_text())
-        except ValueError:
-            status = {}
-    generated = None
-    data_meta = Path(config.get("data", {}).get("dir", "")) / "multitower.json"
-    if data_meta.is_file():
-        try:
-            generated = bool(json.loads(data_meta.read_text()).get("generated", False))
-        except ValueError:
-            generated = None
-    metrics = [m for m in _read_jsonl(path / "metrics.jsonl") if "step" in m and "wall_time" in m]
-    evals = [e for e in _read_jsonl(path / "eval.jsonl") if "precision_at_1" in e]
-    return Run(path, name, colour, config, metrics, evals, status, generated)
-
-
-def run_names(paths: list[Path]) -> list[str]:
-    """Directory names, with parents added until they are unique."""
-    parts = [p.resolve().parts for p in paths]
-    for depth in range(1, max(len(p) for p in parts) + 1):
-        names = ["/".join(p[-depth:]) for p in parts]
-        if len(set(names)) == len(names):
-            return names
-    return [str(p) for p in paths]
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def config_differences(runs: list[Run]) -> list[tuple[str, list[str]]]:
-    """(dotted key, each run's value) for the config.json keys whose values differ."""
-    flats = [flatten(r.config) for r in runs]
-    keys = sorted(set().union(*flats))
-    rows = []
-    for key in keys:
-        values = [json.dumps(f[key]) if key in f else "(absent)" for f in flats]
-        if len(set(values)) > 1:
-            rows.append((key, values))
-    return rows
-
-
+# PNG pixels per inch of every plot; with CONFUSION_LABEL_PT that makes the confusion
+# matrices' class names 9 x 100 / 72 = 12.5 px, shown at that size (the page does not
+# shrink them: at 7 pt shrunk into a third of the page they were ~6 px).
+DPI = 100
+CONFUSION_LABEL_PT = 9
 def _png(fig) -> str:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
     import matplotlib.pyplot as plt
     plt.close(fig)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _figure(ncols: int, height: float = 3.6):
+def _pyplot():
+    """matplotlib.pyplot without a display, in the report's style."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
                          "axes.grid": True, "grid.alpha": 0.3, "legend.frameon": False})
-    fig, axes = plt.subplots(1, ncols, figsize=(11, height), constrained_layout=True, squeeze=False)
+    return plt
+
+
+def _figure(ncols: int, height: float = 3.6):
+    fig, axes = _pyplot().subplots(1, ncols, figsize=(11, height), constrained_layout=True, squeeze=False)
     return fig, list(axes[0])
 
 
@@ -161,6 +65,16 @@ def time_unit(runs: list[Run]) -> tuple[str, float]:
 def _step_axes(*axes) -> None:
     for ax in axes:
         ax.set_xlim(left=0)
+
+
+def _mark_resumes(ax, run: Run, seconds: float) -> None:
+    """A dotted line in the run's colour where each resumed segment starts on a wall-time axis."""
+    elapsed = run.elapsed_s()
+    for i in run.resumes():
+        start = elapsed[i - 1] / seconds  # the training time at which the segment took over
+        ax.axvline(start, color=run.colour, ls=":", lw=1.2)
+        ax.annotate(" resumed", (start, 1), xycoords=("data", "axes fraction"), va="top", fontsize=8,
+                    color=run.colour)
 
 
 def plot_curves(runs: list[Run], key: str, ylabel: str, smooth_key: str | None = None) -> str:
@@ -179,8 +93,9 @@ def plot_curves(runs: list[Run], key: str, ylabel: str, smooth_key: str | None =
                 ax.plot(xs, [m[smooth_key] for m in run.metrics], color=run.colour, lw=2, label=run.name)
             else:
                 ax.plot(xs, [m[key] for m in run.metrics], color=run.colour, lw=2, marker="o", ms=3, label=run.name)
+        _mark_resumes(by_time, run, seconds)
     by_step.set_xlabel("step")
-    by_time.set_xlabel(f"wall time ({unit})")
+    by_time.set_xlabel(f"training time ({unit}; downtime before a resume left out)")
     by_step.set_ylabel(ylabel)
     by_step.legend(fontsize=8, loc="best")
     _step_axes(by_step, by_time)
@@ -190,7 +105,6 @@ def plot_curves(runs: list[Run], key: str, ylabel: str, smooth_key: str | None =
 def plot_precision(runs: list[Run]) -> str:
     """precision@1 of every evaluation against steps and wall time (interpolated from
     the metrics records, since eval.jsonl has no clock)."""
-    import numpy as np
     fig, (by_step, by_time) = _figure(2)
     unit, seconds = time_unit(runs)
     low, high = 100.0, 0.0
@@ -203,10 +117,11 @@ def plot_precision(runs: list[Run]) -> str:
         low, high = min(low, *precision), max(high, *precision)
         by_step.plot(steps, precision, color=run.colour, lw=2, marker="o", ms=5, label=run.name)
         if run.metrics:
-            times = np.interp(steps, [m["step"] for m in run.metrics], [s / seconds for s in run.elapsed_s()])
+            times = [t / seconds for t in run.elapsed_at_steps(steps)]
             by_time.plot(times, precision, color=run.colour, lw=2, marker="o", ms=5, label=run.name)
+            _mark_resumes(by_time, run, seconds)
     by_step.set_xlabel("step")
-    by_time.set_xlabel(f"wall time ({unit})")
+    by_time.set_xlabel(f"training time ({unit}; downtime before a resume left out)")
     by_step.set_ylabel("precision @ 1 (%)")
     by_step.legend(fontsize=8, loc="best")
     for ax in (by_step, by_time):  # room around the points, within 0..100
@@ -235,58 +150,92 @@ def plot_throughput(runs: list[Run]) -> str:
     share.set_ylabel("% of step time")
     share.set_ylim(bottom=0)
     rate.legend(fontsize=8)
-    share.legend(fontsize=7)
+    share.legend(fontsize=8)
     _step_axes(rate, share)
     return _png(fig)
 
 
-def plot_per_class(runs: list[Run]) -> str:
-    """Grouped bars: accuracy of each class at each evaluated run's last evaluation."""
+def per_class_groups(runs: list[Run]) -> list[tuple[list[str], list[Run]]]:
+    """The evaluated runs grouped by the class names of their data set, in the runs' order:
+    bars side by side only where they count the same classes."""
+    groups: dict[tuple[str, ...], list[Run]] = {}
+    for run in runs:
+        if run.last_eval:
+            groups.setdefault(tuple(run.last_eval["class_names"]), []).append(run)
+    return [(list(names), members) for names, members in groups.items()]
+
+
+def group_title(names: list[str], members: list[Run]) -> str:
+    """"10 classes of synthetic": the count and the data sets' folder names of one group."""
+    data = sorted({Path(r.config.get("data", {}).get("dir", "?")).name for r in members})
+    return f"{len(names)} classes of {', '.join(data)}"
+
+
+def per_class_figure(runs: list[Run]):
+    """Grouped bars of each class's accuracy at each run's last evaluation: one panel per
+    set of class names (per_class_groups), each labelled with its own names."""
     import numpy as np
-    evaluated = [r for r in runs if r.last_eval]
-    names = evaluated[0].last_eval["class_names"]
-    fig, (ax,) = _figure(1, height=3.4)
-    width = 0.8 / len(evaluated)
-    x = np.arange(len(names))
-    for i, run in enumerate(evaluated):
-        acc = [100 * a for a in run.last_eval["per_class_accuracy"]][:len(names)]
-        bars = ax.bar(x[:len(acc)] + (i - (len(evaluated) - 1) / 2) * width, acc, width, color=run.colour,
-                      label=f"{run.name} (step {run.last_eval['step']})")
-        if len(evaluated) * len(names) <= 40:  # room to write each bar's value
-            ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
-    crowded = len(names) * max(len(n) for n in names) > 90  # names would overlap side by side
-    ax.set_xticks(x, names, rotation=25 if crowded else 0, ha="right" if crowded else "center")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8)
-    return _png(fig)
+    groups = per_class_groups(runs)
+    fig, axes = _pyplot().subplots(len(groups), 1, figsize=(11, 3.4 * len(groups)), constrained_layout=True,
+                                   squeeze=False)
+    for ax, (names, members) in zip(axes[:, 0], groups):
+        width = 0.8 / len(members)
+        x = np.arange(len(names))
+        for i, run in enumerate(members):
+            acc = [100 * a for a in run.last_eval["per_class_accuracy"]][:len(names)]
+            bars = ax.bar(x[:len(acc)] + (i - (len(members) - 1) / 2) * width, acc, width, color=run.colour,
+                          label=f"{run.name} (step {run.last_eval['step']})")
+            if len(members) * len(names) <= 40:  # room to write each bar's value
+                ax.bar_label(bars, fmt="%.0f", fontsize=8, padding=1)
+        crowded = len(names) * max(len(n) for n in names) > 90  # names would overlap side by side
+        ax.set_xticks(x, names, rotation=25 if crowded else 0, ha="right" if crowded else "center")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=8)
+        if len(groups) > 1:
+            ax.set_title(group_title(names, members), fontsize=9, loc="left")
+    return fig
 
 
-def plot_confusion(run: Run) -> str:
-    """Row-normalised confusion matrix of the run's last evaluation, counts written in."""
+def plot_per_class(runs: list[Run]) -> str:
+    return _png(per_class_figure(runs))
+
+
+def confusion_figure(run: Run):
+    """Row-normalised confusion matrix of the run's last evaluation, counts written in;
+    sized so that shown at its own pixel size its class names are CONFUSION_LABEL_PT."""
     import numpy as np
     e = run.last_eval
     counts = np.array(e["confusion"], dtype=float)
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     names = e["class_names"]
-    size = min(5.5, 1.6 + 0.38 * len(names))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(size + 0.6, size), constrained_layout=True)
+    # Up to 30 names fit a 5-inch figure at 9 pt; beyond, every k-th is written (CIFAR-100: 4th).
+    every = -(-len(names) // 30)
+    side = min(4.1, 2.2 + 0.3 * len(names))  # with the colour bar 5 in = 500 px: two fit side by side
+    fig, ax = _pyplot().subplots(figsize=(side + 0.9, side), constrained_layout=True)
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     if len(names) <= 12:
         for (i, j), count in np.ndenumerate(counts):
-            ax.text(j, i, f"{count:.0f}", ha="center", va="center", fontsize=7,
+            ax.text(j, i, f"{count:.0f}", ha="center", va="center", fontsize=CONFUSION_LABEL_PT - 1,
                     color="white" if share[i, j] > 0.5 else "#333333")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ticks = list(range(0, len(names), every))
+    ax.set_xticks(ticks, [names[t] for t in ticks], rotation=90, fontsize=CONFUSION_LABEL_PT)
+    ax.set_yticks(ticks, [names[t] for t in ticks], fontsize=CONFUSION_LABEL_PT)
+    ax.set_xlabel("predicted", fontsize=CONFUSION_LABEL_PT)
+    ax.set_ylabel("true", fontsize=CONFUSION_LABEL_PT)
     ax.grid(False)
-    ax.set_title(f"{run.name}: step {e['step']}, {e.get('split', '?')} split", fontsize=9)
-    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class")
-    return _png(fig)
+    ax.set_title(f"{run.name}: step {e['step']}, {e.get('split', '?')} split", fontsize=CONFUSION_LABEL_PT + 1)
+    bar = fig.colorbar(image, ax=ax, shrink=0.8)
+    bar.set_label("share of the true class", fontsize=CONFUSION_LABEL_PT)
+    bar.ax.tick_params(labelsize=CONFUSION_LABEL_PT - 1)
+    return fig
+
+
+def plot_confusion(run: Run) -> tuple[str, int]:
+    """(PNG as base64, its width in pixels) of confusion_figure."""
+    fig = confusion_figure(run)
+    width_px = round(fig.get_size_inches()[0] * DPI)
+    return _png(fig), width_px
 
 
 def _median_after_warmup(run: Run, key: str) -> float | None:
@@ -318,6 +267,7 @@ th { color: #5b6577; font-weight: 600; background: #f8f9fb; }
 td.num { text-align: right; white-space: nowrap; }
 tr:nth-child(even) td { background: #fbfcfd; }
 code { font: 12px ui-monospace, "DejaVu Sans Mono", monospace; }
+td code { overflow-wrap: anywhere; }  /* a long run path must not push the table past the page */
 .swatch { display: inline-block; width: 11px; height: 11px; border-radius: 3px; margin-right: 7px;
           vertical-align: -1px; }
 .tag { display: inline-block; padding: 1px 7px; border-radius: 9px; font-size: 12px; background: #e8edf6; }
@@ -326,9 +276,11 @@ code { font: 12px ui-monospace, "DejaVu Sans Mono", monospace; }
 .tag.running { background: #fff3d6; color: #8a5a00; }
 .tag.generated { background: #fff3d6; color: #8a5a00; }
 .missing { color: #8a93a3; font-style: italic; }
+.tag.stale { background: #fbe0e0; color: #9b1c1c; white-space: normal; }
+td .note { display: block; white-space: normal; color: #8a93a3; font-size: 12px; }
 .grid { display: flex; flex-wrap: wrap; gap: 14px; }
-.grid figure { margin: 0; flex: 1 1 320px; max-width: 520px; }
-.grid img { width: 100%; }
+.grid figure { margin: 0; flex: 0 1 auto; max-width: 100%; }
+img.natural { display: block; max-width: 100%; height: auto; }  /* its own pixel size: labels stay legible */
 footer { color: #8a93a3; font-size: 12px; text-align: center; }
 """
 
@@ -355,19 +307,26 @@ def summary_table(runs: list[Run]) -> str:
         evaluation = run.last_eval
         precision = (f"{100 * evaluation['precision_at_1']:.1f}% <span class=missing>(step {evaluation['step']})</span>"
                      if evaluation else '<span class="missing">not evaluated</span>')
+        if run.stale:
+            precision += (f'<br><span class="tag stale" title="multitower eval {_esc(run.path)} --once">stale: '
+                          f"trained to step {run.trained_step}</span>")
         elapsed = run.elapsed_s()
+        wall = _fmt(elapsed[-1] if elapsed else None, "{:.1f} s")
+        if run.resumes():
+            segments = len(run.resumes()) + 1
+            wall += f'<span class="note">{segments} segments; {run.downtime_s():,.0f} s between them left out</span>'
         rate = _median_after_warmup(run, "examples_per_sec")
         comm = _median_after_warmup(run, "comm_fraction")
         rows.append(
             f"<tr><td>{_swatch(run)}<br><code>{_esc(run.path)}</code></td><td>{_esc(run.strategy)}</td>"
-            f"<td class=num>{_esc(cfg.get('parallel', {}).get('workers', '?'))}</td>"
+            f"<td class=num>{run.world_size}</td>"
             f"<td class=num>{_esc(cfg.get('data', {}).get('batch_size', '?'))}</td>"
             f"<td class=num>{(last or {}).get('step', 0)} / {_esc(cfg.get('run', {}).get('steps', '?'))}</td>"
             f'<td><span class="tag {_esc(state)}">{_esc(state)}</span></td><td>{data}</td>'
             f"<td class=num>{_fmt(last and last.get('loss_avg'), '{:.3f}', '<span class=missing>no metrics</span>')}</td>"
             f"<td class=num>{precision}</td><td class=num>{_fmt(rate, '{:,.1f}')}</td>"
             f"<td class=num>{_fmt(comm if comm is None else 100 * comm, '{:.1f}%')}</td>"
-            f"<td class=num>{_fmt(elapsed[-1] if elapsed else None, '{:.1f} s')}</td></tr>")
+            f"<td class=num>{wall}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 
@@ -387,8 +346,11 @@ def _section(title: str, caption: str, body: str) -> str:
     return f"<section><h2>{_esc(title)}</h2><p class=caption>{caption}</p>{body}</section>"
 
 
-def _img(png_b64: str, alt: str) -> str:
-    return f'<img class="plot" alt="{_esc(alt)}" src="data:image/png;base64,{png_b64}">'
+def _img(png_b64: str, alt: str, width_px: int | None = None) -> str:
+    """A plot as wide as the page, or, given its `width_px`, at its own size (class natural)."""
+    if width_px is None:
+        return f'<img class="plot" alt="{_esc(alt)}" src="data:image/png;base64,{png_b64}">'
+    return f'<img class="natural" width="{width_px}" alt="{_esc(alt)}" src="data:image/png;base64,{png_b64}">'
 
 
 def render(runs: list[Run]) -> str:
@@ -399,8 +361,13 @@ def render(runs: list[Run]) -> str:
     no_metrics = ", ".join(_esc(r.name) for r in runs if not r.metrics)
     missing_metrics = f' <span class="missing">No metrics: {no_metrics}.</span>' if no_metrics else ""
     missing_eval = f' <span class="missing">Not evaluated: {not_evaluated}.</span>' if not_evaluated else ""
+    stale = ", ".join(_esc(r.name) for r in runs if r.stale)
+    stale_note = (f' <span class="missing">Stale (trained on since the last evaluation): {stale}; '
+                  "run <code>multitower eval RUN_DIR --once</code>.</span>" if stale else "")
     parts = [_section("Runs", "Throughput and communication are medians over the log windows after the first "
-                      "(warm-up); precision is the last evaluation's.", summary_table(runs)),
+                      "(warm-up); precision is the last evaluation's; workers are the processes that trained; "
+                      "wall time is training time, downtime before a resume left out." + stale_note,
+                      summary_table(runs)),
              _section("Configuration differences", "Only the config.json keys whose values differ.",
                       differences_table(runs))]
     if with_metrics:
@@ -417,9 +384,15 @@ def render(runs: list[Run]) -> str:
                               "(dashed), the slowest rank's." + missing_metrics,
                               _img(plot_throughput(with_metrics), "throughput")))
     if evaluated:
-        figures = "".join(f"<figure>{_img(plot_confusion(r), 'confusion matrix of ' + r.name)}</figure>"
-                          for r in evaluated)
-        parts.append(_section("Per-class accuracy", "At each run's last evaluation." + missing_eval,
+        figures = ""
+        for run in evaluated:
+            png, width_px = plot_confusion(run)
+            figures += f"<figure>{_img(png, 'confusion matrix of ' + run.name, width_px)}</figure>"
+        groups = per_class_groups(evaluated)
+        panels = ("; one panel per set of class names: " + "; ".join(
+            f"{_esc(group_title(names, members))} ({', '.join(_esc(r.name) for r in members)})"
+            for names, members in groups) + ".") if len(groups) > 1 else "."
+        parts.append(_section("Per-class accuracy", "At each run's last evaluation" + panels + missing_eval,
                               _img(plot_per_class(evaluated), "per-class accuracy")))
         parts.append(_section("Confusion matrices", "Rows: true class, columns: predicted; shade: share of the "
                               "true class, numbers: counts.", f'<div class="grid">{figures}</div>'))
@@ -448,8 +421,10 @@ def check_runs(run_dirs: list[str | Path]) -> str:
     lines = []
     for run in load_runs(run_dirs):
         evaluation = run.last_eval
-        lines.append(f"{run.name}: {run.strategy}, {len(run.metrics)} metrics records, "
-                     + (f"last evaluated at step {evaluation['step']}" if evaluation else "not evaluated"))
+        stale = f", stale: trained to step {run.trained_step} since" if run.stale else ""
+        lines.append(f"{run.name}: {run.strategy}, {run.world_size} worker{'s' if run.world_size > 1 else ''}, "
+                     f"{len(run.metrics)} metrics records, "
+                     + (f"last evaluated at step {evaluation['step']}{stale}" if evaluation else "not evaluated"))
     return "\n".join(lines)
 
 

@@ -39,7 +39,8 @@ LOG_EVERY = 5
 
 def _profile_copy(rank: int, barrier, opts: PlanOptions, batch: int, threads: int, out_dir: str) -> None:
     barrier.wait()  # the copies contend for the cores only if they run at the same time
-    seconds = profile_compute(opts.model, opts.width, batch, threads, opts.profile_steps)
+    seconds = profile_compute(opts.model, opts.width, batch, threads, opts.profile_steps,
+                              reps=opts.profile_reps).s_per_example
     Path(out_dir, f"{rank}.json").write_text(json.dumps(seconds))
 
 

@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -35,6 +34,7 @@ from multitower.data.records import (
     CIFAR10, MANIFEST_NAME, RECORDS_PER_FILE, Dataset, RecordFormat, open_dataset, write_records,
 )
 from multitower.errors import UserError
+from multitower.progress import PlainLines, progress as progress_bar
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -118,8 +118,9 @@ def _check_count(name: str, value, least: int) -> None:
         raise UserError(f"--{name} must be a whole number >= {least}, got {value!r}")
 
 
-def _progress(progress: bool, **options) -> tqdm:
-    return tqdm(file=sys.stderr, disable=not progress, dynamic_ncols=True, **options)
+def _progress(progress: str | bool, total: int | None = None, **options) -> tqdm | PlainLines:
+    """A bar on a terminal, a few plain lines in a log (multitower.progress); True/False = on/off."""
+    return progress_bar(progress, total=total, **options)
 
 
 def _one_line(error: BaseException) -> str:
@@ -129,11 +130,12 @@ def _one_line(error: BaseException) -> str:
 # --- download -----------------------------------------------------------------------------
 
 def download_cifar10(out, url: str = CIFAR10_URL, md5: str | None = CIFAR10_MD5,
-                     progress: bool = True) -> Dataset:
+                     progress: str | bool = "auto") -> Dataset:
     """Download the official CIFAR-10 binary archive, check its MD5, unpack it into `out`.
 
     `url` may also be a file:// URL or a local path to an archive fetched by hand.
-    `md5=None` skips the check (for mirrors that repackage the archive).
+    `md5=None` skips the check (for mirrors that repackage the archive). `progress`, here and
+    in the other sources: auto (a bar on a terminal, a few plain lines otherwise), on, off.
     """
     if "://" not in url and Path(url).expanduser().exists():
         url = Path(url).expanduser().absolute().as_uri()
@@ -151,7 +153,7 @@ def download_cifar10(out, url: str = CIFAR10_URL, md5: str | None = CIFAR10_MD5,
     return _build(out, build)
 
 
-def _fetch(url: str, target: Path, md5: str | None, progress: bool) -> None:
+def _fetch(url: str, target: Path, md5: str | None, progress: str | bool) -> None:
     """Stream `url` to `target` in 1 MiB chunks, checking length and MD5."""
     try:
         response = urllib.request.urlopen(url, timeout=60)
@@ -188,7 +190,7 @@ def _fetch(url: str, target: Path, md5: str | None, progress: bool) -> None:
                         "the file is corrupt or not the CIFAR-10 binary archive, try again")
 
 
-def _extract_cifar10(archive: Path, staging: Path, url: str, progress: bool) -> None:
+def _extract_cifar10(archive: Path, staging: Path, url: str, progress: str | bool) -> None:
     """Copy the record files out of cifar-10-batches-bin/ into `staging`, flat.
 
     Reads members through extractfile() and never tarfile's extract(): absolute
@@ -222,7 +224,7 @@ def _extract_cifar10(archive: Path, staging: Path, url: str, progress: bool) -> 
 
 # --- ImageFolder import ---------------------------------------------------------------------
 
-def import_imagefolder(src, out, val: int = 5000, seed: int = 0, progress: bool = True,
+def import_imagefolder(src, out, val: int = 5000, seed: int = 0, progress: str | bool = "auto",
                        workers: int | None = None) -> Dataset:
     """Import an ImageFolder tree `src/<class>/<image>` as a CIFAR-10-format data set.
 
@@ -284,7 +286,7 @@ def _scan_imagefolder(src: Path) -> tuple[list[str], list[str], np.ndarray]:
     return class_names, paths, np.asarray(labels, dtype=np.int64)
 
 
-def _decode_all(paths: list[str], workers: int, progress: bool) -> np.ndarray:
+def _decode_all(paths: list[str], workers: int, progress: str | bool) -> np.ndarray:
     """Decode every image into uint8 [N, 3, 32, 32], in `paths` order."""
     images = np.empty((len(paths), 3, 32, 32), dtype=np.uint8)
     jobs = [(start, paths[start:start + _DECODE_CHUNK]) for start in range(0, len(paths), _DECODE_CHUNK)]
@@ -300,7 +302,7 @@ def _decode_all(paths: list[str], workers: int, progress: bool) -> np.ndarray:
     return images
 
 
-def _collect(results, images: np.ndarray, bar: tqdm) -> None:
+def _collect(results, images: np.ndarray, bar: tqdm | PlainLines) -> None:
     for start, block, failure in results:
         if failure:
             raise UserError(failure)
@@ -344,7 +346,7 @@ _SYNTHETIC_CHUNK = 2000
 
 
 def make_synthetic(out, train: int = 20000, val: int = 2000, seed: int = 0,
-                   progress: bool = False) -> Dataset:
+                   progress: str | bool = False) -> Dataset:
     """Generate a learnable 10-class data set in CIFAR-10 format (for runs without real data).
 
     A class is a colour and a pattern (stripes of three orientations, checker,
@@ -372,7 +374,7 @@ def make_synthetic(out, train: int = 20000, val: int = 2000, seed: int = 0,
     return _build(out, build)
 
 
-def synthesize(count: int, rng: np.random.Generator, bar: tqdm | None = None):
+def synthesize(count: int, rng: np.random.Generator, bar: tqdm | PlainLines | None = None):
     """`count` generated images and labels: (uint8 [N, 3, 32, 32], int64 [N]), classes balanced."""
     labels = rng.permutation(np.arange(count) % len(_SYNTHETIC_CLASSES)).astype(np.int64)
     images = np.empty((count, 3, 32, 32), dtype=np.uint8)

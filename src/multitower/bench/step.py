@@ -1,0 +1,67 @@
+"""The training step `multitower train` runs, as a closure to time: the Single strategy's
+step() with the step's fast path (precision, memory format, compile) as ParallelConfig
+resolves it, the loop's per-step loss read (its NaN check), and the moving-average update.
+
+Timed by benchmarks/train_step.py (against a plain eager step) and by `multitower plan`
+(plan.profile_compute). One builder, so that what `plan` predicts from is what `train`
+runs: plan's own profile once timed a home-made NCHW step while train defaults to
+channels_last (issue 19, item 7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from multitower.config import ParallelConfig
+from multitower.data.loader import Batch, TrainBatches
+from multitower.models import build_model
+from multitower.models.cifar10_tf import tower_loss
+from multitower.parallel.precision import FastPath
+from multitower.parallel.single import Single
+from multitower.train.ema import ExponentialMovingAverage
+
+
+@dataclass
+class TrainingStep:
+    run: Callable[[], int]
+    """Runs the steps and returns the examples they trained on (bench.measure's run_once)."""
+    fast: FastPath
+    """The fast path the step runs with, as train's Single strategy built it."""
+    close: Callable[[], None]
+    """Stops the input pipeline's thread, if any."""
+
+
+def training_step(batch_size: int, steps: int, device: torch.device, *, model: str = "cifar10-tf",
+                  width: int = 1, setting: dict | None = None, split=None, lr: float = 0.1) -> TrainingStep:
+    """`steps` of train's step on `model` (seeded), SGD at `lr`. `setting`: ParallelConfig
+    fields (precision, channels_last, compile); None = train's defaults. `split`: batches
+    from these records through the loader (augmentation, prefetch thread), as train reads
+    them; None = one fixed batch of random images, in the loader's NCHW float layout (the
+    step converts it to the model's memory format, as in train)."""
+    torch.manual_seed(0)
+    net = build_model(model, width=width).to(device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+    strategy = Single(ParallelConfig(**(setting or {})), device, tower_loss)
+    strategy.wrap(net, optimizer)
+    ema = ExponentialMovingAverage(net, 0.9999)
+    if split is not None:
+        batches = TrainBatches(split, global_batch_size=batch_size, seed=0, device=device)
+        iterator, close = iter(batches), batches.close
+    else:
+        side = getattr(net, "image_size", 24)
+        fixed = Batch(images=torch.randn(batch_size, 3, side, side, device=device),
+                      labels=torch.randint(0, getattr(net, "num_classes", 10), (batch_size,), device=device),
+                      step=0, epoch=0)
+        iterator, close = iter(lambda: fixed, None), (lambda: None)
+    state = {"step": 0}
+
+    def run() -> int:
+        for _ in range(steps):
+            strategy.step(next(iterator)).loss.item()  # the loop's per-step NaN check syncs too
+            state["step"] += 1
+            ema.update(net, state["step"])
+        return steps * batch_size
+    return TrainingStep(run, strategy.fast, close)
