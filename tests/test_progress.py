@@ -95,6 +95,7 @@ def test_demo_ends_by_saying_what_to_look_at_next(synth_dir, tmp_path, capsys):
     tail = out[out.index("next:"):].splitlines()
     assert f"  tensorboard --logdir {run_dir / 'events'}" in tail
     assert f"  multitower report {run_dir} --out report.html" in tail
-    assert any(line.startswith(f"  multitower train --data {data_root / 'synthetic'} --run-dir {run_dir} --resume")
-               for line in tail)
+    suggested = f"  multitower train --run-dir {run_dir} --resume --steps 4"
+    assert suggested in tail
+    assert main([*suggested.split()[1:], "--progress", "off"]) == 0  # and it does train on
     assert (run_dir / "events").is_dir()  # where the tensorboard line points
