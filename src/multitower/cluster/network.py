@@ -213,6 +213,16 @@ def _remove_if_unlocked(path: Path) -> None:
         os.close(fd)
 
 
+def _remove_empty_folders() -> None:
+    """/run/multitower and /etc/netns, once no cluster uses them: they were made for ours.
+    A cluster starting meanwhile makes them again (see _take_lock)."""
+    for folder in (LOCK_DIR, ETC_NETNS):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or gone
+            pass
+
+
 def remove_stale() -> list[str]:
     """Remove what killed clusters left: the namespaces (with their processes) and lock
     files of every run id whose owner no longer holds its lock. Live clusters, this
@@ -239,6 +249,7 @@ def remove_stale() -> list[str]:
         finally:
             if fd is not None:
                 os.close(fd)
+    _remove_empty_folders()
     return removed
 
 
@@ -319,10 +330,16 @@ class Network:
         """Hold this run's lock before any namespace exists. The file is locked under a
         temporary name and then renamed into place, so that remove_stale() can never find
         it unlocked while this cluster lives."""
-        LOCK_DIR.mkdir(parents=True, exist_ok=True)
         final = _lock_path(self.run_id)
         temporary = final.with_name(f".{final.name}.{os.getpid()}")
-        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        for attempt in range(3):  # another cluster's teardown may remove the empty folder meanwhile
+            LOCK_DIR.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, json.dumps({"pid": os.getpid(), "namespaces": self.namespaces}).encode())
         os.rename(temporary, final)
@@ -340,6 +357,7 @@ class Network:
         finally:
             os.close(self._lock_fd)
             self._lock_fd = None
+        _remove_empty_folders()
 
     def __enter__(self) -> "Network":
         return self.create()
