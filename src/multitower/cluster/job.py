@@ -38,7 +38,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from multitower.cluster.network import MAX_NODES, Network, Node, check_rights, describe_rate, remove_stale, stop_processes
+from multitower.cluster.network import (MAX_NODES, Network, Node, check_rights, describe_rate, remove_stale,
+                                        stop_processes)
 from multitower.errors import UserError
 
 RDZV_PORT = 29400  # torchrun's usual c10d port; free in node 0's new namespace

@@ -45,8 +45,8 @@ LOCK_DIR = Path("/run/multitower")  # tmpfs, like /run/netns: both are gone afte
 # `ip netns exec NS` bind-mounts /etc/netns/NS/hosts over /etc/hosts (ip-netns(8)).
 ETC_NETNS = Path("/etc/netns")
 INTERFACE = "eth0"  # the node's side of its link; the same name in every node's namespace
-PORT_BASE = 100  # node I is 198.18.0.(100 + I): equal-length addresses, see address_of
-MAX_NODES = 64  # addresses allow 155; each node runs an agent and its workers (~0.5 GB each)
+ADDRESS_BASE = 100  # node I is 198.18.0.(100 + I): equal-length addresses, see address_of
+MAX_NODES = 64  # addresses allow 155; a node runs a launcher (~0.2 GB resident) and workers (~0.4 GB each)
 _NAME = re.compile(rf"^{PREFIX}([0-9a-f]{{8}})-(sw|n\d+)$")
 _COMMAND_TIMEOUT_S = 30  # one ip/tc call; they take milliseconds
 
@@ -55,7 +55,7 @@ def address_of(index: int) -> str:
     """Node `index`'s address. torch's c10d rendezvous numbers nodes by sorting their
     --local-addr strings, so every address has three digits in its last byte: string
     order is then node order, and node 0 is group rank 0 (global ranks 0 .. W-1)."""
-    return f"198.18.0.{PORT_BASE + index}"
+    return f"198.18.0.{ADDRESS_BASE + index}"
 
 
 # -- rates -----------------------------------------------------------------------------
