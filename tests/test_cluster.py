@@ -20,7 +20,7 @@ import torch
 
 from multitower.cli import main
 from multitower.cluster import network
-from multitower.cluster.job import divide_cores
+from multitower.cluster.job import _Output, divide_cores
 from multitower.cluster.network import Network, check_rights, parse_rate, remove_stale, tbf_parameters
 from multitower.errors import UserError
 from multitower.train.checkpoint import CheckpointDir
@@ -104,6 +104,24 @@ def test_cores_are_divided_and_shared_when_too_few():
     assert divide_cores(2, 0, [0, 1, 2, 3, 4]) == [[0, 1], [2, 3]]
     with pytest.raises(UserError, match="--cores-per-node 3"):
         divide_cores(2, 3, [0, 1])
+
+
+def test_node_addresses_sort_as_text_in_node_order():
+    """c10d ranks the agents by sorting their --local-addr strings: node i must be rank i."""
+    addresses = [network.address_of(i) for i in range(network.MAX_NODES)]
+    assert sorted(addresses) == addresses and addresses[0] == "198.18.0.100"
+
+
+def test_a_nodes_failure_line_is_its_own_error():
+    output = _Output.__new__(_Output)  # its parsing alone, without a process to read
+    output.tail = ["Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
+                   "RuntimeError: Gloo connectFullMesh failed", "torch.distributed.elastic.multiprocessing."
+                   "errors.ChildFailedError: ", "=" * 60]
+    assert output.reason() == "raised RuntimeError: Gloo connectFullMesh failed"
+    output.tail = ["[rank3]: multitower.faults.InjectedFault: injected", "multitower: error: rank 3 stopped"]
+    assert output.reason() == "rank 3 stopped"
+    output.tail = ["[rank3]: multitower.faults.InjectedFault: injected fault", "exitcode  : 1"]
+    assert output.reason() == "rank 3 raised InjectedFault: injected fault"
 
 
 def test_without_the_capabilities_it_says_what_is_needed(monkeypatch):
