@@ -349,6 +349,37 @@ def preflight(cfg: Config) -> str:
             f"compile {fast.compile_mode}, augmentation on the {augment_place}")
 
 
+CLUSTER_EXAMPLE = "multitower cluster --nodes 2 --link 1gbit -- train --data DIR --workers 2"
+
+
+def cmd_cluster(a: argparse.Namespace) -> None:
+    """Run the train command after `--` as a multi-node job on emulated nodes (cluster/)."""
+    from multitower.cluster import parse_rate, run_cluster
+    from multitower.cluster.network import check_rights
+    command = a.command[1:] if a.command[:1] == ["--"] else a.command
+    if command[:1] != ["train"]:
+        raise UserError(f"give the training command after --, e.g. {CLUSTER_EXAMPLE}")
+    rate_bps = parse_rate(a.link)
+    dry_run = a.dry_run or "--dry-run" in command
+    if not dry_run:
+        check_rights()  # before torch is imported: a user without the rights learns it at once
+    # The train flags are checked here once, as `train` would, before any node exists.
+    train_args = build_parser().parse_args(command)
+    from multitower.cluster.job import processes_per_node  # before the slower checks below
+    processes_per_node(ParallelConfig(strategy=train_args.strategy, workers=train_args.workers,
+                                      ps=train_args.ps).processes(), a.nodes)
+    cfg = config_from_args(train_args)
+    if not cfg.data.dir:
+        raise UserError(f"--data is required in the training command, e.g. {CLUSTER_EXAMPLE}")
+    checked = preflight(cfg)
+    if dry_run:
+        print(checked)
+    code = run_cluster(a.nodes, rate_bps, command[1:], cfg.parallel.processes(), cores_per_node=a.cores_per_node,
+                       max_restarts=cfg.parallel.max_restarts, dry_run=dry_run)
+    if code:
+        raise SystemExit(code)
+
+
 def cmd_eval(a: argparse.Namespace) -> None:
     from multitower import eval as evaluation
     if a.once:
@@ -555,6 +586,28 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("cluster", help="run a train command as a multi-node job on emulated nodes of this host "
+                                       "(network namespaces, shaped links; root)",
+                       description="Run `train ...` as a real multi-node job: each node a network namespace "
+                                   "with its own address (198.18.0.100 + i) on one switch, its link shaped "
+                                   "by tc tbf (bandwidth only: no latency, netem is not available), torch's "
+                                   "launcher in each node as torchrun --nnodes N would, the cores divided "
+                                   "among the nodes. Everything made is removed at the end. See docs/cluster.md.")
+    p.add_argument("--nodes", type=_whole_number, default=2, help="emulated nodes (default: %(default)s)")
+    p.add_argument("--link", default="unshaped",
+                   help="each node's link bandwidth, both directions, in tc units: 1gbit, 200mbit, 50mbit "
+                        "(tc's mbps means megaBYTES/s), or unshaped (default: %(default)s)")
+    p.add_argument("--cores-per-node", type=_whole_number, default=0,
+                   help="cores each node runs on; 0 = this machine's cores / nodes, at least 1, nodes sharing "
+                        "cores when there are more nodes than cores (default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the training command and print the network and each node's launcher command; "
+                        "make and start nothing (needs no root)")
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="-- train FLAGS: the training command; its --workers (and --ps) count the whole "
+                        "job's processes, divided among the nodes")
+    p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("eval", help="evaluate a run's checkpoints (moving-average weights)")
     p.add_argument("run_dir", help="run directory written by train")
