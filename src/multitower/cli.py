@@ -365,10 +365,9 @@ def cmd_cluster(a: argparse.Namespace) -> None:
         check_rights()  # before torch is imported: a user without the rights learns it at once
     # The train flags are checked here once, as `train` would, before any node exists.
     train_args = build_parser().parse_args(command)
-    from multitower.cluster.job import processes_per_node  # before the slower checks below
-    processes_per_node(ParallelConfig(strategy=train_args.strategy, workers=train_args.workers,
-                                      ps=train_args.ps).processes(), a.nodes)
+    from multitower.cluster.job import processes_per_node
     cfg = config_from_args(train_args)
+    processes_per_node(cfg.parallel.processes(), a.nodes)  # before the slower checks below
     if not cfg.data.dir:
         raise UserError(f"--data is required in the training command, e.g. {CLUSTER_EXAMPLE}")
     checked = preflight(cfg)

@@ -18,6 +18,10 @@ class PeerLost(UserError):
     """Another process of the job went away (its connection closed) without being named."""
 
 
+class WorkerFailed(UserError):
+    """A launched worker's failure, recorded for its launcher; the message is its one line."""
+
+
 class Interrupted(UserError):
     """The job was stopped by a signal (Ctrl-C, SIGTERM); exit status 128 + the signal."""
 

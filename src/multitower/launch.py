@@ -28,7 +28,7 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handl
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from multitower.config import Config
-from multitower.errors import Interrupted, PeerLost, PeerStopped, UserError, first_line
+from multitower.errors import Interrupted, PeerLost, PeerStopped, UserError, WorkerFailed, first_line
 from multitower.heartbeat import record_failure, recorded_failures, worker_pids
 from multitower.train.checkpoint import CheckpointDir
 
@@ -89,25 +89,23 @@ def worker_main(config_json: str) -> dict:
 
 def run_worker(cfg: Config):
     """train(cfg) in a launched worker (ours or torchrun's): a failure is recorded in the
-    launcher's store for launch() to pick the cause, and leaves as one line (a RuntimeError
-    whose message is that line); a bug's traceback goes to RUN_DIR/logs/rank-R.log, and to
-    stderr as well with --debug."""
+    launcher's store for launch() to pick the cause, and leaves as WorkerFailed, whose
+    message is its one line (printed by the CLI under torchrun); a bug's traceback goes to
+    RUN_DIR/logs/rank-R.log, and to stderr as well with --debug."""
     from multitower.train.loop import train
+    rank = int(os.environ.get("RANK", 0))
     try:
         return train(cfg)
-    except PeerStopped as exc:
-        record_failure("verdict", str(exc))
-        raise RuntimeError(str(exc)) from None
-    except PeerLost as exc:
-        record_failure("lost", str(exc))
-        raise RuntimeError(str(exc)) from None
+    except (PeerStopped, PeerLost) as exc:  # a verdict on another rank, or a lost peer
+        record_failure("verdict" if isinstance(exc, PeerStopped) else "lost", str(exc))
+        raise WorkerFailed(str(exc)) from None
     except UserError as exc:
         record_failure("error", str(exc))
-        raise RuntimeError(str(exc)) from None
+        raise WorkerFailed(f"rank {rank} failed: {exc}") from None
     except Exception as exc:
-        message = describe_bug(exc, cfg.run.run_dir, int(os.environ.get("RANK", 0)))
+        message = describe_bug(exc, cfg.run.run_dir, rank)
         record_failure("error", message)
-        raise RuntimeError(message) from None
+        raise WorkerFailed(f"rank {rank} failed: {message}") from None
 
 
 def describe_bug(exc: BaseException, run_dir: str, rank: int) -> str:
