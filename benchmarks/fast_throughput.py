@@ -23,30 +23,22 @@ import sys
 import torch
 
 from multitower.bench.measure import benchmark_data, environment, median_rate, write_json
-from multitower.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig
-from multitower.data.loader import TrainBatches
-from multitower.data.records import open_dataset
-from multitower.models import model_from_config
-from multitower.parallel.single import Single
-from multitower.train.ema import ExponentialMovingAverage
+from multitower.api import settings_of
+from multitower.config import Config
+from multitower.train.build import build_run
 from multitower.train.recipe import get_recipe
 
 
-def measure(widths: list[int], batch_size: int, steps: int, reps: int, split, channels_last: bool,
-            precision: str, device: torch.device) -> dict:
+def measure(widths: list[int], batch_size: int, steps: int, reps: int, root: str, channels_last: bool,
+            precision: str, device: torch.device, threads: int) -> dict:
+    settings = settings_of(recipe="fast", widths=widths, batch_size=batch_size, channels_last=channels_last,
+                           precision=precision, device=device.type, threads=threads, prefetch=1)
     recipe = get_recipe("fast")
-    cfg = Config(data=DataConfig(batch_size=batch_size), model=ModelConfig(name="airbench", widths=widths),
-                 optim=OptimConfig(recipe="fast", lr=recipe.default_lr(batch_size), ema_decay=0.99))
-    torch.manual_seed(0)
-    model = model_from_config(cfg.model)
-    recipe.prepare_model(model, split, recipe)
-    model.to(device)
-    optimizer = recipe.make_optimizer(model, cfg)
-    strategy = Single(ParallelConfig(precision=precision, channels_last=channels_last), device, recipe.make_loss(cfg))
-    strategy.wrap(model, optimizer)
-    ema = ExponentialMovingAverage(model, cfg.optim.ema_decay)
-    batches = iter(TrainBatches(split, global_batch_size=batch_size, seed=0, prefetch=0, augment=recipe.augment,
-                                device=device))
+    cfg = Config().with_values({"data.dir": str(root), "model.name": "airbench", "optim.ema_decay": 0.99,
+                                "optim.lr": recipe.default_lr(batch_size), **settings})
+    run = build_run(cfg)
+    model, strategy, ema = run.model, run.strategy, run.ema
+    batches = iter(run.batches(prefetch=0))
     step = [0]
 
     def run_once() -> int:
@@ -83,15 +75,13 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="", help="data set (default: data/cifar10, else generated)")
     p.add_argument("--out", default="bench-results/fast_throughput.json", help="JSON output (default: %(default)s)")
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
     root, generated = benchmark_data(a.data or None)
-    split = open_dataset(root).split("train")
     print(f"data: {'GENERATED data' if generated else 'CIFAR-10'} from {root}; {a.threads} threads; "
           f"load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores "
           f"(other processes running slow every figure down)", flush=True)
     device = torch.device(a.device)
-    results = [measure([int(w) for w in widths.split(",")], a.batch_size, a.steps, a.reps, split,
-                       layout == "channels_last", precision, device)
+    results = [measure([int(w) for w in widths.split(",")], a.batch_size, a.steps, a.reps, root,
+                       layout == "channels_last", precision, device, a.threads)
                for widths in a.widths for layout in a.layouts for precision in a.precisions]
     path = write_json(a.out, {"benchmark": "fast_throughput", "device": a.device, "threads": a.threads, "data": str(root),
                               "load_average_1min_after": os.getloadavg()[0],

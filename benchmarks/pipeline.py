@@ -29,31 +29,27 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from multitower.api import settings_of
 from multitower.bench.measure import environment, write_json
-from multitower.config import ParallelConfig
-from multitower.data.loader import TrainBatches
-from multitower.data.records import open_dataset
+from multitower.config import Config
 from multitower.data.sources import make_synthetic
-from multitower.models import build_model
-from multitower.models.cifar10_tf import tower_loss
 from multitower.parallel.memory import SavedTensorPeak, training_state_bytes
-from multitower.parallel.pipeline import Pipeline
-from multitower.parallel.single import Single
-from multitower.train.ema import ExponentialMovingAverage
+from multitower.train.build import build_run
 
 
-def timed_steps(strategy, stages: int, split, batch_size: int, warmup: int, steps: int, rank: int,
-                world: int) -> dict:
+def build(data_dir: str, **settings):
+    """The run `multitower train` would build here, with its settings by name."""
+    return build_run(Config().with_values({"data.dir": data_dir, **settings_of(summary_every=0, **settings)}))
+
+
+def timed_steps(run, stages: int, warmup: int, steps: int) -> dict:
     """Run warmup + steps training steps; return examples/sec, per-stage peak bytes and
     the mean measured bubble of the timed steps. stages=0: the Single strategy."""
-    torch.manual_seed(0)
-    model = build_model("cifar10-tf")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    strategy.wrap(model, optimizer)
-    ema = ExponentialMovingAverage(model, 0.9999)
+    strategy, model, optimizer, ema = run.strategy, run.model, run.optimizer, run.ema
+    batch_size, world = run.cfg.data.batch_size, run.strategy.world_size
     saved = SavedTensorPeak(model)  # Single's peak, measured as the pipeline measures a stage
     extras, single_peak = [], 0
-    with TrainBatches(split, global_batch_size=batch_size, rank=rank, world_size=world, seed=0) as batches:
+    with run.batches() as batches:
         iterator = iter(batches)
         for step in range(warmup + steps):
             if step == warmup:
@@ -76,20 +72,19 @@ def timed_steps(strategy, stages: int, split, batch_size: int, warmup: int, step
             "bubble_fraction": statistics.mean(e["bubble_fraction"] for e in extras)}
 
 
-def pipeline_run(stages: int, microbatches: int, split, args, rank: int, world: int) -> dict:
-    cut = args.cut if stages > 1 else ""
-    strategy = Pipeline(ParallelConfig(stages=stages, microbatches=microbatches, schedule=args.schedule, cut=cut),
-                        torch.device("cpu"), tower_loss)
-    return timed_steps(strategy, stages, split, args.batch_size, args.warmup, args.steps, rank, world)
+def pipeline_run(stages: int, microbatches: int, data_dir: str, args, threads: int) -> dict:
+    run = build(data_dir, strategy="pipeline", workers=stages, stages=stages, microbatches=microbatches,
+                schedule=args.schedule, cut=args.cut if stages > 1 else "", batch_size=args.batch_size,
+                threads=threads)
+    return timed_steps(run, stages, args.warmup, args.steps)
 
 
 def worker(rank: int, world: int, store_path: str, data_dir: str, microbatches: list[int], args,
            out_path: str) -> None:
     """One process of the S=2 pipeline: every M in turn, in one process group."""
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
-    split = open_dataset(data_dir).split("train")
-    results = {m: pipeline_run(world, m, split, args, rank, world) for m in microbatches}
+    threads = max(1, len(os.sched_getaffinity(0)) // world)
+    results = {m: pipeline_run(world, m, data_dir, args, threads) for m in microbatches}
     if rank == 0:
         torch.save(results, out_path)
     dist.destroy_process_group()
@@ -116,17 +111,14 @@ def main() -> None:
     samples: dict[str, list[dict]] = {name: [] for name, *_ in configs}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = str(make_synthetic(f"{tmp}/synthetic", train=2560, val=100).root)
-        split = open_dataset(data_dir).split("train")
         for rep in range(args.reps):
-            torch.set_num_threads(cores)
             # NCHW, as the pipeline's stages (channels_last, Single's CPU default, is measured by train_step.py).
-            single = Single(ParallelConfig(channels_last=False), torch.device("cpu"), tower_loss)
-            samples["single"].append(timed_steps(single, 0,
-                                                 split, args.batch_size, args.warmup, args.steps, 0, 1))
+            single = build(data_dir, channels_last=False, batch_size=args.batch_size, threads=cores)
+            samples["single"].append(timed_steps(single, 0, args.warmup, args.steps))
             for m in ms:  # S=1: a one-process group in this process
                 dist.init_process_group("gloo", store=dist.FileStore(f"{tmp}/store-{rep}-1-{m}", 1), rank=0,
                                         world_size=1)
-                samples[f"S=1 M={m}"].append(pipeline_run(1, m, split, args, 0, 1))
+                samples[f"S=1 M={m}"].append(pipeline_run(1, m, data_dir, args, cores))
                 dist.destroy_process_group()
             out = os.path.join(tmp, f"{rep}-2.pt")
             mp.spawn(worker, nprocs=2, join=True, args=(2, f"{tmp}/store-{rep}-2", data_dir, ms, args, out))

@@ -24,27 +24,24 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from multitower.api import settings_of
 from multitower.bench.measure import environment, print_table, write_json
-from multitower.config import ParallelConfig
-from multitower.data.loader import TrainBatches
-from multitower.data.records import open_dataset
+from multitower.config import Config
 from multitower.data.sources import make_synthetic
-from multitower.models import build_model
-from multitower.models.cifar10_tf import tower_loss
-from multitower.parallel.single import Single
-from multitower.parallel.sync import Sync
-from multitower.train.ema import ExponentialMovingAverage
+from multitower.train.build import build_run
 
 
-def timed_steps(strategy, split, batch_size: int, warmup: int, steps: int, rank: int, world: int) -> dict:
+def build(data_dir: str, **settings):
+    """The run `multitower train` would build here, with its settings by name."""
+    return build_run(Config().with_values({"data.dir": data_dir, **settings_of(summary_every=0, **settings)}))
+
+
+def timed_steps(run, warmup: int, steps: int) -> dict:
     """Run warmup + steps training steps; return examples/sec, comm fraction, bytes/step."""
-    torch.manual_seed(0)
-    model = build_model("cifar10-tf")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    strategy.wrap(model, optimizer)
-    ema = ExponentialMovingAverage(model, 0.9999)
+    strategy, model, ema, world = run.strategy, run.model, run.ema, run.strategy.world_size
+    batch_size = run.cfg.data.batch_size
     timer = getattr(strategy, "timer", None)
-    with TrainBatches(split, global_batch_size=batch_size, rank=rank, world_size=world, seed=0) as batches:
+    with run.batches() as batches:
         iterator = iter(batches)
         for step in range(warmup):
             strategy.step(next(iterator)).loss.item()
@@ -68,13 +65,13 @@ def timed_steps(strategy, split, batch_size: int, warmup: int, steps: int, rank:
 
 def worker(rank: int, world: int, store_path: str, data_dir: str, compression: str, batch_size: int,
            warmup: int, steps: int, out_path: str) -> None:
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
-    strategy = Sync(ParallelConfig(grad_compression=compression), torch.device("cpu"), tower_loss)
-    result = timed_steps(strategy, open_dataset(data_dir).split("train"), batch_size, warmup, steps, rank, world)
+    run = build(data_dir, strategy="sync", workers=world, grad_compression=compression, batch_size=batch_size,
+                threads=max(1, len(os.sched_getaffinity(0)) // world))
+    result = timed_steps(run, warmup, steps)
     if rank == 0:
         torch.save(result, out_path)
-    strategy.close()
+    run.strategy.close()
 
 
 def run_workers(world: int, data_dir: str, compression: str, args, tmp: str, tag: str) -> dict:
@@ -103,13 +100,11 @@ def main() -> None:
     samples: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = str(make_synthetic(f"{tmp}/synthetic", train=10000, val=100).root)
-        split = open_dataset(data_dir).split("train")
         for rep in range(args.reps):
             for name, world, compression in configs:
                 if world == 1:
-                    torch.set_num_threads(cores)
-                    single = Single(ParallelConfig(), torch.device("cpu"), tower_loss)
-                    samples[name].append(timed_steps(single, split, args.batch_size, args.warmup, args.steps, 0, 1))
+                    single = build(data_dir, batch_size=args.batch_size, threads=cores)
+                    samples[name].append(timed_steps(single, args.warmup, args.steps))
                 else:
                     samples[name].append(run_workers(world, data_dir, compression, args, tmp, f"{rep}-{compression}"))
                 print(f"rep {rep + 1}/{args.reps} {name}: {samples[name][-1]['examples_per_sec']:.1f} examples/sec",

@@ -35,7 +35,8 @@ from multitower.cli import add_train_flags, config_from_args
 from multitower.data.records import open_dataset
 from multitower.errors import UserError
 from multitower.eval import evaluate_state
-from multitower.train.loop import resolve_device, resolve_steps, train
+from multitower.train.build import resolve_device, resolve_steps
+from multitower.train.loop import train
 
 THRESHOLDS = (0.70, 0.80, 0.90, 0.93)
 
@@ -58,10 +59,13 @@ def run(argv: list[str] | None = None) -> dict:
     train_parser = argparse.ArgumentParser(prog="time_to_accuracy.py (train flags)", allow_abbrev=False)
     add_train_flags(train_parser)
     targs = train_parser.parse_args(rest)
-    targs.data, generated = benchmark_data(targs.data or None)
-    if targs.run_dir == "runs/cifar10":  # train's default: use a fresh directory of our own
-        targs.run_dir = f"runs/tta-{targs.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
-    targs.progress = "off" if targs.progress == "auto" else targs.progress
+    # (train's flags set "section__field" attributes, and only when typed: flags.Flag.dest)
+    targs.data__dir, generated = benchmark_data(getattr(targs, "data__dir", None))
+    if not hasattr(targs, "run__run_dir"):  # train's default: use a fresh directory of our own
+        recipe = getattr(targs, "optim__recipe", "tutorial")
+        targs.run__run_dir = f"runs/tta-{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if getattr(targs, "run__progress", "auto") == "auto":
+        targs.run__progress = "off"
     cfg = config_from_args(targs)
     dataset = open_dataset(cfg.data.dir, label=cfg.data.label)
     if "val" not in dataset.splits:

@@ -47,3 +47,19 @@ def wait_for_step(job: subprocess.Popen, run_dir, step: int, timeout_s: float = 
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.strip().splitlines() if line.strip()]
+
+
+def config(data_dir, **settings):
+    """A Config of the tutorial recipe on `data_dir`, with train's settings by name
+    (strategy="sync", workers=2, batch_size=32, grad_compression="bf16", ...): one thread
+    and batch 32 unless given, no summaries, quiet."""
+    from multitower.api import settings_of
+    from multitower.config import Config
+    values = {"batch_size": 32, "threads": 1, "summary_every": 0, "progress": "off", **settings}
+    return Config().with_values({"data.dir": str(data_dir), **settings_of(**values)})
+
+
+def build(data_dir, **settings):
+    """The run train() would build in this process (multitower.train.build.build_run)."""
+    from multitower.train.build import build_run
+    return build_run(config(data_dir, **settings))

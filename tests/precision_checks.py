@@ -14,24 +14,28 @@ import statistics
 
 import torch
 
-from multitower.config import ParallelConfig
-from multitower.data.loader import Batch, TrainBatches
-from multitower.data.records import open_dataset
-from multitower.models import build_model
-from multitower.models.cifar10_tf import tower_loss
-from multitower.parallel.single import Single
+from helpers import build, config
+from multitower.data.datasets import ImageData
+from multitower.data.loader import Batch
+from multitower.train.build import build_run
+
+
+# What the builder needs to make a run without a data directory: 64 random CIFAR-sized
+# images of the 10 classes (the steps under test get their batches from the test).
+_RANDOM = torch.Generator().manual_seed(0)
+PROBE_DATA = ImageData(train=[(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=_RANDOM), i % 10)
+                              for i in range(64)], name="random images")
 
 
 def single_step_of(precision: str, channels_last: bool, device: str = "cpu", lr: float = 0.1,
                    compile_mode: str = "off"):
     """cifar10-tf (seeded init) on `device` under the Single strategy with plain SGD at
-    `lr`: (model, strategy), the strategy's step() the one under test."""
-    torch.manual_seed(0)
-    model = build_model("cifar10-tf").to(device)
-    strategy = Single(ParallelConfig(precision=precision, channels_last=channels_last, compile=compile_mode),
-                      torch.device(device), tower_loss)
-    strategy.wrap(model, torch.optim.SGD(model.parameters(), lr=lr))
-    return model, strategy
+    `lr`, as train builds it: (model, strategy), the strategy's step() the one under test."""
+    cfg = config("", precision=precision, channels_last=channels_last, compile=compile_mode, device=device)
+    run = build_run(cfg, data=PROBE_DATA)
+    for group in run.optimizer.param_groups:  # lr 0 (one_batch_grads) is no training setting
+        group["lr"] = lr
+    return run.model, run.strategy
 
 
 def one_batch_grads(precision: str, channels_last: bool, images, labels, device: str = "cpu",
@@ -79,11 +83,11 @@ def assert_grads_follow_fp32(grads: dict, control: dict, precision: str) -> None
 def loss_curve(data_dir, precision: str, channels_last: bool, steps: int, batch_size: int,
                device: str = "cpu") -> list[float]:
     """Cross-entropy of each of `steps` training steps of cifar10-tf at the tutorial's lr."""
-    _, strategy = single_step_of(precision, channels_last, device, lr=0.1)  # the tutorial's initial lr
-    split = open_dataset(data_dir).split("train")
-    with TrainBatches(split, global_batch_size=batch_size, seed=0, device=torch.device(device)) as batches:
+    run = build(data_dir, precision=precision, channels_last=channels_last, device=device, lr=0.1,
+                batch_size=batch_size)  # the tutorial's initial lr
+    with run.batches() as batches:
         iterator = iter(batches)
-        return [strategy.step(next(iterator)).cross_entropy.item() for _ in range(steps)]
+        return [run.strategy.step(next(iterator)).cross_entropy.item() for _ in range(steps)]
 
 
 # Tolerance on the mean of the paired differences fast - fp32 over the last steps.

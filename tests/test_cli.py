@@ -110,4 +110,4 @@ def test_train_help_examples_are_valid_command_lines(capsys):
         assert f"  {command}\n" in out
         words = shlex.split(command)
         assert words[0] == "multitower"
-        build_parser().parse_args(words[1:])  # an unknown flag or bad value exits here
+        build_parser(words[1:]).parse_args(words[1:])  # an unknown flag or bad value exits here

@@ -46,7 +46,14 @@ def test_watch_evaluates_each_checkpoint_once(trained_run):
     assert [entry["step"] for entry in lines] == [10, 20, 30]
     # Restarted, the watcher finds nothing new to evaluate on a finished run.
     assert watch(trained_run, interval_s=0.01, report=lambda _line: None) == []
-    assert any("events.out.tfevents" in p.name for p in (trained_run / "events" / "eval").iterdir())
+    # One TensorBoard run: the evaluations' scalars beside the training's, in events/.
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    runs = EventMultiplexer().AddRunsFromDirectory(str(trained_run / "events"))
+    runs.Reload()
+    assert list(runs.Runs()) == ["."], runs.Runs()
+    tags = runs.Runs()["."]["scalars"]
+    assert "eval/precision @ 1 (val)" in tags and "throughput/examples_per_sec" in tags, tags
+    assert [e.step for e in runs.Scalars(".", "eval/precision @ 1 (val)")] == [10, 20, 30]
 
 
 def test_eval_of_a_run_of_another_shape_is_a_clear_error(trained_run, tmp_path):

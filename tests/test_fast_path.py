@@ -10,6 +10,7 @@ import torch
 from multitower.config import Config, ParallelConfig
 from multitower.data.loader import Batch
 from multitower.errors import UserError
+from multitower.train.build import check_config
 from multitower.parallel.precision import FastPath
 from multitower.parallel.single import Single
 from precision_checks import (assert_curve_follows_fp32, assert_grads_follow_fp32, loss_curve,
@@ -67,12 +68,12 @@ def test_fp16_skips_an_overflowing_step_and_backs_off_the_scale():
     strategy.step(Batch(images=torch.randn(8, 4), labels=torch.randint(0, 2, (8,)), step=0, epoch=0))
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # the step was skipped
     assert strategy.fast.scaler.get_scale() == scale / 2
-    state = strategy.state_dict()
+    state = strategy.checkpoint_state({})
     assert state["grad_scaler"]["scale"] == scale / 2  # checkpoints keep it...
     fresh = Single(ParallelConfig(precision="fp16"), torch.device("cpu"), huge_loss)
     other = torch.nn.Linear(4, 2)
     fresh.wrap(other, torch.optim.SGD(other.parameters(), lr=0.1))
-    fresh.load_state_dict(state)
+    fresh.load(state)
     assert fresh.fast.scaler.get_scale() == scale / 2  # ...and a resume continues from it
 
 
@@ -107,7 +108,7 @@ def test_fast_path_rejects_bad_compile_modes(compile_mode, device, message):
 def test_strategies_that_do_not_compile_refuse_it(strategy):
     cfg = Config(parallel=ParallelConfig(strategy=strategy, workers=2, compile="default"))
     with pytest.raises(UserError, match=f"--strategy {strategy} cannot take --compile: it is not built to compile"):
-        cfg.validate()
+        check_config(cfg)
 
 
 def test_fast_path_rejects_unknown_precision():

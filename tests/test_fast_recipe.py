@@ -219,7 +219,7 @@ def test_resume_refuses_another_recipe(synth_dir, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--strategy", "downpour", "--workers", "2"], "cannot run with --strategy downpour"),
     (["--strategy", "pipeline", "--workers", "2"], "cannot run with --strategy pipeline"),
-    (["--model", "cifar10-tf"], "belongs to --recipe tutorial"),
+    (["--model", "cifar10-tf"], "--model cifar10-tf has none; use --model airbench"),
     (["--steps", "3", "--epochs", "1"], "not both"),
     (["--widths", "8,16"], "--widths must be three"),
     (["--epochs", "-1"], "--epochs must be positive"),

@@ -5,8 +5,6 @@ gone after the run (and after a killed worker), one-line refusals."""
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,12 +12,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.utils import parameters_to_vector
 
+from helpers import build, multitower
 from multitower.cli import main
-from multitower.config import ParallelConfig
-from multitower.data.loader import EvalBatches, TrainBatches
+from multitower.config import Config, ParallelConfig
+from multitower.data.loader import EvalBatches
 from multitower.data.records import open_dataset
 from multitower.errors import UserError
-from multitower.models import build_model
 from multitower.models.cifar10_tf import tower_loss
 from multitower.parallel.hogwild import FILE_PREFIX, SHARED_DIR, Hogwild
 
@@ -40,14 +38,11 @@ def cross_entropy_on(model, split) -> float:
 
 
 def spawned_worker(rank, world_size, tmp_dir, data_dir):
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp_dir, "store"), world_size),
                             rank=rank, world_size=world_size)
-    strategy = Hogwild(ParallelConfig(), torch.device("cpu"), tower_loss)
-    torch.manual_seed(rank)  # different initial weights per rank: rank 0's must win
-    model = build_model("cifar10-tf")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    strategy.wrap(model, optimizer)
+    # A seed per rank: different initial weights on each rank, of which rank 0's must win.
+    run = build(data_dir, strategy="hogwild", workers=world_size, batch_size=GLOBAL_BATCH, seed=rank)
+    model, strategy = run.model, run.strategy
     out = {"file_left_after_wrap": os.path.exists(strategy.buffer_path),
            "initial": parameters_to_vector(model.parameters()).clone()}
     dataset = open_dataset(data_dir)
@@ -68,14 +63,13 @@ def spawned_worker(rank, world_size, tmp_dir, data_dir):
             bias[3] = original
     dist.barrier()
 
-    with TrainBatches(dataset.split("train"), global_batch_size=GLOBAL_BATCH, rank=rank,
-                      world_size=world_size, seed=0) as batches:
+    with run.batches() as batches:
         for _, batch in zip(range(STEPS), batches):
             strategy.step(batch)
     dist.barrier()  # both finished: the shared model is final
     out["final"] = parameters_to_vector(model.parameters()).clone()
     out["ce_after"] = cross_entropy_on(model, dataset.split("val"))
-    checkpoint = strategy.state_dict()["model"]
+    checkpoint = strategy.checkpoint_state({"ema": run.ema.state_dict()})["model"]
     out["checkpoint_equal"] = all(torch.equal(v, model.state_dict()[k]) for k, v in checkpoint.items())
     strategy.close()
     torch.save(out, os.path.join(tmp_dir, f"rank{rank}.pt"))
@@ -111,11 +105,6 @@ def test_it_learns_and_leaves_no_file(two_workers):
     assert not left, f"shared files left behind: {left}"
 
 
-def multitower(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "multitower", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
-
-
 def train_args(synth_dir, run_dir, steps, batch_size=GLOBAL_BATCH):
     return ["train", "--data", str(synth_dir), "--run-dir", str(run_dir), "--steps", str(steps),
             "--batch-size", str(batch_size), "--summary-every", "0", "--log-every", "10",
@@ -145,6 +134,8 @@ def test_cli_run_learns_and_eval_reads_it(capsys, synth_dir, tmp_path):
 def test_refusals_are_one_line_user_errors(monkeypatch):
     with pytest.raises(UserError, match="use --device cpu"):
         Hogwild(ParallelConfig(), torch.device("cuda", 0), tower_loss)
+    with pytest.raises(UserError, match="use --device cpu"):  # and before any process starts
+        Hogwild.check(Config().with_values({"parallel.strategy": "hogwild", "parallel.device": "cuda"}))
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines of two workers
     with pytest.raises(UserError, match="runs on one machine, but this job spans 4 workers of which 2 are here"):

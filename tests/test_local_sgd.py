@@ -4,8 +4,6 @@ checkpoints hold the mean of the replicas; the CLI end to end with eval; one-lin
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,14 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.utils import parameters_to_vector
 
+from helpers import build, multitower
 from multitower.cli import main
-from multitower.config import ParallelConfig
-from multitower.data.loader import TrainBatches
-from multitower.data.records import open_dataset
 from multitower.models import build_model
-from multitower.models.cifar10_tf import tower_loss
-from multitower.parallel.local_sgd import LocalSGD
-from multitower.parallel.single import Single
 
 GLOBAL_BATCH = 32
 # (sync_every K, warm-up W, steps): averages after steps W+K, W+2K, ...
@@ -34,24 +27,24 @@ def flat(model) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def run_steps(strategy, data_dir, rank, world_size, steps, checkpoint_after=None):
-    """`steps` steps of the tutorial's network; the flat parameters after each, and the
-    comm_s and checkpointed model (flat) at `checkpoint_after`."""
-    torch.manual_seed(0)
-    model = build_model("cifar10-tf")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    strategy.wrap(model, optimizer)
-    split = open_dataset(data_dir).split("train")
+def run_steps(data_dir, steps, checkpoint_after=None, **settings):
+    """`steps` steps of the tutorial's network as train builds it; the flat parameters after
+    each, and the comm_s and checkpointed model (flat) at `checkpoint_after`."""
+    run = build(data_dir, batch_size=GLOBAL_BATCH, **settings)
+    model, strategy = run.model, run.strategy
     out = {"params": [], "comm_s": [], "checkpoint": None, "after_checkpoint": None,
            "conv_channels_last": model.conv1.weight.is_contiguous(memory_format=torch.channels_last)}
-    with TrainBatches(split, global_batch_size=GLOBAL_BATCH, rank=rank, world_size=world_size, seed=0) as batches:
+    with run.batches() as batches:
         for step, batch in zip(range(1, steps + 1), batches):
             metrics = strategy.step(batch)
             out["params"].append(flat(model))
             out["comm_s"].append(metrics.comm_s)
             if step == checkpoint_after:
-                state = strategy.state_dict()  # a collective: both ranks call it here
-                out["checkpoint"] = torch.cat([state["model"][n].reshape(-1) for n, _ in model.named_parameters()])
+                mean = strategy.mean_of_replicas()  # a collective: every rank gets the mean
+                out["checkpoint"] = torch.cat([mean[n].reshape(-1) for n, _ in model.named_parameters()])
+                state = strategy.checkpoint_state({"ema": run.ema.state_dict(), "lookahead": None})  # a collective
+                out["rank0_writes_the_mean"] = state is None or all(torch.equal(state["model"][n], t)
+                                                                    for n, t in mean.items())
                 out["after_checkpoint"] = flat(model)
     out["params"] = torch.stack(out["params"])
     out["conv_channels_last_at_end"] = model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
@@ -59,16 +52,14 @@ def run_steps(strategy, data_dir, rank, world_size, steps, checkpoint_after=None
 
 
 def spawned_worker(rank, world_size, tmp_dir, data_dir):
-    torch.set_num_threads(1)
     results = {}
     for name, (every, warmup, steps) in {**SCENARIOS, CHANNELS_LAST: SCENARIOS["k1"]}.items():  # one group each
         store = dist.FileStore(os.path.join(tmp_dir, f"store-{name}"), world_size)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
-        cfg = ParallelConfig(sync_every=every, local_sgd_warmup=warmup, channels_last=name == CHANNELS_LAST)
-        strategy = LocalSGD(cfg, torch.device("cpu"), tower_loss)
-        results[name] = run_steps(strategy, data_dir, rank, world_size, steps,
-                                  checkpoint_after=CHECKPOINT_AFTER if name == "k2-w2" else None)
-        strategy.close()
+        results[name] = run_steps(data_dir, steps, checkpoint_after=CHECKPOINT_AFTER if name == "k2-w2" else None,
+                                  strategy="local-sgd", workers=world_size, sync_every=every, local_sgd_warmup=warmup,
+                                  channels_last=name == CHANNELS_LAST)
+        dist.destroy_process_group()
     torch.save(results, os.path.join(tmp_dir, f"rank{rank}.pt"))
 
 
@@ -82,8 +73,7 @@ def two_workers(tmp_path_factory, synth_dir):
 @pytest.fixture(scope="module")
 def single_worker(synth_dir):
     """The trusted control: one worker, the whole global batch, plain SGD."""
-    torch.set_num_threads(1)
-    return run_steps(Single(ParallelConfig(channels_last=False), torch.device("cpu"), tower_loss), synth_dir, 0, 1, steps=6)
+    return run_steps(synth_dir, 6, channels_last=False)
 
 
 def test_replicas_are_equal_right_after_an_average_and_apart_between(two_workers):
@@ -103,6 +93,7 @@ def test_checkpoint_holds_the_mean_of_the_replicas_and_leaves_them_alone(two_wor
     rank0, rank1 = (w["k2-w2"] for w in two_workers)
     mean = (rank0["params"][CHECKPOINT_AFTER - 1] + rank1["params"][CHECKPOINT_AFTER - 1]) / 2
     assert torch.equal(rank0["checkpoint"], rank1["checkpoint"])
+    assert rank0["rank0_writes_the_mean"] and rank1["rank0_writes_the_mean"]
     torch.testing.assert_close(rank0["checkpoint"], mean, rtol=0, atol=1e-7)
     # The mean is computed on a copy: the training replicas stay as they were.
     for rank in (rank0, rank1):
@@ -128,10 +119,6 @@ def test_k1_and_warm_up_steps_match_synchronous_training(two_workers, single_wor
     assert (two_workers[0]["k2-w2"]["params"][2] - single_worker["params"][2]).abs().max() > 1e-4
 
 
-def multitower(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "multitower", *args], capture_output=True, text=True, timeout=timeout)
-
-
 def test_cli_trains_with_two_workers_and_eval_reads_the_run(capsys, synth_dir, tmp_path):
     run_dir = tmp_path / "run"
     trained = multitower("train", "--data", str(synth_dir), "--run-dir", str(run_dir), "--steps", "4",
@@ -141,7 +128,7 @@ def test_cli_trains_with_two_workers_and_eval_reads_the_run(capsys, synth_dir, t
     assert "step 4, loss =" in trained.stdout and "per rank:" in trained.stdout
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["world_size"] == 2 and 0 < records[-1]["comm_fraction"] <= 1
-    assert json.loads((run_dir / "config.json").read_text())["parallel"]["sync_every"] == 4
+    assert json.loads((run_dir / "config.json").read_text())["parallel"]["options"] == {"sync_every": 4}
     # `multitower eval --once`, in this process (a second interpreter would only add start-up time).
     assert main(["eval", str(run_dir), "--once", "--device", "cpu"]) == 0
     assert "step 4: precision @ 1" in capsys.readouterr().out

@@ -15,66 +15,49 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from multitower.config import Config, ParallelConfig
-from multitower.data.loader import TrainBatches
-from multitower.data.records import open_dataset
+from helpers import build, multitower
+from multitower.config import Config
 from multitower.errors import UserError
 from multitower.models import build_model
-from multitower.models.cifar10_tf import LAYER_NAMES, tower_loss
+from multitower.models.cifar10_tf import LAYER_NAMES
 from multitower.parallel.memory import SavedTensorPeak, check_memory_budget, training_state_bytes
 from multitower.bench.flops import layer_macs
 from multitower.parallel.pipeline import BusyClock, Pipeline, plan_stages, split_layers
-from multitower.parallel.single import Single
-from multitower.train.ema import ExponentialMovingAverage
 
 GLOBAL_BATCH = 16
 MICROBATCHES = 4
 
 
-def first_batch(data_dir, rank, world_size):
-    split = open_dataset(data_dir).split("train")
-    with TrainBatches(split, global_batch_size=GLOBAL_BATCH, rank=rank, world_size=world_size, seed=0) as batches:
+def first_batch(run):
+    with run.batches() as batches:
         return next(iter(batches))
 
 
 def pipeline_worker(rank, world_size, store_path, data_dir, out_dir, schedule, stages, microbatches):
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world_size), rank=rank, world_size=world_size)
-    strategy = Pipeline(ParallelConfig(stages=stages, microbatches=microbatches, schedule=schedule),
-                        torch.device("cpu"), tower_loss)
-    torch.manual_seed(0)
-    model = build_model("cifar10-tf")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    strategy.wrap(model, optimizer)
-    ema = ExponentialMovingAverage(model, 0.9999)
-    metrics = strategy.step(first_batch(data_dir, rank, world_size))
-    ema.update(model, 1)
+    settings = dict(strategy="pipeline", workers=world_size, stages=stages, microbatches=microbatches,
+                    schedule=schedule, batch_size=GLOBAL_BATCH)
+    run = build(data_dir, **settings)
+    model, strategy = run.model, run.strategy
+    metrics = strategy.step(first_batch(run))
+    run.ema.update(model, 1)
     out = {"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
            "loss": float(metrics.loss), "extra": metrics.extra, "examples": metrics.examples,
            "stage": strategy.stage_index, "replica": strategy.replica}
-    state = strategy.state_dict()          # collectives: every rank
-    ema_state = strategy.gather_named_tensors(ema.state_dict())
+    state = strategy.checkpoint_state({"ema": run.ema.state_dict(), "lookahead": None})  # collectives: every rank
+    state = {**state, "step": 1} if state is not None else None
     if rank == 0:
-        out["state"], out["ema"] = state, ema_state
-    # A fresh stage takes its part of the full checkpoint.
-    torch.manual_seed(1)
-    fresh = Pipeline.__new__(Pipeline)
-    fresh.__dict__.update(strategy.__dict__)
-    other = build_model("cifar10-tf")
-    names = [n for n, _ in other.named_children()]
-    for name in names:
-        if name not in strategy.layers:
-            delattr(other, name)
-    fresh.model, fresh.optimizer = other, torch.optim.SGD(other.parameters(), lr=0.1)
-    state_all = [None]
-    if rank == 0:
-        state_all = [state]
+        out["state"], out["ema"] = state, state["ema"]
+    # A fresh run (other initial weights) takes its stage's part of the full checkpoint.
+    fresh = build(data_dir, seed=1, **settings)
+    state_all = [state]
     dist.broadcast_object_list(state_all, src=0)
-    fresh.load_state_dict(state_all[0])
-    out["reloaded"] = {n: p.detach().clone() for n, p in other.named_parameters()}
+    own = fresh.strategy.load(state_all[0])
+    out["reloaded"] = {n: p.detach().clone() for n, p in fresh.model.named_parameters()}
+    out["reloaded_ema"] = own["ema"]
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    strategy.close()
+    fresh.strategy.close()
 
 
 def run_pipeline(tmp_path, synth_dir, schedule="gpipe", stages=2, replicas=1, microbatches=MICROBATCHES):
@@ -89,17 +72,13 @@ def run_pipeline(tmp_path, synth_dir, schedule="gpipe", stages=2, replicas=1, mi
 
 @pytest.fixture(scope="module")
 def single_step(synth_dir):
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = build_model("cifar10-tf")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    single = Single(ParallelConfig(channels_last=False), torch.device("cpu"), tower_loss)
-    single.wrap(model, optimizer)
+    run = build(synth_dir, channels_last=False, batch_size=GLOBAL_BATCH)
+    model = run.model
     with SavedTensorPeak(model) as saved:  # measured as the pipeline measures each stage
-        metrics = single.step(first_batch(synth_dir, 0, 1))
+        metrics = run.strategy.step(first_batch(run))
     return {"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
             "model": model.state_dict(), "loss": float(metrics.loss),
-            "peak_bytes": saved.peak + training_state_bytes(model, optimizer)}
+            "peak_bytes": saved.peak + training_state_bytes(model, run.optimizer)}
 
 
 @pytest.fixture(scope="module")
@@ -259,10 +238,9 @@ def test_flops_balance_isolates_conv2():
     assert plan_stages(model, 2, "local4", balance="flops")[0][1] == ["local4", "softmax_linear"]
     with pytest.raises(UserError, match="some stage would hold none"):
         plan_stages(model, 6, balance="flops")
-    cfg = Config()
-    cfg.parallel.strategy, cfg.parallel.balance = "pipeline", "compute"
-    with pytest.raises(UserError, match="--balance must be params or flops, got 'compute'"):
-        cfg.validate()
+    with pytest.raises(UserError, match="--balance must be one of params, flops, got 'compute'"):
+        Pipeline.check(Config().with_values({"parallel.strategy": "pipeline", "parallel.workers": 2,
+                                             "parallel.options.balance": "compute"}))
 
 
 def test_memory_budget_refuses_the_whole_model_and_admits_a_stage():
@@ -277,18 +255,17 @@ def test_memory_budget_refuses_the_whole_model_and_admits_a_stage():
 
 
 def test_config_refuses_mismatched_workers():
-    cfg = Config()
-    cfg.parallel.strategy, cfg.parallel.stages, cfg.parallel.workers = "pipeline", 2, 1
+    def check(workers, batch_size=128, microbatches=4):
+        Pipeline.check(Config().with_values({"parallel.strategy": "pipeline", "parallel.workers": workers,
+                                             "data.batch_size": batch_size, "parallel.options.stages": 2,
+                                             "parallel.options.microbatches": microbatches}))
     with pytest.raises(UserError, match="--workers 2"):
-        cfg.validate()
-    cfg.parallel.workers = 3
+        check(1)
     with pytest.raises(UserError, match="stages x replicas; got 3"):
-        cfg.validate()
-    cfg.parallel.workers, cfg.data.batch_size, cfg.parallel.microbatches = 4, 16, 4
-    cfg.validate()  # 2 replicas x 4 micro-batches of 2
-    cfg.parallel.microbatches = 16
+        check(3, batch_size=129)
+    check(4, 16, 4)  # 2 replicas x 4 micro-batches of 2
     with pytest.raises(UserError, match="--microbatches 16 x 2 replica"):
-        cfg.validate()
+        check(4, 16, 16)
 
 
 @pytest.mark.slow
@@ -332,10 +309,6 @@ def test_library_trap_first_stage_needs_the_loss_fn_too(tmp_path, loss_on_every_
     mp.spawn(trap_worker, nprocs=2, join=True, args=(2, str(tmp_path / "store"), str(tmp_path), loss_on_every_rank))
     has_grad = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert has_grad == [loss_on_every_rank, True]
-
-
-def multitower(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "multitower", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow

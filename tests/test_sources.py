@@ -244,7 +244,7 @@ def test_import_counts_labels_order_and_exact_pixels(tmp_path):
     src = tmp_path / "src"
     exact = make_imagefolder(src)
     out = tmp_path / "out"
-    dataset = import_imagefolder(src, out, val=0, seed=3, progress=False, workers=1)
+    dataset = import_imagefolder(src, out, val=0, seed=3, progress=False, workers=1, size=(32, 32))
     assert dataset.class_names == ["ant", "cat", "dog"]
     assert dataset.fmt.num_classes == 3
     assert dataset.splits == ["train"] and not (out / "val_batch.bin").exists()
@@ -270,12 +270,34 @@ def test_import_counts_labels_order_and_exact_pixels(tmp_path):
             assert (plane[0] == plane[1]).all() and (plane[1] == plane[2]).all()
 
 
+def test_images_of_another_resolution_keep_it_and_mixed_sizes_need_a_size(tmp_path):
+    """A folder of 96x128 images imports at 96x128, never squashed to 32x32 unasked;
+    images of different sizes are refused in one line that names two of them."""
+    src = tmp_path / "wide"
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (src / name).mkdir(parents=True)
+        for number in range(3):
+            Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(src / name / f"{number}.png")
+    dataset = import_imagefolder(src, tmp_path / "out", val=2, progress=False, workers=1)
+    assert dataset.image_shape == (3, 96, 128) and dataset.manifest["image_shape"] == [3, 96, 128]
+    images, _ = dataset.split("train").gather(np.arange(4))
+    assert tuple(images.shape) == (4, 3, 96, 128)
+    mixed = tmp_path / "src"
+    make_imagefolder(mixed)
+    with pytest.raises(UserError, match=r"differ in size \(32x32 .*, 30x40 .*wide.png\): pass --size HxW"):
+        import_imagefolder(mixed, tmp_path / "refused", val=0, progress=False, workers=1)
+    assert not (tmp_path / "refused").exists()
+    smaller = import_imagefolder(mixed, tmp_path / "small", val=0, progress=False, workers=1, size=(16, 24))
+    assert smaller.image_shape == (3, 16, 24) and smaller.manifest["resized"] is True
+
+
 def test_import_validation_split_is_seeded(tmp_path):
     src = tmp_path / "src"
     make_imagefolder(src)
 
     def val_images(seed, name):
-        dataset = import_imagefolder(src, tmp_path / name, val=5, seed=seed, progress=False, workers=1)
+        dataset = import_imagefolder(src, tmp_path / name, val=5, seed=seed, progress=False, workers=1, size=(32, 32))
         assert (len(dataset.split("train")), len(dataset.split("val"))) == (15, 5)
         assert dataset.manifest["splits"] == {"train": 15, "val": 5}
         return dataset.split("val").gather(np.arange(5))[0].numpy()
@@ -289,8 +311,8 @@ def test_import_in_parallel_matches_serial(monkeypatch, tmp_path):
     src = tmp_path / "src"
     make_imagefolder(src)
     monkeypatch.setattr(sources, "_DECODE_CHUNK", 3)  # 7 chunks over 2 worker processes
-    serial = import_imagefolder(src, tmp_path / "serial", val=4, progress=False, workers=1)
-    parallel = import_imagefolder(src, tmp_path / "parallel", val=4, progress=False, workers=2)
+    serial = import_imagefolder(src, tmp_path / "serial", val=4, progress=False, workers=1, size=(32, 32))
+    parallel = import_imagefolder(src, tmp_path / "parallel", val=4, progress=False, workers=2, size=(32, 32))
     for split in ("train", "val"):
         indices = np.arange(len(serial.split(split)))
         np.testing.assert_array_equal(serial.split(split).gather(indices)[0].numpy(),
@@ -306,7 +328,7 @@ def test_import_corrupt_image_names_it(monkeypatch, tmp_path, workers):
     monkeypatch.setattr(sources, "_DECODE_CHUNK", 4)
     out = tmp_path / "out"
     with pytest.raises(UserError) as excinfo:
-        import_imagefolder(src, out, val=2, progress=False, workers=workers)
+        import_imagefolder(src, out, val=2, progress=False, workers=workers, size=(32, 32))  # decode's check
     assert str(src / "cat" / "broken.jpg") in str(excinfo.value) and "\n" not in str(excinfo.value)
     assert_nothing_left(tmp_path, out)
 

@@ -13,44 +13,32 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from multitower.config import ParallelConfig
-from multitower.data.loader import TrainBatches
-from multitower.data.records import open_dataset
+from helpers import build, multitower
 from multitower.models import build_model
-from multitower.models.cifar10_tf import tower_loss
-from multitower.parallel.single import Single
-from multitower.parallel.sync import CommTimer, Sync
+from multitower.parallel.sync import CommTimer
 from multitower.train.checkpoint import CheckpointDir
-from multitower.train.ema import ExponentialMovingAverage
 
 STEPS = 5
 GLOBAL_BATCH = 32
 
 
-def run_steps(strategy, data_dir, rank, world_size, parallel_cfg=None):
-    """STEPS training steps of the tutorial's network; returns (model, EMA) state."""
-    torch.manual_seed(0)
-    model = build_model("cifar10-tf")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    strategy.wrap(model, optimizer)
-    ema = ExponentialMovingAverage(model, 0.9999)
-    split = open_dataset(data_dir).split("train")
-    with TrainBatches(split, global_batch_size=GLOBAL_BATCH, rank=rank, world_size=world_size, seed=0) as batches:
+def run_steps(data_dir, **settings):
+    """STEPS training steps of the tutorial's network as train builds it; (model, EMA) state."""
+    run = build(data_dir, batch_size=GLOBAL_BATCH, **settings)
+    with run.batches() as batches:
         for step, batch in zip(range(STEPS), batches):
-            strategy.step(batch)
-            ema.update(model, step + 1)
-    return {"model": {k: v.clone() for k, v in model.state_dict().items()}, "ema": ema.state_dict()}
+            run.strategy.step(batch)
+            run.ema.update(run.model, step + 1)
+    return {"model": {k: v.clone() for k, v in run.model.state_dict().items()}, "ema": run.ema.state_dict()}
 
 
 def spawned_worker(rank, world_size, store_path, data_dir, out_dir, compression, accumulate):
-    torch.set_num_threads(1)
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
-    cfg = ParallelConfig(grad_compression=compression, accumulate=accumulate)
-    strategy = Sync(cfg, torch.device("cpu"), tower_loss)
-    state = run_steps(strategy, data_dir, rank, world_size)
+    state = run_steps(data_dir, strategy="sync", workers=world_size, grad_compression=compression,
+                      accumulate=accumulate)
     torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
-    strategy.close()
+    dist.destroy_process_group()
 
 
 def spawn_two(tmp_path, synth_dir, compression="none", accumulate=1):
@@ -74,8 +62,7 @@ def test_replicas_are_bitwise_equal_after_steps(two_workers):
 
 
 def test_two_workers_match_one_worker_with_the_global_batch(two_workers, synth_dir):
-    torch.set_num_threads(1)
-    single = run_steps(Single(ParallelConfig(), torch.device("cpu"), tower_loss), synth_dir, 0, 1)
+    single = run_steps(synth_dir)  # one worker: the single strategy
     torch.manual_seed(0)
     initial = build_model("cifar10-tf")
     # Convolution gradients summed over 16 + 16 examples round differently from one sum
@@ -131,11 +118,6 @@ def test_comm_timer_merges_overlapping_buckets_and_counts_bytes():
     half = CommTimer(bytes_per_element=2)
     half.wrap(lambda _s, _b: torch.futures.Future())(None, FakeBucket(1000))
     assert half.take()[1] == 2000
-
-
-def multitower(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "multitower", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def train_args(synth_dir, run_dir, steps, *extra):

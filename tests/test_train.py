@@ -63,17 +63,16 @@ def test_resume_refuses_a_run_of_another_model(synth_dir, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_loss = TUTORIAL.make_loss(None)  # the tutorial recipe's tower_loss
+    real_loss = TUTORIAL.loss  # the tutorial recipe's tower_loss
 
     def poisoned(model, logits, labels):
         calls["n"] += 1
         total, ce = real_loss(model, logits, labels)
         return (total * float("nan"), ce) if calls["n"] == 7 else (total, ce)
 
-    monkeypatch.setattr(loop, "get_recipe", lambda name: dataclasses.replace(TUTORIAL, make_loss=lambda cfg: poisoned))
     run_dir = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="loss is nan at step 7; the last good checkpoint is step 6"):
-        train(make_cfg(synth_dir, run_dir, 20, checkpoint_every=2))
+        train(make_cfg(synth_dir, run_dir, 20, checkpoint_every=2), recipe=dataclasses.replace(TUTORIAL, loss=poisoned))
     entries = CheckpointDir(run_dir / "checkpoints").entries()
     assert [e.step for e in entries][-1] == 6
     state = final_state(run_dir)
@@ -96,6 +95,15 @@ def test_summaries_and_metrics_are_written(synth_dir, tmp_path):
     for histogram in ("conv1/activations", "local3/weight", "local3/weight/gradients"):
         assert histogram in tags["histograms"], histogram
     assert "images" in tags["images"]
+    # Speed and where the time went, at every log line, beside the tutorial's summaries.
+    for scalar in ("throughput/examples_per_sec", "throughput/comm_fraction", "throughput/data_wait_fraction"):
+        assert [e.step for e in events.Scalars(scalar)] == [10, 20], scalar
+    # The run's settings and results for TensorBoard's HParams view, in the same run.
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["optim.lr"].number_value == 0.1 and start.hparams["model.name"].string_value == "cifar10-tf"
+    assert "run.run_dir" not in start.hparams  # where it wrote is no setting to compare runs by
     assert [e.step for e in CheckpointDir(run_dir / "checkpoints").entries()] == [10, 20]
     assert json.loads((run_dir / "config.json").read_text())["data"]["batch_size"] == 16
 

@@ -18,10 +18,12 @@ from multitower.errors import UserError
 # the CLI's --help imports no torch.
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")  # --compile: parallel/precision.py
-AUGMENT_PLACES = ("auto", "host", "device")
+AUGMENT_PLACES = ("auto", "host", "device")  # --augment-on: see data/loader.augments_on_device
 # Below a second, gloo's own connection set-up times out before any rank could be silent
 # (--timeout 0.000001 failed in rendezvous with a 71-line traceback).
-MIN_TIMEOUT_S = 1.0  # --augment-on: see data/loader.augments_on_device
+MIN_TIMEOUT_S = 1.0
+MAX_WORKERS = 1024  # processes one launcher starts on one machine; more is a typo
+MAX_RESTARTS = 100  # restarts of a failing group; more hides a fault that recurs
 
 
 def check_choice(flag: str, value, choices: tuple) -> None:
@@ -48,6 +50,9 @@ class DataConfig:
     data/loader.augments_on_device). Same batches either way, to float rounding."""
     eval_split: str = "val"
     """Split that `eval` uses by default: "val" (import/synth) or "test" (official download)."""
+    image_size: list[int] = field(default_factory=list)
+    """[height, width] in pixels to resize every image to when the data set is read; empty =
+    the data set's own resolution (nothing is resized unless asked)."""
 
 
 @dataclass
@@ -86,15 +91,12 @@ class ParallelConfig:
     """How workers cooperate: a key of multitower.parallel.STRATEGIES, or "auto"
     (single for one worker, sync for several)."""
     workers: int = 1
-    """Worker processes on this machine (one per GPU on CUDA)."""
+    """Worker processes (one per GPU on CUDA); across machines, all of the job's (downpour: its
+    trainers, besides the parameter servers)."""
     device: str = "auto"
     """"auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
     threads: int = 0
     """Intra-op CPU threads per worker; 0 = the machine's cores divided among the workers."""
-    grad_compression: str = "none"
-    """Gradient all-reduce compression (sync): "none", "bf16" (half the bytes) or "powersgd" (rank 1)."""
-    accumulate: int = 1
-    """Micro-batches per step on each worker; gradients are all-reduced once, after the last."""
     precision: str = "fp32"
     """Compute precision of forward/backward: "fp32", "bf16" (autocast; fp32 weights, optimizer
     and loss; AMP on CUDA) or "fp16" (the same with dynamic loss scaling). fp32 on CPU: measured ~5x slower in bf16 where oneDNN lacks bf16 kernels."""
@@ -112,34 +114,12 @@ class ParallelConfig:
     """Seconds a collective may wait for a silent rank before the job fails."""
     max_restarts: int = 0
     """Times the launcher restarts the worker group after a failure (resuming from the last checkpoint)."""
-    sync_every: int = 4
-    """Local SGD: steps between averages of the workers' weights (K; 1 = every step, like sync)."""
-    local_sgd_warmup: int = 0
-    """Local SGD: fully synchronous steps (gradients all-reduced) before local steps begin (W)."""
-    ps: int = 1
-    """Downpour: parameter-server processes, started besides the workers; each owns a shard of the parameters."""
-    n_fetch: int = 1
-    """Downpour: steps between a worker's fetches of fresh parameters from the servers."""
-    n_push: int = 1
-    """Downpour: steps between a worker's pushes of its accumulated gradients to the servers."""
-    ps_optimizer: str = "sgd"
-    """Downpour: update the servers apply, "sgd" or "adagrad" (the paper's; wants a ~20x smaller --lr, e.g. 0.005)."""
-    stages: int = 2
-    """Pipeline: stages the network is cut into, one process each; --workers S x R runs R data-parallel replicas."""
-    microbatches: int = 4
-    """Pipeline: micro-batches each global batch is split into (M; the bubble is (S-1)/(M+S-1))."""
-    schedule: str = "gpipe"
-    """Pipeline: micro-batch schedule, "gpipe" (all forwards, then all backwards) or "1f1b"."""
-    cut: str = ""
-    """Pipeline: comma-separated layer names where stages 2..S begin (e.g. "local3"); empty = balanced by `balance`."""
-    balance: str = "params"
-    """Pipeline: without --cut, balance the stages by "params" (parameter count) or "flops" (forward multiply-adds)."""
     max_memory_per_device: int = 0
     """Bytes of parameters + gradients + optimizer state one device may hold; a process over it refuses to start. 0 = no limit."""
-
-    def processes(self) -> int:
-        """Processes the launcher starts: the workers, plus downpour's parameter servers."""
-        return self.workers + (self.ps if self.strategy == "downpour" else 0)
+    options: dict[str, Any] = field(default_factory=dict)
+    """The strategy's own settings by name (e.g. local-sgd's {"sync_every": 8}), as its
+    module's Options dataclass defines them with their defaults and units
+    (multitower/parallel/<strategy>.py); only the chosen strategy's are stored."""
 
     def resolved_strategy(self, world_size: int) -> str:
         if self.strategy != "auto":
@@ -170,18 +150,20 @@ class RunConfig:
     """Continue the run found in run_dir instead of refusing to touch it."""
     progress: str = "auto"
     """Progress bar: "auto" (only on an interactive terminal), "on" or "off"."""
+    log_device_placement: bool = False
+    """Print, on every rank, where its tensors and ops live (the tutorial's --log_device_placement)."""
 
 
 # Settings a --resume may change: they leave the run's trajectory alone (how fast or where
 # it runs, how often it logs; the same function to rounding), or extend it (steps, epochs).
-# A resume that changes any other setting is refused (train/run_dir.py).
+# A resume that changes any other setting is refused (train/run_dir.py); a strategy names its
+# own that may change (Strategy.resume_may_change, e.g. downpour's number of servers).
 RESUME_MAY_CHANGE = frozenset({
     "data.prefetch", "data.augment_on", "data.eval_split",
     "parallel.workers", "parallel.device", "parallel.threads", "parallel.channels_last", "parallel.compile",
-    "parallel.timeout_s", "parallel.max_restarts", "parallel.ps", "parallel.stages", "parallel.microbatches",
-    "parallel.schedule", "parallel.cut", "parallel.balance", "parallel.max_memory_per_device",
+    "parallel.timeout_s", "parallel.max_restarts", "parallel.max_memory_per_device",
     "run.run_dir", "run.steps", "run.epochs", "run.log_every", "run.summary_every", "run.checkpoint_every",
-    "run.keep_checkpoints", "run.resume", "run.progress",
+    "run.keep_checkpoints", "run.resume", "run.progress", "run.log_device_placement",
 })
 # data.dir is compared by its resolved path; a resume may name a new one only where the old is
 # gone (the data set moved).
@@ -191,8 +173,29 @@ _FLAGS = {"data.dir": "--data", "model.name": "--model", "parallel.timeout_s": "
 
 
 def flag_of(path: str) -> str:
-    """The train flag of a dotted setting path: "optim.lr" -> "--lr", "data.dir" -> "--data"."""
-    return _FLAGS.get(path, "--" + path.partition(".")[2].replace("_", "-"))
+    """The train flag of a dotted setting path: "optim.lr" -> "--lr", "data.dir" -> "--data",
+    "parallel.options.sync_every" -> "--sync-every"."""
+    return _FLAGS.get(path, "--" + path.rpartition(".")[2].replace("_", "-"))
+
+
+# Where each strategy's settings lived before parallel.options: a config.json of then
+# (and a checkpoint's copy of it) still reads, keeping its strategy's own.
+_LEGACY_OPTIONS = {"grad_compression": "sync", "accumulate": "sync", "sync_every": "local-sgd",
+                   "local_sgd_warmup": "local-sgd", "ps": "downpour", "n_fetch": "downpour", "n_push": "downpour",
+                   "ps_optimizer": "downpour", "stages": "pipeline", "microbatches": "pipeline",
+                   "schedule": "pipeline", "cut": "pipeline", "balance": "pipeline"}
+
+
+def _moved_to_options(parallel: dict[str, Any]) -> dict[str, Any]:
+    legacy = {key: parallel[key] for key in _LEGACY_OPTIONS if key in parallel}
+    if not legacy:
+        return parallel
+    strategy = parallel.get("strategy", "auto")
+    if strategy == "auto":  # auto was sync for several workers, single (no settings) for one
+        strategy = "sync" if parallel.get("workers", 1) > 1 else "single"
+    options = {key: value for key, value in legacy.items() if _LEGACY_OPTIONS[key] == strategy}
+    rest = {key: value for key, value in parallel.items() if key not in legacy}
+    return {**rest, "options": {**options, **rest.get("options", {})}}
 
 
 @dataclass
@@ -204,7 +207,9 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> "Config":
-        """Raise UserError for the first impossible setting; return self."""
+        """Raise UserError for the first impossible setting; return self. The settings
+        of the recipe and of the strategy (parallel.options) are checked by their own
+        modules (train/build.check_config calls every check)."""
         positive = {
             "--batch-size": self.data.batch_size,
             "--steps": self.run.steps if not self.run.epochs else 1,
@@ -221,56 +226,17 @@ class Config:
         check_choice("--augment-on", self.data.augment_on, AUGMENT_PLACES)
         if not self.run.epochs >= 0:
             raise UserError(f"--epochs must be positive (or 0: use --steps), got {self.run.epochs}")
-        from multitower.train.recipe import check_recipe  # here: the recipes import models and data
-        check_recipe(self)
         if self.run.summary_every < 0:
             raise UserError(f"--summary-every must be 0 (off) or positive, got {self.run.summary_every}")
-        if self.parallel.accumulate < 1:
-            raise UserError(f"--accumulate must be at least 1, got {self.parallel.accumulate}")
         check_choice("--compile", self.parallel.compile, COMPILE_MODES)
         check_choice("--precision", self.parallel.precision, PRECISIONS)
-        # A fast-path flag the strategy cannot apply: one line, rather than silently ignored.
-        from multitower.parallel import STRATEGIES  # here: the strategies import this module
-        refuses = getattr(STRATEGIES.get(self.parallel.strategy), "refuses", {})
-        for flag, used in (("--channels-last", self.parallel.channels_last is True),
-                           (f"--precision {self.parallel.precision}", self.parallel.precision != "fp32"),
-                           ("--compile", self.parallel.compile != "off")):
-            if used and flag in refuses:
-                raise UserError(f"--strategy {self.parallel.strategy} cannot take {flag}: it "
-                                f"{refuses[flag]}; drop the flag")
-        if self.parallel.grad_compression not in ("none", "bf16", "powersgd"):
-            raise UserError(f"--grad-compression must be none, bf16 or powersgd, got {self.parallel.grad_compression!r}")
         if not self.parallel.timeout_s >= MIN_TIMEOUT_S:
             raise UserError(f"--timeout must be at least {MIN_TIMEOUT_S:g} s (a collective's wait for a silent "
                             f"rank; default {ParallelConfig().timeout_s:g}), got {self.parallel.timeout_s:g}")
-        if self.parallel.max_restarts < 0:
-            raise UserError(f"--max-restarts must be 0 or more, got {self.parallel.max_restarts}")
-        if self.parallel.sync_every < 1:
-            raise UserError(f"--sync-every must be at least 1 step, got {self.parallel.sync_every}")
-        if self.parallel.local_sgd_warmup < 0:
-            raise UserError(f"--local-sgd-warmup must be 0 or more steps, got {self.parallel.local_sgd_warmup}")
-        for flag, value, unit in (("--ps", self.parallel.ps, "process"), ("--n-fetch", self.parallel.n_fetch, "step"),
-                                  ("--n-push", self.parallel.n_push, "step")):
-            if value < 1:
-                raise UserError(f"{flag} must be at least 1 {unit}, got {value}")
-        if self.parallel.ps_optimizer not in ("sgd", "adagrad"):
-            raise UserError(f"--ps-optimizer must be sgd or adagrad, got {self.parallel.ps_optimizer!r}")
-        if self.parallel.strategy == "pipeline":
-            if self.parallel.stages < 1 or self.parallel.microbatches < 1:
-                raise UserError(f"--stages and --microbatches must be at least 1, got {self.parallel.stages} "
-                                f"and {self.parallel.microbatches}")
-            if self.parallel.schedule not in ("gpipe", "1f1b"):
-                raise UserError(f"--schedule must be gpipe or 1f1b, got {self.parallel.schedule!r}")
-            if self.parallel.balance not in ("params", "flops"):
-                raise UserError(f"--balance must be params or flops, got {self.parallel.balance!r}")
-            stages, workers = self.parallel.stages, self.parallel.workers
-            if workers % stages:
-                raise UserError(f"--strategy pipeline --stages {stages} runs one process per stage and replica: "
-                                f"pass --workers {stages}, {2 * stages}, ... (stages x replicas; got {workers})")
-            replicas = workers // stages  # each replica's pipeline takes 1/replicas of the global batch
-            if self.data.batch_size % (replicas * self.parallel.microbatches):
-                raise UserError(f"--batch-size {self.data.batch_size} must divide evenly into "
-                                f"--microbatches {self.parallel.microbatches} x {replicas} replica(s) (--workers / --stages)")
+        if not 0 <= self.parallel.max_restarts <= MAX_RESTARTS:
+            raise UserError(f"--max-restarts must be between 0 and {MAX_RESTARTS}, got {self.parallel.max_restarts}")
+        if self.parallel.workers > MAX_WORKERS:
+            raise UserError(f"--workers must be at most {MAX_WORKERS} processes, got {self.parallel.workers}")
         if self.parallel.max_memory_per_device < 0:
             raise UserError(f"--max-memory-per-device must be 0 (no limit) or positive bytes, "
                             f"got {self.parallel.max_memory_per_device}")
@@ -284,36 +250,51 @@ class Config:
             raise UserError(f"--epochs-per-decay must be positive, got {self.optim.epochs_per_decay}")
         if not 0 <= self.optim.ema_decay < 1:
             raise UserError(f"--ema-decay must be in [0, 1), got {self.optim.ema_decay}")
-        if self.parallel.device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"--device must be auto, cpu or cuda, got {self.parallel.device!r}")
-        if self.data.label not in ("fine", "coarse"):
-            raise UserError(f"--label must be fine or coarse, got {self.data.label!r}")
-        if self.run.progress not in ("auto", "on", "off"):
-            raise UserError(f"--progress must be auto, on or off, got {self.run.progress!r}")
-        if self.data.batch_size % (self.parallel.workers * self.parallel.accumulate):
-            raise UserError(
-                f"--batch-size {self.data.batch_size} is the global batch and must divide evenly "
-                f"among --workers {self.parallel.workers} x --accumulate {self.parallel.accumulate} micro-batches"
-            )
+        check_choice("--device", self.parallel.device, ("auto", "cpu", "cuda"))
+        check_choice("--label", self.data.label, ("fine", "coarse"))
+        check_choice("--progress", self.run.progress, ("auto", "on", "off"))
+        if self.data.image_size and min(self.data.image_size) < 1:
+            raise UserError(f"--image-size must be positive pixels, got {self.data.image_size}")
         return self
+
+    def check_batch_split(self) -> None:
+        """The global batch splits evenly among the workers (after the strategy's own
+        checks, whose messages say more: train/build.check_config)."""
+        if self.data.batch_size % self.parallel.workers:
+            raise UserError(f"--batch-size {self.data.batch_size} is the global batch and must divide evenly "
+                            f"among --workers {self.parallel.workers}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
-        """Every setting by its dotted path: {"data.batch_size": 128, "optim.lr": 0.1, ...}."""
-        return {f"{section}.{key}": value for section, values in self.to_dict().items()
-                for key, value in values.items()}
+        """Every setting by its dotted path: {"data.batch_size": 128, "optim.lr": 0.1, ...};
+        the strategy's own under "parallel.options.<name>"."""
+        flat = {}
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                if (section, key) == ("parallel", "options"):
+                    flat.update({f"parallel.options.{name}": v for name, v in value.items()})
+                else:
+                    flat[f"{section}.{key}"] = value
+        return flat
 
     def with_values(self, values: dict[str, Any]) -> "Config":
-        """A copy with the settings at the dotted paths of `values` replaced."""
+        """A copy with the settings at the dotted paths of `values` replaced
+        ("parallel.options.<name>" sets one of the strategy's own)."""
         sections = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         changes: dict[str, dict[str, Any]] = {}
+        options = dict(self.parallel.options)
         for path, value in values.items():
             section, _, key = path.partition(".")
+            if section == "parallel" and key.startswith("options."):
+                options[key.removeprefix("options.")] = value
+                continue
             if section not in sections or key not in {f.name for f in dataclasses.fields(sections[section])}:
                 raise UserError(f"unknown setting {path!r}")
             changes.setdefault(section, {})[key] = value
+        if options != self.parallel.options:
+            changes.setdefault("parallel", {})["options"] = options
         return dataclasses.replace(self, **{name: dataclasses.replace(sections[name], **fields)
                                             for name, fields in changes.items()})
 
@@ -328,6 +309,8 @@ class Config:
             section_cls = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
                            "parallel": ParallelConfig, "run": RunConfig}[name]
             known = {f.name for f in dataclasses.fields(section_cls)}
+            if name == "parallel":
+                value = _moved_to_options(value)
             unknown = set(value) - known
             if unknown:
                 raise UserError(f"unknown configuration keys in {name}: {sorted(unknown)}")

@@ -14,12 +14,11 @@ import torch
 
 from multitower.config import Config
 from multitower.data.loader import EvalBatches
-from multitower.data.records import open_dataset
 from multitower.errors import UserError
 from multitower.models import model_from_config
 from multitower.progress import progress as progress_bar
 from multitower.train.checkpoint import CheckpointDir
-from multitower.train.loop import describe_data, resolve_device
+from multitower.train.build import example_inputs, open_data, resolve_device, split_of
 from multitower.train.recipe import get_recipe
 from multitower.train.run_dir import run_state, stored_config
 from multitower.train.summaries import Summaries
@@ -57,16 +56,19 @@ def load_run_config(run_dir: Path) -> Config:
 @torch.no_grad()
 def evaluate_state(state: dict, cfg: Config, split_name: str, *, data_dir: str | None = None,
                    device: torch.device = torch.device("cpu"), batch_size: int = 500,
-                   use_ema: bool = True, progress: str = "off") -> EvalResult:
+                   use_ema: bool = True, progress: str = "off", data=None, recipe=None, model=None) -> EvalResult:
     """Evaluate the weights of one checkpoint `state` on a split of the run's data set, with the
     run's recipe's input transform and logits (the fast recipe: normalisation, flip+translate TTA).
-    `progress` (auto, on, off; multitower.progress) shows the pass on stderr: with TTA, 5,000
-    images took 71 s on a 2-core CPU."""
-    dataset = open_dataset(data_dir or cfg.data.dir, label=cfg.data.label)
-    split = dataset.split(split_name)
-    num_classes = dataset.fmt.num_classes
-    recipe = get_recipe(cfg.optim.recipe)
-    model = model_from_config(cfg.model, num_classes=num_classes)
+    A Python caller's own `data` (ImageData), `recipe` and `model` factory stand in for the run's
+    names of them. `progress` (auto, on, off; multitower.progress) shows the pass on stderr:
+    with TTA, 5,000 images took 71 s on a 2-core CPU."""
+    dataset = open_data(cfg, data if data is not None else data_dir)
+    split = split_of(cfg, dataset, split_name)
+    num_classes = dataset.num_classes
+    recipe = recipe or get_recipe(cfg.optim.recipe)
+    example = example_inputs(cfg, recipe, split)
+    model = model_from_config(cfg.model, num_classes=num_classes, input_shape=tuple(example.shape[1:]),
+                              factory=model)
     try:
         model.load_state_dict(state["model"])
         if use_ema:
@@ -93,16 +95,19 @@ def evaluate_state(state: dict, cfg: Config, split_name: str, *, data_dir: str |
 
 
 def record(run_dir: Path, result: EvalResult) -> None:
-    """Append to eval.jsonl and write the eval summaries (events/eval)."""
+    """Append to eval.jsonl and write the eval summaries (into events/, beside training's)."""
     with open(run_dir / "eval.jsonl", "a") as f:
         f.write(json.dumps({**asdict(result), "wall_time": time.time()}) + "\n")
-    summaries = Summaries(run_dir, subdir="events/eval")
+    # In the training run's own event directory: TensorBoard shows one run, training and its
+    # evaluations side by side, rather than a second run of another colour.
+    summaries = Summaries(run_dir, subdir="events")
     try:
-        summaries.scalars({f"precision @ 1/{result.split}": result.precision_at_1}, result.step)
-        summaries.scalars({f"per_class/{result.split}/{name}": acc
+        summaries.scalars({f"eval/precision @ 1 ({result.split})": result.precision_at_1,
+                           "hparam/precision_at_1": result.precision_at_1}, result.step)
+        summaries.scalars({f"eval/per_class ({result.split})/{name}": acc
                            for name, acc in zip(result.class_names, result.per_class_accuracy)}, result.step)
-        summaries.writer.add_text(f"confusion/{result.split}", "    " + result.table().replace("\n", "\n    "),
-                                  result.step)
+        summaries.writer.add_text(f"eval/confusion ({result.split})",
+                                  "    " + result.table().replace("\n", "\n    "), result.step)
     finally:
         summaries.close()
 
@@ -124,14 +129,16 @@ def evaluated_steps(run_dir: Path, split: str) -> set[int]:
 
 def evaluate_run(run_dir: str | Path, *, split: str | None = None, step: int | None = None,
                  data_dir: str | None = None, device: str = "auto", batch_size: int = 500,
-                 use_ema: bool = True, write: bool = True, progress: str = "off") -> EvalResult:
-    """`multitower eval --once`: evaluate the newest (or the given) checkpoint of a run."""
+                 use_ema: bool = True, write: bool = True, progress: str = "off",
+                 data=None, recipe=None, model=None) -> EvalResult:
+    """`multitower eval --once`: evaluate the newest (or the given) checkpoint of a run
+    (with a Python caller's own data, recipe and model factory, as multitower.evaluate)."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     state = CheckpointDir(run_dir / "checkpoints").load(step)
     result = evaluate_state(state, cfg, split or cfg.data.eval_split, data_dir=data_dir,
                             device=resolve_device(device), batch_size=batch_size, use_ema=use_ema,
-                            progress=progress)
+                            progress=progress, data=data, recipe=recipe, model=model)
     if write:
         record(run_dir, result)
     return result
@@ -146,7 +153,7 @@ def watch(run_dir: str | Path, *, interval_s: float = 60.0, split: str | None = 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     split = split or cfg.data.eval_split
-    print(describe_data(open_dataset(data_dir or cfg.data.dir, label=cfg.data.label)), flush=True)
+    print(open_data(cfg, data_dir).describe(), flush=True)
     checkpoints = CheckpointDir(run_dir / "checkpoints")
     done = evaluated_steps(run_dir, split)
     results: list[EvalResult] = []

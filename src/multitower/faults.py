@@ -12,7 +12,8 @@ of that rank injects the fault when it reaches that global step:
 Downpour's parameter servers (global ranks workers .. workers + ps - 1) count as their
 "step" the pushes they have applied. Only the first attempt of a job injects it: after an elastic restart
 (TORCHELASTIC_RESTART_COUNT > 0) the run goes on, as after a real one-off fault.
-Unset, this costs one comparison per step.
+Unset, this costs one comparison per step. MULTITOWER_FAULT_LOG=FILE appends the wall time
+of each fault to FILE (benchmarks/fault_times.py times the job's answer from it).
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def maybe_inject(rank: int, step: int) -> None:
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
         return
     kind = _FAULT[2]
+    if os.environ.get("MULTITOWER_FAULT_LOG"):  # when, for benchmarks/fault_times.py
+        with open(os.environ["MULTITOWER_FAULT_LOG"], "a") as log:
+            log.write(f"{time.time()} {rank} {step} {kind}\n")
     if kind == "raise":
         raise InjectedFault(f"injected fault on rank {rank} at step {step}")
     if kind == "exit":

@@ -30,6 +30,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from multitower.config import Config
 from multitower.errors import Interrupted, PeerLost, PeerStopped, UserError, WorkerFailed, first_line
 from multitower.heartbeat import record_failure, recorded_failures, worker_pids
+from multitower.parallel import processes
 from multitower.train.checkpoint import CheckpointDir
 
 
@@ -81,13 +82,14 @@ LOOPBACK_C10D = "multitower-c10d"
 
 
 @record  # writes the worker's exception to the error file that the agent reports
-def worker_main(config_json: str) -> dict:
-    """One worker: its rank comes from the environment the agent set."""
+def worker_main(config_json: str, given: dict | None = None) -> dict:
+    """One worker: its rank comes from the environment the agent set; `given` holds a
+    Python caller's own recipe, data and model factory (multitower.fit), pickled to it."""
     import json
-    return run_worker(Config.from_dict(json.loads(config_json))).__dict__
+    return run_worker(Config.from_dict(json.loads(config_json)), **(given or {})).__dict__
 
 
-def run_worker(cfg: Config):
+def run_worker(cfg: Config, **given):
     """train(cfg) in a launched worker (ours or torchrun's): a failure is recorded in the
     launcher's store for launch() to pick the cause, and leaves as WorkerFailed, whose
     message is its one line (printed by the CLI under torchrun); a bug's traceback goes to
@@ -95,7 +97,7 @@ def run_worker(cfg: Config):
     from multitower.train.loop import train
     rank = int(os.environ.get("RANK", 0))
     try:
-        return train(cfg)
+        return train(cfg, **given)
     except (PeerStopped, PeerLost) as exc:  # a verdict on another rank, or a lost peer
         record_failure("verdict" if isinstance(exc, PeerStopped) else "lost", str(exc))
         raise WorkerFailed(str(exc)) from None
@@ -125,9 +127,9 @@ SHUTDOWN_S = 3
 SIGKILL (torch's default, 30, is how long a frozen worker held the verdict back)."""
 
 
-def launch(cfg: Config) -> dict:
-    """Run cfg.parallel.processes() processes (the workers, and downpour's parameter servers)
-    on this machine; return rank 0's TrainResult fields. The launcher holds the run
+def launch(cfg: Config, given: dict | None = None) -> dict:
+    """Run the job's processes (the workers, and downpour's parameter servers) on this
+    machine, each train(cfg, **given); return rank 0's TrainResult fields. The launcher holds the run
     directory's lock for the whole job, restarts included, and writes its final status.
     A failure on any rank stops the whole group and becomes one UserError naming the rank."""
     from multitower.train.run_dir import HELD_BY_LAUNCHER, RunDirLock
@@ -141,7 +143,7 @@ def launch(cfg: Config) -> dict:
         saved = {key: os.environ.get(key) for key in environment}
         os.environ.update(environment)  # the workers are spawned with this environment
         try:
-            return _launch(cfg)
+            return _launch(cfg, given)
         except UserError as exc:
             _final_status(cfg, exc)
             raise
@@ -168,7 +170,7 @@ def _final_status(cfg: Config, exc: UserError) -> None:
         pass  # e.g. the full disk that ended the run
 
 
-def _launch(cfg: Config) -> dict:
+def _launch(cfg: Config, given: dict | None) -> dict:
     # The agent logs every state change, and each failure with a traceback of its own
     # machinery; the failure is reported below in one line instead.
     # (Each module's logger has its own level, set by torch's get_logger: set them all.)
@@ -188,15 +190,15 @@ def _launch(cfg: Config) -> dict:
     rendezvous_handler_registry.register(LOOPBACK_C10D, _loopback_c10d_handler)
     _worker_stores.clear()  # a previous launch's stores (and their listening sockets) go
     launch_config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=cfg.parallel.processes(),
+        min_nodes=1, max_nodes=1, nproc_per_node=processes(cfg.parallel),
         run_id=f"multitower-{uuid.uuid4().hex[:8]}",
         rdzv_backend=LOOPBACK_C10D, rdzv_endpoint=f"127.0.0.1:{rendezvous_store.port}",
         rdzv_configs={"timeout": 120}, local_addr="127.0.0.1",
         max_restarts=cfg.parallel.max_restarts, monitor_interval=0.5, start_method="spawn",
         shutdown_timeout=SHUTDOWN_S)
-    reaper = FrozenWorkerReaper(cfg.parallel.processes(), cfg.parallel.max_restarts)
+    reaper = FrozenWorkerReaper(processes(cfg.parallel), cfg.parallel.max_restarts)
     try:
-        results = elastic_launch(launch_config, worker_main)(cfg.to_json())
+        results = elastic_launch(launch_config, worker_main)(cfg.to_json(), given)
     except ChildFailedError as exc:
         reaper.close()
         raise UserError(failure_verdict(exc, cfg, reaped=reaper.killed)) from None
@@ -268,12 +270,12 @@ def failure_verdict(exc: ChildFailedError, cfg: Config, reaped: set[int] = froze
     recorded (their own errors, verdicts on a silent peer, lost connections) and what the
     agent saw (exit codes, signals): a rank's own error first, then a rank killed by a
     signal, then a verdict naming a stopped rank, then a lost connection."""
-    processes = cfg.parallel.processes()
+    count = processes(cfg.parallel)
     store = _worker_stores[-1] if _worker_stores else None
     recorded = {}
     if store is not None:
         for attempt in range(cfg.parallel.max_restarts, -1, -1):  # the failed, last, attempt
-            recorded = recorded_failures(store, attempt, processes)
+            recorded = recorded_failures(store, attempt, count)
             if recorded:
                 break
     killed = {rank: failure for rank, failure in exc.failures.items()

@@ -21,7 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from multitower.bench.cost_model import LINKS, STRATEGY_NAMES, Knobs, Link, Workload, scan
-from multitower.config import ParallelConfig
+from multitower.parallel.downpour import DownpourOptions
+from multitower.parallel.local_sgd import LocalSGDOptions
+from multitower.parallel.pipeline import PipelineOptions
 from multitower.errors import UserError
 
 STRATEGY_COLOURS = {"sync": "#1f77b4", "pipeline": "#9467bd", "local-sgd": "#2ca02c", "downpour": "#ff7f0e"}
@@ -36,9 +38,10 @@ class PlanOptions:
     width: int = 1
     """Channel multiplier of the model."""
     batch_size: int = 128
-    """Examples per device per step (weak scaling); with strong_scaling, the global batch."""
-    strong_scaling: bool = False
-    """Keep the global batch fixed at batch_size and split it over the devices."""
+    """The global batch, examples per step over all devices, split among them, as train's
+    --batch-size (with weak_scaling: each device's)."""
+    weak_scaling: bool = False
+    """Grow the global batch with the devices: each keeps batch_size examples per step."""
     compute_ms_per_example: float = 0.0
     """Milliseconds of forward + backward + update per example on one device; 0 = measure it."""
     from_benchmark: str = ""
@@ -65,17 +68,17 @@ class PlanOptions:
     """A JSON written by `plan --calibrate` whose alpha and beta become the inter-node link."""
     overlap: bool = True
     """Sync: all-reduce overlapped with backward (DDP); downpour: pushes overlapped with compute."""
-    # The strategy settings default to `multitower train`'s.
-    sync_every: int = ParallelConfig.sync_every
+    # The strategy settings: train's names, defaults and meanings (each strategy's Options).
+    sync_every: int = LocalSGDOptions.sync_every
     """Local SGD: steps between weight averages (K)."""
-    ps: int = ParallelConfig.ps
+    ps: int = DownpourOptions.ps
     """Downpour: parameter servers."""
-    ps_period: int = ParallelConfig.n_push
-    """Downpour: steps between a worker's push + fetch."""
-    stages: int = 4
+    ps_period: int = DownpourOptions.n_push
+    """Downpour: steps between a worker's push + fetch (train's --n-push = --n-fetch)."""
+    stages: int = PipelineOptions.stages
     """Pipeline: stages per model replica (S)."""
-    micro_batches: int = 0
-    """Pipeline: micro-batches per step (M); 0 = 4 x stages."""
+    microbatches: int = PipelineOptions.microbatches
+    """Pipeline: micro-batches per replica's share of the step's batch (M)."""
     tolerance: float = 0.05
     """An exact strategy within this fraction of the fastest wins over an approximate one."""
     max_devices: int = 1024
@@ -93,7 +96,7 @@ class PlanOptions:
                 raise UserError(f"{flag} must be at least 1, got {value}")
         for flag, value in {"--compute-ms-per-example": self.compute_ms_per_example, "--threads": self.threads,
                             "--bandwidth-gbps": self.bandwidth_gbps, "--latency-us": self.latency_us,
-                            "--micro-batches": self.micro_batches}.items():
+                            "--microbatches": self.microbatches}.items():
             if value < 0:
                 raise UserError(f"{flag} must be 0 (the default) or positive, got {value}")
         if self.stages < 2:
@@ -212,8 +215,8 @@ def describe_inputs(opts: PlanOptions) -> str:
         compute = (f"measured: train's step of {opts.model} at batch {opts.batch_size}, {opts.profile_reps} "
                    f"repetitions of {opts.profile_steps} steps (median), "
                    f"{opts.threads or len(os.sched_getaffinity(0))} threads")
-    scaling = (f"global batch {opts.batch_size} split over the devices" if opts.strong_scaling
-               else f"{opts.batch_size} examples per device")
+    scaling = (f"{opts.batch_size} examples per device" if opts.weak_scaling
+               else f"global batch {opts.batch_size} split over the devices")
     return "\n".join([
         f"model: {opts.model} (width {opts.width}); {scaling}",
         f"compute: {compute}",
@@ -222,7 +225,7 @@ def describe_inputs(opts: PlanOptions) -> str:
         f"inter-node link: {inter.describe()}",
         f"sync: all-reduce {'overlapped with' if opts.overlap else 'after'} backward; local SGD K={opts.sync_every}; "
         f"downpour {opts.ps} server(s), exchange every {opts.ps_period} step(s); pipeline S={opts.stages}, "
-        f"M={opts.micro_batches or 4 * opts.stages}"])
+        f"M={opts.microbatches}"])
 
 
 def make_plan(opts: PlanOptions) -> dict:
@@ -239,9 +242,9 @@ def make_plan(opts: PlanOptions) -> dict:
         compute_s, source = profile.s_per_example, f"measured, {profile.step}"
     workload = Workload(compute_s, param_bytes, opts.batch_size, activation_bytes)
     intra, inter = links_from(opts)
-    knobs = Knobs(opts.overlap, opts.sync_every, opts.ps, opts.ps_period, opts.stages, opts.micro_batches)
+    knobs = Knobs(opts.overlap, opts.sync_every, opts.ps, opts.ps_period, opts.stages, opts.microbatches)
     rows = scan(workload, opts.max_devices, opts.devices_per_node, intra, inter, knobs, opts.nics_per_node,
-                opts.tolerance, strong_scaling_batch=opts.batch_size if opts.strong_scaling else None)
+                opts.tolerance, strong_scaling_batch=None if opts.weak_scaling else opts.batch_size)
     return {"inputs": {"model": opts.model, "width": opts.width, "compute_s_per_example": compute_s,
                        "compute_source": source,
                        "profile": None if profile is None else {**asdict(profile), "spread": profile.spread,

@@ -45,8 +45,9 @@ class RecordFormat:
     label_bytes: int
     label_index: int
     num_classes: int
-    # Not a dataclass field (no annotation): every CIFAR image is 3x32x32.
-    image_shape = (3, 32, 32)
+    image_shape: tuple[int, int, int] = (3, 32, 32)
+    """(channels, height, width): CIFAR's 3x32x32, or what an import kept (its manifest's
+    "image_shape"), so that data at another resolution is never squashed silently."""
 
     @property
     def image_bytes(self) -> int:
@@ -86,7 +87,7 @@ class RecordFile:
     @property
     def images(self) -> np.ndarray:
         """uint8 [N, 3, 32, 32]: a view into the memory map, not a copy."""
-        return self._raw[:, self.fmt.label_bytes:].reshape((len(self),) + self.fmt.image_shape)
+        return self._raw[:, self.fmt.label_bytes:].reshape((len(self),) + tuple(self.fmt.image_shape))
 
     @property
     def labels(self) -> np.ndarray:
@@ -145,7 +146,7 @@ def _map_records(path: Path, fmt: RecordFormat):
 def _plain_view(raw: np.ndarray, fmt: RecordFormat) -> np.ndarray:
     """The images as a plain ndarray over the same mapping: fancy-indexing it skips
     np.memmap's Python-level __getitem__, about 4x faster for a 128-image batch."""
-    return np.asarray(raw)[:, fmt.label_bytes:].reshape((raw.shape[0],) + fmt.image_shape)
+    return np.asarray(raw)[:, fmt.label_bytes:].reshape((raw.shape[0],) + tuple(fmt.image_shape))
 
 
 def _check_labels(path: Path, fmt: RecordFormat, label_column: np.ndarray) -> None:
@@ -159,7 +160,7 @@ def _check_labels(path: Path, fmt: RecordFormat, label_column: np.ndarray) -> No
 
 
 def write_records(path, images, labels, fmt: RecordFormat = CIFAR10, coarse_labels=None) -> None:
-    """Write `images` (uint8 [N, 3, 32, 32]) and `labels` as one .bin file, atomically.
+    """Write `images` (uint8 [N, *fmt.image_shape]) and `labels` as one .bin file, atomically.
 
     The label goes in byte `fmt.label_index`. For CIFAR-100 fine labels,
     `coarse_labels` fill byte 0 (zeros when None). The file appears at `path`
@@ -169,9 +170,9 @@ def write_records(path, images, labels, fmt: RecordFormat = CIFAR10, coarse_labe
     images = np.asarray(images)
     labels = np.asarray(labels)
     count = images.shape[0] if images.ndim else 0
-    if images.dtype != np.uint8 or images.shape != (count,) + fmt.image_shape:
-        raise UserError(
-            f"write_records({path}): images must be uint8 [N, 3, 32, 32], got {images.dtype} {images.shape}")
+    if images.dtype != np.uint8 or images.shape != (count,) + tuple(fmt.image_shape):
+        raise UserError(f"write_records({path}): images must be uint8 [N, {', '.join(map(str, fmt.image_shape))}], "
+                        f"got {images.dtype} {images.shape}")
     if labels.shape != (count,):
         raise UserError(f"write_records({path}): {count} images but labels have shape {labels.shape}")
     _check_label_values(path, "labels", labels, fmt.num_classes)
@@ -222,7 +223,7 @@ class Split:
         return self._labels
 
     def gather(self, indices):
-        """Read the examples at `indices` as (uint8 [B, 3, 32, 32], int64 [B]) tensors.
+        """Read the examples at `indices` as (uint8 [B, C, H, W], int64 [B]) tensors.
 
         One fancy-index per file touched (at most 5 for CIFAR-10 train), never a
         Python loop over examples; the output order follows `indices`.
@@ -233,7 +234,7 @@ class Split:
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(
                 f"gather: indices must lie in 0..{len(self) - 1}, got {indices.min()}..{indices.max()}")
-        first = self.files[0].fmt.image_shape if self.files else (3, 32, 32)
+        first = tuple(self.files[0].fmt.image_shape) if self.files else (3, 32, 32)
         images = np.empty((indices.size,) + first, dtype=np.uint8)
         if len(self.files) == 1:
             self.files[0].check_unchanged()
@@ -276,6 +277,21 @@ class Dataset:
             raise UserError(
                 f"{self.root} has no '{name}' split; it has: {', '.join(self.splits) or 'none'}")
         return self._splits[name]
+
+    @property
+    def num_classes(self) -> int:
+        return self.fmt.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of every image."""
+        return tuple(self.fmt.image_shape)
+
+    def describe(self) -> str:
+        kind = "GENERATED (synthetic) data, not CIFAR-10" if self.generated else f"{self.fmt.name} data"
+        c, h, w = self.image_shape
+        size = "" if (c, h, w) == (3, 32, 32) else f", {c}x{h}x{w} images"
+        return f"data: {kind} from {self.root}{size}"
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{name}={len(self._splits[name])}" for name in self.splits)
@@ -322,6 +338,11 @@ def open_dataset(root, label: str = "fine") -> Dataset:
     if not split_paths:
         raise UserError(f"{root} holds no record files ({_expected_files(layout)})")
 
+    if "image_shape" in manifest:  # an import that kept its images' own resolution
+        shape = manifest["image_shape"]
+        if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)):
+            raise UserError(f"{root / MANIFEST_NAME}: image_shape must be [channels, height, width], got {shape!r}")
+        fmt = dataclasses.replace(fmt, image_shape=tuple(shape))
     class_names = _read_class_names(root, names_file, manifest)
     if layout == "cifar10" and len(class_names) != CIFAR10.num_classes:
         # Our imports may hold any number of classes; the record layout stays CIFAR-10's.

@@ -9,6 +9,7 @@ folder is removed on any failure, Ctrl-C included; nothing else is deleted.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gzip
 import hashlib
@@ -85,8 +86,11 @@ def _build(out, build) -> Dataset:
     return open_dataset(out)
 
 
-def _write_manifest(root: Path, source: str, generated: bool = False, **details) -> None:
+def _write_manifest(root: Path, source: str, generated: bool = False, image_shape=(3, 32, 32), **details) -> None:
     """Write multitower.json, taking the split sizes from the record files themselves."""
+    shape = {"image_shape": list(image_shape)}
+    # A first manifest, for open_dataset's size checks: the layout's format and the shape.
+    (root / MANIFEST_NAME).write_text(json.dumps({"format": "cifar10", **shape}), encoding="utf-8")
     dataset = open_dataset(root)
     manifest = {
         "format": dataset.fmt.name,
@@ -95,6 +99,7 @@ def _write_manifest(root: Path, source: str, generated: bool = False, **details)
         "splits": {name: len(dataset.split(name)) for name in dataset.splits},
         "num_classes": dataset.fmt.num_classes,
         "class_names": dataset.class_names,
+        **shape,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "multitower_version": __version__,
         **details,
@@ -225,12 +230,13 @@ def _extract_cifar10(archive: Path, staging: Path, url: str, progress: str | boo
 # --- ImageFolder import ---------------------------------------------------------------------
 
 def import_imagefolder(src, out, val: int = 5000, seed: int = 0, progress: str | bool = "auto",
-                       workers: int | None = None) -> Dataset:
-    """Import an ImageFolder tree `src/<class>/<image>` as a CIFAR-10-format data set.
+                       workers: int | None = None, size: tuple[int, int] | None = None) -> Dataset:
+    """Import an ImageFolder tree `src/<class>/<image>` as a data set in CIFAR-10's record layout.
 
     Classes are the sorted sub-folder names (label 0 = first). Images are read in
-    sorted path order, converted to RGB and resized to 32x32 (bicubic) if needed,
-    decoding in `workers` processes (default: all CPUs). A seeded permutation
+    sorted path order and converted to RGB at their own resolution, which must then be
+    the same for all; `size` (height, width) resizes every image to it (bicubic)
+    instead. Decoding runs in `workers` processes (default: all CPUs). A seeded permutation
     (numpy default_rng(seed)) of all images puts its first `val` in val_batch.bin
     and the rest, still in permuted order, in data_batch_1..k.bin: each train file
     is then a shuffled mix of classes, like the official ones, rather than
@@ -247,21 +253,22 @@ def import_imagefolder(src, out, val: int = 5000, seed: int = 0, progress: str |
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise UserError(f"workers must be >= 1, got {workers}")
-    fmt = CIFAR10 if len(class_names) == CIFAR10.num_classes else RecordFormat(
-        "cifar10", label_bytes=1, label_index=0, num_classes=len(class_names))
+    _check_out(out)  # before reading every image, not after
+    height, width = size if size is not None else _common_size(src, paths)
+    fmt = RecordFormat("cifar10", label_bytes=1, label_index=0, num_classes=len(class_names),
+                       image_shape=(3, height, width))
 
     def build(staging: Path) -> None:
-        images = _decode_all(paths, workers, progress)
+        images = _decode_all(paths, workers, progress, (height, width))
         order = np.random.default_rng(seed).permutation(len(paths))
         val_ids, train_ids = order[:val], order[val:]
         _write_train_files(staging, images[train_ids], labels[train_ids], fmt)
         if val:
             write_records(staging / "val_batch.bin", images[val_ids], labels[val_ids], fmt)
         _write_class_names(staging, class_names)
-        _write_manifest(staging, "imagefolder", source_dir=str(src.absolute()), seed=seed, val=val,
-                        images=len(paths))
+        _write_manifest(staging, "imagefolder", image_shape=fmt.image_shape, source_dir=str(src.absolute()),
+                        seed=seed, val=val, images=len(paths), resized=size is not None)
 
-    _check_out(out)  # before decoding for a minute, not after
     return _build(out, build)
 
 
@@ -286,10 +293,28 @@ def _scan_imagefolder(src: Path) -> tuple[list[str], list[str], np.ndarray]:
     return class_names, paths, np.asarray(labels, dtype=np.int64)
 
 
-def _decode_all(paths: list[str], workers: int, progress: str | bool) -> np.ndarray:
-    """Decode every image into uint8 [N, 3, 32, 32], in `paths` order."""
-    images = np.empty((len(paths), 3, 32, 32), dtype=np.uint8)
-    jobs = [(start, paths[start:start + _DECODE_CHUNK]) for start in range(0, len(paths), _DECODE_CHUNK)]
+def _common_size(src: Path, paths: list[str]) -> tuple[int, int]:
+    """(height, width) that every image has (read from the headers); a one-line
+    UserError naming two that differ otherwise: resizing is only done when asked."""
+    sizes: dict[tuple[int, int], str] = {}
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except Exception as error:  # noqa: BLE001 - Pillow raises many types for corrupt files
+            raise UserError(f"{path}: cannot read it as an image ({_one_line(error)}); fix or remove it") from None
+        sizes.setdefault((height, width), path)
+        if len(sizes) > 1:
+            (a, first), (b, second) = sizes.items()
+            raise UserError(f"images in {src} differ in size ({a[0]}x{a[1]} {first}, {b[0]}x{b[1]} {second}): "
+                            f"pass --size HxW to resize them all (e.g. --size {a[0]}x{a[1]})")
+    return next(iter(sizes))
+
+
+def _decode_all(paths: list[str], workers: int, progress: str | bool, size: tuple[int, int]) -> np.ndarray:
+    """Decode every image into uint8 [N, 3, height, width], in `paths` order."""
+    images = np.empty((len(paths), 3, *size), dtype=np.uint8)
+    jobs = [(start, paths[start:start + _DECODE_CHUNK], size) for start in range(0, len(paths), _DECODE_CHUNK)]
     with _progress(progress, total=len(paths), unit="img", desc="decode") as bar:
         if workers == 1 or len(jobs) == 1:
             results = map(_decode_chunk, jobs)
@@ -310,26 +335,28 @@ def _collect(results, images: np.ndarray, bar: tqdm | PlainLines) -> None:
         bar.update(len(block))
 
 
-def _decode_chunk(job: tuple[int, list[str]]):
+def _decode_chunk(job: tuple[int, list[str], tuple[int, int]]):
     """Worker: (start, block, None) on success, (start, None, message) on the first bad file."""
-    start, paths = job
-    block = np.empty((len(paths), 3, 32, 32), dtype=np.uint8)
+    start, paths, size = job
+    block = np.empty((len(paths), 3, *size), dtype=np.uint8)
     for position, path in enumerate(paths):
         try:
-            block[position] = _decode_image(path)
+            block[position] = _decode_image(path, size)
         except Exception as error:  # noqa: BLE001 - Pillow raises many types for corrupt files
             return start, None, f"{path}: cannot read it as an image ({_one_line(error)}); fix or remove it"
     return start, block, None
 
 
-def _decode_image(path: str) -> np.ndarray:
+def _decode_image(path: str, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [3, height, width]: the image in RGB, resized (bicubic) only if not that size."""
+    height, width = size
     with Image.open(path) as image:
         # For big JPEGs, decode at 1/2..1/8 scale (in the DCT): 10x faster on
         # photos, and the bicubic resize below still sets the final pixels.
-        image.draft("RGB", (32, 32))
+        image.draft("RGB", (width, height))
         image = image.convert("RGB")
-    if image.size != (32, 32):
-        image = image.resize((32, 32), Image.Resampling.BICUBIC)
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
     return np.asarray(image).transpose(2, 0, 1)
 
 
@@ -346,7 +373,7 @@ _SYNTHETIC_CHUNK = 2000
 
 
 def make_synthetic(out, train: int = 20000, val: int = 2000, seed: int = 0,
-                   progress: str | bool = False) -> Dataset:
+                   progress: str | bool = False, size: int = 32) -> Dataset:
     """Generate a learnable 10-class data set in CIFAR-10 format (for runs without real data).
 
     A class is a colour and a pattern (stripes of three orientations, checker,
@@ -355,39 +382,44 @@ def make_synthetic(out, train: int = 20000, val: int = 2000, seed: int = 0,
     the same left-right flipped (diagonals take either direction) and survives a
     24x24 crop, so the tutorial's distortions keep the label. Train and val come
     from independent streams of `seed`: changing `val` leaves the train set as is.
+    `size`: the images' height and width in pixels (CIFAR's 32; the geometry scales with it).
     """
     _check_count("train", train, least=1)
+    _check_count("size", size, least=8)
+    fmt = dataclasses.replace(CIFAR10, image_shape=(3, size, size))
     _check_count("val", val, least=0)
     _check_count("seed", seed, least=0)
     train_stream, val_stream = np.random.SeedSequence(seed).spawn(2)
 
     def build(staging: Path) -> None:
         with _progress(progress, total=train + val, unit="img", desc="generate") as bar:
-            images, labels = synthesize(train, np.random.default_rng(train_stream), bar)
-            _write_train_files(staging, images, labels, CIFAR10)
+            images, labels = synthesize(train, np.random.default_rng(train_stream), bar, size)
+            _write_train_files(staging, images, labels, fmt)
             if val:
-                images, labels = synthesize(val, np.random.default_rng(val_stream), bar)
-                write_records(staging / "val_batch.bin", images, labels, CIFAR10)
+                images, labels = synthesize(val, np.random.default_rng(val_stream), bar, size)
+                write_records(staging / "val_batch.bin", images, labels, fmt)
         _write_class_names(staging, SYNTHETIC_CLASS_NAMES)
-        _write_manifest(staging, "generated", generated=True, seed=seed, generator="multitower-synthetic-v1")
+        _write_manifest(staging, "generated", generated=True, image_shape=fmt.image_shape, seed=seed,
+                        generator="multitower-synthetic-v1")
 
     return _build(out, build)
 
 
-def synthesize(count: int, rng: np.random.Generator, bar: tqdm | PlainLines | None = None):
-    """`count` generated images and labels: (uint8 [N, 3, 32, 32], int64 [N]), classes balanced."""
+def synthesize(count: int, rng: np.random.Generator, bar: tqdm | PlainLines | None = None, size: int = 32):
+    """`count` generated images and labels: (uint8 [N, 3, size, size], int64 [N]), classes balanced."""
     labels = rng.permutation(np.arange(count) % len(_SYNTHETIC_CLASSES)).astype(np.int64)
-    images = np.empty((count, 3, 32, 32), dtype=np.uint8)
+    images = np.empty((count, 3, size, size), dtype=np.uint8)
     for start in range(0, count, _SYNTHETIC_CHUNK):
         stop = min(start + _SYNTHETIC_CHUNK, count)
-        images[start:stop] = _draw(labels[start:stop], rng)
+        images[start:stop] = _draw(labels[start:stop], rng, size)
         if bar is not None:
             bar.update(stop - start)
     return images, labels
 
 
-def _draw(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _draw(labels: np.ndarray, rng: np.random.Generator, size: int = 32) -> np.ndarray:
     n = len(labels)
+    scale = np.float32(size / 32)  # the geometry below is in CIFAR's pixels
     hue = np.array([_HUES[h] for h, _ in _SYNTHETIC_CLASSES], np.float32)[labels]
     pattern = np.array([_PATTERNS.index(p) for _, p in _SYNTHETIC_CLASSES])[labels]
 
@@ -396,14 +428,14 @@ def _draw(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return rng.uniform(low, high, shape).astype(np.float32)
 
     # Geometry: stripes 4..10 px apart, angle +-10 degrees, centre +-5 px off the middle.
-    period = per_image(4.0, 10.0)[:, None, None]
+    period = per_image(4.0, 10.0)[:, None, None] * scale
     phase = per_image(0.0, 2 * np.pi, 2)
     angle = np.radians(per_image(-10.0, 10.0))
     angle += np.where(pattern == 1, np.pi / 2, 0.0).astype(np.float32)
     # Diagonals go either way, so a left-right flip maps the class onto itself.
     angle += np.where(pattern == 2, rng.choice([-1.0, 1.0], n) * np.pi / 4, 0.0).astype(np.float32)
-    centre = 15.5 + per_image(-5.0, 5.0, 2)
-    y, x = np.mgrid[0:32, 0:32].astype(np.float32)
+    centre = (size - 1) / 2 + per_image(-5.0, 5.0, 2) * scale
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     dx = x[None] - centre[:, 0, None, None]
     dy = y[None] - centre[:, 1, None, None]
     cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
@@ -417,7 +449,7 @@ def _draw(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     signal = np.where(chosen == 3, checker, np.where(chosen == 4, rings, stripes))
     # The pattern fills a square window 20..32 px wide, so a 24x24 crop of the
     # image keeps at least a 12x12 corner of it, and random position matters less.
-    half = per_image(10.0, 16.0)[:, None, None]
+    half = per_image(10.0, 16.0)[:, None, None] * scale
     window = (np.abs(dx) < half) & (np.abs(dy) < half)
     mix = window * (0.5 + 0.5 * per_image(0.6, 1.0)[:, None, None] * signal)
 

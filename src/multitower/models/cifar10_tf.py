@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from multitower.errors import UserError
+from multitower.losses import Loss, cross_entropy
 from multitower.models.tf_ops import LRN, Conv2dSame, MaxPool2dSame, same_output_size, truncated_normal_
 
 # The tutorial's L2 coefficient on local3 and local4 weights (wd=0.004).
@@ -158,14 +159,19 @@ def weight_decay_loss(model: nn.Module) -> torch.Tensor:
     return total
 
 
-def tower_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total_loss, cross_entropy): cifar10.loss for one tower.
+def _tutorial_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return cross_entropy(logits, labels)  # (a named function: a Loss travels to spawned workers)
 
-    total = mean sparse softmax cross-entropy + weight_decay_loss(model), as the
-    tutorial's add_n over the 'losses' collection. Computed in float32 under autocast.
-    """
-    cross_entropy = F.cross_entropy(logits.float(), labels.long())
-    return cross_entropy + weight_decay_loss(model), cross_entropy
+
+TOWER_LOSS = Loss(data=_tutorial_cross_entropy, parameters=weight_decay_loss)
+"""cifar10.loss for one tower, split as multitower.losses.Loss: the mean sparse softmax
+cross-entropy of the batch, plus weight_decay_loss of the layers present (the tutorial's
+add_n over the 'losses' collection). Computed in float32 under autocast."""
+
+
+def tower_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total_loss, cross_entropy): TOWER_LOSS, by the tutorial's name."""
+    return TOWER_LOSS(model, logits, labels)
 
 
 def loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

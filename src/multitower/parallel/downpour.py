@@ -4,8 +4,9 @@ data parallelism around sharded parameter servers, on torch.distributed.rpc.
 
 Roles. The launcher starts --workers trainers and --ps parameter servers: global
 ranks 0..W-1 train (rank 0 is the first worker, is_rank0, and writes the run), ranks
-W..W+P-1 serve. A server never runs the training loop: train() sees `trains` False and
-hands the process to serve(), which returns once every worker has shut down.
+W..W+P-1 serve. The role is decided where the process starts (Downpour.serves): a
+server never enters the training loop; Downpour.serve is its whole life, which returns
+once every worker has shut down.
 
 Parameters. Each server owns whole parameter tensors, packed largest first onto the
 least-loaded server (balance_shards). It applies every push the moment it arrives,
@@ -42,16 +43,17 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed.rpc as rpc
 from torch import nn
 
-from multitower.config import ParallelConfig
-from multitower.data.loader import Batch
+from multitower.config import Config, ParallelConfig, check_choice
 from multitower.errors import UserError
 from multitower.faults import maybe_inject
-from multitower.parallel.base import LossFn, StepMetrics, Strategy
+from multitower.flags import Flag, whole_number
+from multitower.parallel.base import LossFn, Strategy
 from multitower.parallel.process_group import rpc_init_method
 
 
@@ -190,28 +192,104 @@ def _pin_to_loopback() -> None:
             os.environ.setdefault("TP_SOCKET_IFNAME", names[0])
 
 
+@dataclass
+class DownpourOptions:
+    ps: int = 1
+    """Parameter-server processes, started besides the workers; each owns a shard of the parameters."""
+    n_fetch: int = 1
+    """Steps between a worker's fetches of fresh parameters from the servers."""
+    n_push: int = 1
+    """Steps between a worker's pushes of its accumulated gradients to the servers."""
+    ps_optimizer: str = "sgd"
+    """Update the servers apply, "sgd" or "adagrad" (the paper's; wants a ~20x smaller --lr, e.g. 0.005)."""
+
+
+def _init_rpc(name: str, cfg: ParallelConfig, servers: int) -> None:
+    """Join the job's rpc group (workers and servers) as `name`, at the job's global rank."""
+    _pin_to_loopback()
+    options = rpc.TensorPipeRpcBackendOptions(rpc_timeout=cfg.timeout_s, init_method=rpc_init_method())
+    with warnings.catch_warnings():
+        # rpc's own start-up all_gather_object on its internal gloo group warns that a
+        # Backend is used as a ProcessGroup (torch 2.13); nothing of ours to fix.
+        warnings.filterwarnings("ignore", message="You are using a Backend", category=UserWarning)
+        rpc.init_rpc(name, rank=int(os.environ["RANK"]), world_size=cfg.workers + servers,
+                     rpc_backend_options=options)
+
+
+def _check_job_shape(cfg: ParallelConfig, servers: int) -> None:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise UserError("--strategy downpour runs workers and parameter servers as separate processes: "
+                        "start it with `multitower train` (or torchrun)")
+    total = int(os.environ["WORLD_SIZE"])
+    if total != cfg.workers + servers:
+        raise UserError(f"--strategy downpour needs --workers {cfg.workers} + --ps {servers} = "
+                        f"{cfg.workers + servers} processes, but this job has {total}")
+
+
 class Downpour(Strategy):
     name = "downpour"
+    Options = DownpourOptions
+    FLAGS = (
+        Flag("--ps", "parallel.options.ps", "downpour: parameter-server processes, besides the --workers",
+             type=whole_number),
+        Flag("--n-fetch", "parallel.options.n_fetch", "downpour: steps between a worker's parameter fetches",
+             type=whole_number),
+        Flag("--n-push", "parallel.options.n_push", "downpour: steps between a worker's gradient pushes",
+             type=whole_number),
+        Flag("--ps-optimizer", "parallel.options.ps_optimizer",
+             "downpour: update applied by the servers; adagrad wants a ~20x smaller --lr", choices=("sgd", "adagrad")),
+    )
     refuses = {"--channels-last": "copies parameters to and from its servers in NCHW order",
                "--precision fp16": "pushes raw gradients to its servers, where loss scaling cannot be undone",
                "--compile": "is not built to compile its workers' models (single, sync and local-sgd are)"}
-    joins_group = False  # no process group: rpc connects workers and servers (see _start)
+    resume_may_change = frozenset({"ps"})  # checkpoints do not depend on the shard layout
+    joins_group = False  # no process group: rpc connects workers and servers
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        super().check(cfg)
+        options = cls.options_of(cfg.parallel)
+        for flag, value, unit in (("--ps", options.ps, "process"), ("--n-fetch", options.n_fetch, "step"),
+                                  ("--n-push", options.n_push, "step")):
+            if value < 1:
+                raise UserError(f"{flag} must be at least 1 {unit}, got {value}")
+        check_choice("--ps-optimizer", options.ps_optimizer, ("sgd", "adagrad"))
+
+    @classmethod
+    def processes(cls, cfg: ParallelConfig) -> int:
+        return cfg.workers + cls.options_of(cfg).ps
+
+    @classmethod
+    def serves(cls, cfg: ParallelConfig, rank: int) -> bool:
+        """Global ranks W .. W+P-1 (after the W trainers) are the parameter servers."""
+        return rank >= cfg.workers
+
+    @classmethod
+    def preflight(cls, cfg: Config, model: nn.Module, example: torch.Tensor | None = None) -> str:
+        servers = cls.options_of(cfg.parallel).ps  # more servers than tensors fails here, before any process
+        shards = balance_shards([p.numel() for p in model.parameters()], servers)
+        return f"downpour: {servers} parameter server(s) holding {', '.join(str(len(s)) for s in shards)} tensors"
+
+    @classmethod
+    def serve(cls, cfg: ParallelConfig) -> None:
+        """A server's whole life: host one shard until every worker has shut rpc down."""
+        options = cls.options_of(cfg)
+        _check_job_shape(cfg, options.ps)
+        rank = int(os.environ["RANK"])
+        _HOSTED.append(ParameterServer(options.ps_optimizer, cfg.workers, rank))
+        _init_rpc(f"ps{rank - cfg.workers}", cfg, options.ps)
+        # Graceful shutdown is a barrier over all rpc processes (no timeout): it returns
+        # when every worker has reached its own, after its last push; requests are
+        # served meanwhile. (A worker gone silent is named by the heartbeat's watch.)
+        rpc.shutdown(graceful=True)
 
     def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise UserError("--strategy downpour runs workers and parameter servers as separate processes: "
-                            "start it with `multitower train` (or torchrun)")
+        options = self.options_of(cfg)
+        _check_job_shape(cfg, options.ps)
         super().__init__(cfg, device, loss_fn)
-        self.num_servers = cfg.ps
-        self.global_rank = int(os.environ["RANK"])
-        total = int(os.environ["WORLD_SIZE"])
-        if total != cfg.workers + cfg.ps:
-            raise UserError(f"--strategy downpour needs --workers {cfg.workers} + --ps {cfg.ps} = "
-                            f"{cfg.workers + cfg.ps} processes, but this job has {total}")
-        self.trains = self.global_rank < cfg.workers
-        # A worker's rank is its trainer rank (its data shard); a server's is its index.
-        self.rank = self.global_rank if self.trains else self.global_rank - cfg.workers
-        self.world_size = cfg.workers  # trainers: the loader splits the global batch among them
+        self.num_servers = options.ps
+        # A worker's rank is its global rank (its data shard); the trainers split the batch.
+        self.rank, self.world_size = int(os.environ["RANK"]), cfg.workers
         self._servers: list[rpc.RRef] = []
         self._shards: list[list[int]] = []
         self._params: list[nn.Parameter] = []
@@ -226,27 +304,7 @@ class Downpour(Strategy):
         self._rpc_up = False
         self._local_steps = 0
         self._report_slot = 0
-
-    def _init_rpc(self) -> None:
-        _pin_to_loopback()
-        name = f"trainer{self.global_rank}" if self.trains else f"ps{self.rank}"
-        options = rpc.TensorPipeRpcBackendOptions(rpc_timeout=self.cfg.timeout_s, init_method=rpc_init_method())
-        with warnings.catch_warnings():
-            # rpc's own start-up all_gather_object on its internal gloo group warns that a
-            # Backend is used as a ProcessGroup (torch 2.13); nothing of ours to fix.
-            warnings.filterwarnings("ignore", message="You are using a Backend", category=UserWarning)
-            rpc.init_rpc(name, rank=self.global_rank, world_size=self.cfg.workers + self.cfg.ps,
-                         rpc_backend_options=options)
-        self._rpc_up = True
-
-    def serve(self) -> None:
-        """A server's whole life: host one shard until every worker has shut rpc down."""
-        _HOSTED.append(ParameterServer(self.cfg.ps_optimizer, self.cfg.workers, self.global_rank))
-        self._init_rpc()
-        # Graceful shutdown is a barrier over all rpc processes (no timeout): it returns
-        # when every worker has reached its own, after its last push; requests are
-        # served meanwhile.
-        rpc.shutdown(graceful=True)
+        self._waited_s = 0.0  # seconds this step waited for a fetch, before its forward
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
@@ -255,7 +313,8 @@ class Downpour(Strategy):
         self._shards = balance_shards([p.numel() for p in self._params], self.num_servers)
         self._accrued = [torch.zeros_like(p) for p in self._params]
         self._fetched_at = [0] * self.num_servers
-        self._init_rpc()
+        _init_rpc(f"trainer{self.rank}", self.cfg, self.num_servers)
+        self._rpc_up = True
         self._servers = [rpc.remote(f"ps{k}", _hosted_server) for k in range(self.num_servers)]
 
     def _start(self) -> float:
@@ -309,39 +368,36 @@ class Downpour(Strategy):
                 self._fetched_at[k] = updates
         return waited
 
-    def step(self, batch: Batch) -> StepMetrics:
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, weight: float = 1.0):
+        """The base's (--precision bf16: bf16 compute; pushed gradients stay float32), on
+        fresh parameters: a fetch in flight is applied first."""
         self._report_slot = 0
-        comm_s = 0.0 if self._started else self._start()
+        self._waited_s = 0.0 if self._started else self._start()
         if self._in_flight_fetches:
-            comm_s += self._settle()  # fresh parameters before computing on them
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.fast.autocast():  # --precision bf16: bf16 compute; pushed gradients stay float32
-            logits = self.model(batch.images)
-            loss, cross_entropy = self.loss_fn(self.model, logits, batch.labels)
-        loss.backward()
+            self._waited_s += self._settle()
+        return super().forward_backward(images, labels, weight)
+
+    def after_update(self) -> tuple[float, dict[str, float]]:
+        """Sum this step's gradients for the next push (the local step has just used them:
+        the paper's local update between fetches), then push and/or fetch when due."""
         with torch.no_grad():
             for accrued, p in zip(self._accrued, self._params):
                 accrued.add_(p.grad)
-        self.optimizer.step()  # the paper's local update between fetches
         self._local_steps += 1
-        push = self._local_steps % self.cfg.n_push == 0
-        fetch = self._local_steps % self.cfg.n_fetch == 0
+        push = self._local_steps % self.options.n_push == 0
+        fetch = self._local_steps % self.options.n_fetch == 0
+        comm_s, self._waited_s = self._waited_s, 0.0  # with the fetch applied before the forward
         if push or fetch:
             comm_s += self._settle()  # at most one message in flight; fetches see our pushes
             self._send(push, fetch)
         # Bytes pushed (gradients) and fetched (parameters) since the last step's report.
+        # (StepMetrics.examples: the global batch's, as if every worker kept this one's pace;
+        # rank_examples_per_sec in metrics.jsonl shows each worker's own.)
         extra, self._comm_bytes = {"comm_bytes": float(self._comm_bytes)}, 0
         if self._staleness:
             extra["staleness"] = sum(self._staleness) / len(self._staleness)
             self._staleness = []
-        # examples: the global batch's, as if every worker kept this one's pace (they need
-        # not); rank_examples_per_sec in metrics.jsonl shows each worker's own.
-        return StepMetrics(loss=loss.detach(), cross_entropy=cross_entropy.detach(),
-                           examples=batch.labels.shape[0] * self.world_size, comm_s=comm_s, extra=extra)
-
-    @property
-    def is_rank0(self) -> bool:
-        return self.trains and self.rank == 0
+        return comm_s, extra
 
     def all_ranks(self, value: float) -> list[float]:
         """Every worker's latest `value`, as last reported to the first server: NOT a
@@ -354,10 +410,11 @@ class Downpour(Strategy):
         row = self._servers[0].rpc_sync().report(slot, self.rank, float(value))
         return [value if reported is None else reported for reported in row]
 
-    def state_dict(self) -> dict:
-        """The first worker gathers every shard; the others return {} (only rank 0 writes)."""
+    def checkpoint_state(self, loop_state: dict) -> dict | None:
+        """The first worker gathers every shard from the servers, one at a time (each shard
+        consistent, the set not: others keep pushing meanwhile); the others return None."""
         if not self.is_rank0:
-            return {}
+            return None
         if not self._started:
             self._start()  # e.g. resumed at the last step: servers must hold the checkpoint first
         snapshots = [future.wait() for future in [s.rpc_async().snapshot() for s in self._servers]]
@@ -372,20 +429,21 @@ class Downpour(Strategy):
         group = {k: v for k, v in snapshots[0][1]["param_groups"][0].items() if k != "params"}
         return {"model": model,
                 "optimizer": {"state": optimizer_state,
-                              "param_groups": [{**group, "params": list(range(len(self._params)))}]}}
+                              "param_groups": [{**group, "params": list(range(len(self._params)))}]},
+                **loop_state}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load(self, state: dict) -> dict:
         self.model.load_state_dict(state["model"])
-        if not self.is_rank0:
-            return  # the first fetch brings the servers' copy, once the first worker loaded them
-        optimizer_state = state["optimizer"]
-        if self.cfg.ps_optimizer == "adagrad":
-            for index in range(len(self._params)):
-                if "sum" not in optimizer_state.get("state", {}).get(index, {}):
-                    raise UserError(f"the checkpoint holds no Adagrad state for parameter {index} (it was "
-                                    f"trained with another optimizer); resume with --ps-optimizer sgd")
-            self._resume_optimizer = optimizer_state
-        # Plain SGD keeps no state: the servers start from the parameters alone.
+        if self.is_rank0:  # the others' first fetch brings the servers' copy, once rank 0 loaded them
+            optimizer_state = state["optimizer"]
+            if self.options.ps_optimizer == "adagrad":
+                for index in range(len(self._params)):
+                    if "sum" not in optimizer_state.get("state", {}).get(index, {}):
+                        raise UserError(f"the checkpoint holds no Adagrad state for parameter {index} (it was "
+                                        f"trained with another optimizer); resume with --ps-optimizer sgd")
+                self._resume_optimizer = optimizer_state
+            # Plain SGD keeps no state: the servers start from the parameters alone.
+        return {"ema": state["ema"], "lookahead": state.get("lookahead")}
 
     def close(self) -> None:
         if not self._rpc_up:

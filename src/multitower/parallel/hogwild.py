@@ -32,10 +32,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from multitower.config import ParallelConfig
-from multitower.data.loader import Batch
+from multitower.config import Config, ParallelConfig
 from multitower.errors import UserError
-from multitower.parallel.base import LossFn, StepMetrics, Strategy
+from multitower.parallel.base import LossFn, Strategy
 
 # Memory-backed on Linux, so the "file" is just shared pages; elsewhere a temp file.
 SHARED_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
@@ -61,6 +60,12 @@ class Hogwild(Strategy):
         super().__init__(cfg, device, loss_fn)
         self.shared: torch.Tensor | None = None  # the flat float32 mapping all parameters view
         self.buffer_path: str | None = None  # gone once every rank has mapped it
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        super().check(cfg)
+        if cfg.parallel.device == "cuda":
+            raise UserError("--strategy hogwild shares CPU memory between processes; use --device cpu")
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
@@ -90,27 +95,22 @@ class Hogwild(Strategy):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path[0])
 
-    def step(self, batch: Batch) -> StepMetrics:
-        self.optimizer.zero_grad(set_to_none=True)  # gradients live in this process's memory
-        with self.fast.autocast():  # --precision bf16: bf16 compute, the shared weights stay float32
-            logits = self.model(batch.images)
-            loss, cross_entropy = self.loss_fn(self.model, logits, batch.labels)
-        self.fast.backward(loss)
-        self.fast.step(self.optimizer)  # in place on the shared parameters, no lock: Hogwild!
-        return StepMetrics(loss=loss.detach(), cross_entropy=cross_entropy.detach(),
-                           examples=batch.labels.shape[0] * self.world_size,
-                           extra={"comm_bytes": 0.0})  # shared memory: nothing crosses a network
+    # step: the base's, whose optimizer writes into the shared parameters, without a lock.
 
-    def state_dict(self) -> dict:
+    def after_update(self) -> tuple[float, dict[str, float]]:
+        return 0.0, {"comm_bytes": 0.0}  # shared memory: nothing crosses a network
+
+    def checkpoint_state(self, loop_state: dict) -> dict | None:
         """A copy of the shared parameters, taken tensor by tensor while the other workers
         keep updating them: consistent to within the few updates that land meanwhile,
         which is all Hogwild's model ever is. The optimizer is this rank's."""
         return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(), **self.fast.state_dict()}
+                "optimizer": self.optimizer.state_dict(), **self.fast.state_dict(), **loop_state}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load(self, state: dict) -> dict:
         if self.is_rank0:  # one writer into the shared parameters
             self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.fast.load_state_dict(state)
         dist.barrier()  # nobody trains on the parameters before they are loaded
+        return {"ema": state["ema"], "lookahead": state.get("lookahead")}

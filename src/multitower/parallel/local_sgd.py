@@ -31,6 +31,7 @@ rank 0's optimizer state.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -39,14 +40,39 @@ from torch.distributed.algorithms.ddp_comm_hooks import post_localSGD_hook
 from torch.distributed.algorithms.model_averaging import averagers
 from torch.nn.parallel import DistributedDataParallel
 
-from multitower.config import ParallelConfig
-from multitower.data.loader import Batch
-from multitower.parallel.base import LossFn, StepMetrics, Strategy
+from multitower.config import Config, ParallelConfig
+from multitower.errors import UserError
+from multitower.flags import Flag, whole_number
+from multitower.parallel.base import LossFn, Strategy
 from multitower.parallel.sync import CommTimer
+
+
+@dataclass
+class LocalSGDOptions:
+    sync_every: int = 4
+    """Steps between averages of the workers' weights (K; 1 = every step, like sync)."""
+    local_sgd_warmup: int = 0
+    """Fully synchronous steps (gradients all-reduced) before local steps begin (W)."""
 
 
 class LocalSGD(Strategy):
     name = "local-sgd"
+    Options = LocalSGDOptions
+    FLAGS = (
+        Flag("--sync-every", "parallel.options.sync_every",
+             "local-sgd: steps between averages of the workers' weights", type=whole_number),
+        Flag("--local-sgd-warmup", "parallel.options.local_sgd_warmup",
+             "local-sgd: fully synchronous steps before local steps begin", type=whole_number),
+    )
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        super().check(cfg)
+        options = cls.options_of(cfg.parallel)
+        if options.sync_every < 1:
+            raise UserError(f"--sync-every must be at least 1 step, got {options.sync_every}")
+        if options.local_sgd_warmup < 0:
+            raise UserError(f"--local-sgd-warmup must be 0 or more steps, got {options.local_sgd_warmup}")
 
     def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):
         super().__init__(cfg, device, loss_fn)
@@ -54,10 +80,11 @@ class LocalSGD(Strategy):
         self.timer: CommTimer | None = None
         self.hook_state: post_localSGD_hook.PostLocalSGDState | None = None
         self.averager: averagers.PeriodicModelAverager | None = None
+        self._warming_up = False
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = self.fast.prepare_model(model), optimizer  # before DDP sees it
-        every, warmup = self.cfg.sync_every, self.cfg.local_sgd_warmup
+        super().wrap(model, optimizer)  # the fast path's layout before DDP sees the model
+        every, warmup = self.options.sync_every, self.options.local_sgd_warmup
         # DDP broadcasts rank 0's parameters (and buffers) at construction: all replicas
         # start equal. forward_sync_buffers=False: a buffer broadcast before every forward
         # would be a collective per step; buffers (cifar10-tf has none) then stay per
@@ -79,19 +106,21 @@ class LocalSGD(Strategy):
         # steps W+K, W+2K, ...: every K-th local step, on multiples of K when W = 0.
         self.averager = averagers.PeriodicModelAverager(period=every, warmup_steps=warmup + every - 1)
 
+    @property
+    def module(self) -> nn.Module:
+        return self.ddp
+
     def averages_now(self) -> bool:
         """Whether the averager's next call averages (its own rule, from its public fields)."""
         s, avg = self.averager.step, self.averager
         return s >= avg.warmup_steps and (s - avg.warmup_steps) % avg.period == 0
 
-    def step(self, batch: Batch) -> StepMetrics:
-        self.optimizer.zero_grad(set_to_none=True)
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, weight: float = 1.0):
         # The hook is called for every bucket, but all-reduces only during warm-up.
-        warming_up = self.hook_state.iter < self.cfg.local_sgd_warmup
-        with self.fast.autocast():
-            loss, cross_entropy = self.loss_fn(self.model, self.ddp(self.fast.images(batch.images)), batch.labels)
-        self.fast.backward(loss)  # warm-up: gradients all-reduced by the hook; afterwards local
-        self.fast.step(self.optimizer)
+        self._warming_up = self.hook_state.iter < self.options.local_sgd_warmup
+        return super().forward_backward(images, labels, weight)
+
+    def after_update(self) -> tuple[float, dict[str, float]]:
         averaging_s, averaged_bytes = 0.0, 0
         if self.averages_now():
             averaged_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -107,14 +136,12 @@ class LocalSGD(Strategy):
         else:
             self.averager.average_parameters(self.model.parameters())  # only counts the step
         hook_s, hook_bytes = self.timer.take()
-        return StepMetrics(loss=loss.detach(), cross_entropy=cross_entropy.detach(),
-                           examples=batch.labels.shape[0] * self.world_size, comm_s=hook_s + averaging_s,
-                           extra={"comm_bytes": float((hook_bytes if warming_up else 0) + averaged_bytes)})
+        return hook_s + averaging_s, {"comm_bytes": float((hook_bytes if self._warming_up else 0) + averaged_bytes)}
 
     @torch.no_grad()
-    def state_dict(self) -> dict:
-        """The mean of the replicas under the unwrapped module's keys, and this rank's
-        optimizer. A collective (an all-reduce of the parameters): every rank calls it."""
+    def mean_of_replicas(self) -> dict:
+        """The replicas' mean under the unwrapped module's keys (an all-reduce of the
+        parameters: every rank calls it); buffers are this rank's own."""
         params = list(self.model.parameters())
         # reshape, not parameters_to_vector's view: channels_last weights are not NCHW-contiguous.
         mean = torch.cat([p.detach().reshape(-1) for p in params]) / self.world_size
@@ -124,25 +151,34 @@ class LocalSGD(Strategy):
         for name, p in self.model.named_parameters():
             model_state[name] = mean[offset:offset + p.numel()].view_as(p).clone()
             offset += p.numel()
-        return {"model": model_state, "optimizer": self.optimizer.state_dict(), **self.fast.state_dict()}
+        return model_state
 
-    def replica_states(self, loop_state: dict) -> list[dict]:
-        """Each rank's replica (weights, buffers, optimizer state, fp16 loss scale) and
-        loop_state, on rank 0 (a list in rank order; None on the other ranks). Host copies:
-        gather_object pickles."""
+    def checkpoint_state(self, loop_state: dict) -> dict | None:
+        """The supervisor's model (the replicas' mean, what eval reads) with rank 0's
+        optimizer and loop state, and under "replicas" every rank's own replica, optimizer
+        state, fp16 loss scale and loop state (gathered on rank 0; host copies, as
+        gather_object pickles). Collectives: every rank calls it."""
+        mean = self.mean_of_replicas()
         own = _on_host({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                         **self.fast.state_dict(), **loop_state})
         gathered = [None] * self.world_size if self.is_rank0 else None
         dist.gather_object(own, gathered, dst=0)
-        return gathered
+        if not self.is_rank0:
+            return None
+        return {"model": mean, "optimizer": self.optimizer.state_dict(), **self.fast.state_dict(), **loop_state,
+                "replicas": gathered}
 
-    def load_state_dict(self, state: dict) -> None:
-        own = self.own_replica(state) or state  # this rank's replica, or the mean
+    def load(self, state: dict) -> dict:
+        """This rank's own replica where the checkpoint holds as many as there are ranks
+        now (the run goes on bitwise); otherwise every rank restarts from the mean."""
+        replicas = state.get("replicas")
+        own = replicas[self.rank] if replicas is not None and len(replicas) == self.world_size else state
         self.model.load_state_dict(own["model"])
         self.optimizer.load_state_dict(own["optimizer"])
         self.fast.load_state_dict(own)
         # Both schedules count steps from 0; a resumed run goes on where it stopped.
         self.hook_state.iter = self.averager.step = int(state["step"])
+        return {"ema": own["ema"], "lookahead": own.get("lookahead")}
 
 
 def _on_host(tree):

@@ -26,17 +26,19 @@ stage waits forever in send_object_list for a backward-metadata exchange the fir
 stage never joins. Every rank must pass the loss function (only the last calls it).
 tests/test_pipeline.py pins both the behaviour and the equivalence with one device.
 
-Loss: the last stage's schedule loss is tower_loss's cross-entropy of a micro-batch;
+Loss (a multitower.losses.Loss): the last stage's schedule loss is its data term (the
+tutorial's cross-entropy) of a micro-batch;
 the schedule sums the M micro-batch gradients and divides by M (scale_grads), which is
 the gradient of the global batch's mean with equal micro-batches. Each stage then adds
-the gradient of the weight decay of the local layers it owns, once per step.
+the gradient of its parameter term (the tutorial's weight decay) of the layers it owns,
+once per step.
 
 Data: the loop hands each rank its 1/W slice of the global batch (rank order, see
 data.loader); one all_gather among a replica's S ranks rebuilds that replica's 1/R of
 it, whose images the first stage and whose labels the last stage use.
 
-EMA: the loop's moving average covers this rank's stage; gather_named_tensors()
-assembles the full model's average from replica 0 on rank 0 for the checkpoint.
+EMA: the loop's moving average covers this rank's stage; checkpoint_state() assembles
+the full model's average from replica 0 on rank 0 for the checkpoint.
 
 Memory: each step measures this stage's peak, on CUDA the allocator's, on CPU the
 tensors saved for backward (memory.SavedTensorPeak) plus parameters, gradients and
@@ -48,6 +50,8 @@ from __future__ import annotations
 import datetime
 import itertools
 import time
+import types
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -56,10 +60,11 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from multitower.bench.flops import layer_macs
-from multitower.config import ParallelConfig
+from multitower.config import Config, ParallelConfig, check_choice
 from multitower.data.loader import Batch
 from multitower.errors import UserError
-from multitower.models.cifar10_tf import weight_decay_loss
+from multitower.flags import Flag, whole_number
+from multitower.losses import Loss
 from multitower.parallel.base import LossFn, StepMetrics, Strategy
 from multitower.parallel.memory import SavedTensorPeak, measured_peak_bytes
 from multitower.parallel.process_group import gather_floats
@@ -108,13 +113,14 @@ def split_layers(names: list[str], param_counts: list[int], stages: int, cut: tu
     return groups
 
 
-def plan_stages(model: nn.Module, stages: int, cut: str = "",
-                balance: str = "params") -> tuple[list[list[str]], list[int]]:
+def plan_stages(model: nn.Module, stages: int, cut: str = "", balance: str = "params",
+                image_size: int | None = None) -> tuple[list[list[str]], list[int]]:
     """split_layers for `model`'s top-level children (--cut, --balance), and each
-    child's forward MACs per example (layer_macs on the model's image size)."""
+    child's forward MACs per example (layer_macs on square images of `image_size`; by
+    default the model's own `image_size` attribute, else 32)."""
     names = [name for name, _ in model.named_children()]
     counts = [sum(p.numel() for p in child.parameters()) for child in model.children()]
-    macs = layer_macs(model, getattr(model, "image_size", 32))  # airbench has no attribute: 32x32
+    macs = layer_macs(model, image_size or getattr(model, "image_size", 32))
     groups = split_layers(names, counts, stages, tuple(c for c in cut.split(",") if c),
                           weights=macs if balance == "flops" else None)
     return groups, macs
@@ -169,16 +175,96 @@ class BusyClock:
         return busy
 
 
+@dataclass
+class PipelineOptions:
+    stages: int = 2
+    """Stages the network is cut into, one process each; --workers S x R runs R data-parallel replicas."""
+    microbatches: int = 4
+    """Micro-batches each replica's share of the global batch is split into (M; the bubble is (S-1)/(M+S-1))."""
+    schedule: str = "gpipe"
+    """Micro-batch schedule, "gpipe" (all forwards, then all backwards) or "1f1b"."""
+    cut: str = ""
+    """Comma-separated top-level children where stages 2..S begin (e.g. "local3"); empty = balanced by `balance`."""
+    balance: str = "params"
+    """Without a cut, balance the stages by "params" (parameter count) or "flops" (forward multiply-adds)."""
+
+
+def children_in_order(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a stage computes: the model's (present) top-level children, applied in order."""
+    for child in model.children():
+        x = child(x)
+    return x
+
+
 class Pipeline(Strategy):
     name = "pipeline"
+    Options = PipelineOptions
+    FLAGS = (
+        Flag("--stages", "parallel.options.stages", "pipeline: stages the network is cut into, one process "
+             "each; --workers S x R runs R data-parallel replicas of the pipeline", type=whole_number),
+        Flag("--microbatches", "parallel.options.microbatches",
+             "pipeline: micro-batches per replica's share of the global batch", type=whole_number),
+        Flag("--schedule", "parallel.options.schedule", "pipeline: micro-batch schedule", choices=tuple(SCHEDULES)),
+        Flag("--cut", "parallel.options.cut", "pipeline: comma-separated top-level children where stages "
+             "2..S begin, e.g. local3; empty = balanced by --balance"),
+        Flag("--balance", "parallel.options.balance", "pipeline: without --cut, balance the stages by "
+             "parameter count or by forward multiply-adds per example", choices=("params", "flops")),
+    )
     refuses = {"--channels-last": "does not convert its stages' layouts",
                "--precision bf16": "sends float32 activations between stages (no autocast across them)",
                "--precision fp16": "sends float32 activations between stages (no autocast across them)",
                "--compile": "is not built to compile its stages (single, sync and local-sgd are)"}
+    # The same function cut elsewhere or scheduled otherwise: only rounding differs.
+    resume_may_change = frozenset({"stages", "microbatches", "schedule", "cut", "balance"})
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        super().check(cfg)
+        options = cls.options_of(cfg.parallel)
+        if options.stages < 1 or options.microbatches < 1:
+            raise UserError(f"--stages and --microbatches must be at least 1, got {options.stages} "
+                            f"and {options.microbatches}")
+        check_choice("--schedule", options.schedule, tuple(SCHEDULES))
+        check_choice("--balance", options.balance, ("params", "flops"))
+        stages, workers = options.stages, cfg.parallel.workers
+        if workers % stages:
+            raise UserError(f"--strategy pipeline --stages {stages} runs one process per stage and replica: "
+                            f"pass --workers {stages}, {2 * stages}, ... (stages x replicas; got {workers})")
+        replicas = workers // stages  # each replica's pipeline takes 1/replicas of the global batch
+        if cfg.data.batch_size % (replicas * options.microbatches):
+            raise UserError(f"--batch-size {cfg.data.batch_size} must divide evenly into "
+                            f"--microbatches {options.microbatches} x {replicas} replica(s) (--workers / --stages)")
+
+    @classmethod
+    def preflight(cls, cfg: Config, model: nn.Module, example: torch.Tensor | None = None) -> str:
+        """The cut must be valid, and the model must be what its stages compute: its
+        top-level children applied in order (checked on `example` inputs, in eval mode)."""
+        options = cls.options_of(cfg.parallel)
+        groups, macs = plan_stages(model, options.stages, options.cut, options.balance,
+                                   image_size=example.shape[-1] if example is not None else None)
+        if example is not None:
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    whole, in_order = model(example), children_in_order(model, example)
+            finally:
+                model.train(was_training)
+            if whole.shape != in_order.shape or not torch.equal(whole, in_order):
+                raise UserError(f"--strategy pipeline cuts --model {cfg.model.name} between its top-level "
+                                f"children, run in order, but its forward computes something else (on a probe "
+                                f"batch): make forward apply its children in order (nn.Sequential; a flatten as "
+                                f"nn.Flatten), or use another strategy")
+        shares = ", ".join(f"{sum(m for n, m in zip([n for n, _ in model.named_children()], macs) if n in g) / max(1, sum(macs)):.0%}"
+                           for g in groups)
+        return f"pipeline: stages {' | '.join(', '.join(g) for g in groups)} (forward FLOPs {shares})"
 
     def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):
         super().__init__(cfg, device, loss_fn)
-        S = cfg.stages
+        if not isinstance(loss_fn, Loss):
+            raise TypeError("the pipeline strategy needs a multitower.losses.Loss (its data term runs on the "
+                            "last stage, its parameter term on every stage)")
+        S = self.options.stages
         if self.world_size % S:
             raise UserError(f"--strategy pipeline --stages {S} runs one process per stage and replica, "
                             f"but {self.world_size} were started: pass --workers {S}, {2 * S}, ...")
@@ -199,7 +285,7 @@ class Pipeline(Strategy):
         """Cut `model` down to this rank's stage, in place, and drop the other stages'
         parameters from `optimizer` (the loop keeps both objects: lr, EMA, summaries)."""
         names = [name for name, _ in model.named_children()]
-        groups, macs = plan_stages(model, self.cfg.stages, self.cfg.cut, self.cfg.balance)
+        groups, macs = plan_stages(model, self.options.stages, self.options.cut, self.options.balance)
         self.layers = groups[self.stage_index]
         flops_share = sum(m for n, m in zip(names, macs) if n in self.layers) / max(1, sum(macs))
         self.param_offset = sum(len(list(getattr(model, n).parameters()))
@@ -207,12 +293,15 @@ class Pipeline(Strategy):
         for name in names:
             if name not in self.layers:
                 delattr(model, name)
+        # The stage computes its children in order (preflight checked that the whole model
+        # is its children in order); an instance attribute, so the model's class is untouched.
+        model.forward = types.MethodType(children_in_order, model)
         owned = {id(p) for p in model.parameters()}
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) in owned]
         self.model, self.optimizer = model, optimizer
         mine = sum(p.numel() * p.element_size() for p in model.parameters())
-        S = self.cfg.stages
+        S = self.options.stages
         self.stage_param_bytes = [int(b) for b in gather_floats(float(mine), self.world_size, self.device)[:S]]
         replica = f" of replica {self.replica}/{self.replicas}" if self.replicas > 1 else ""
         print(f"pipeline stage {self.stage_index}/{S}{replica}: {', '.join(self.layers)} "
@@ -229,23 +318,23 @@ class Pipeline(Strategy):
         self.stage = PipelineStage(model, self.stage_index, S, self.device, group=self.pipe_group)
         # The loss on EVERY rank, though only the last stage calls it: a schedule without
         # one runs no backward on its rank (see the module docstring).
-        self.schedule = SCHEDULES[self.cfg.schedule](self.stage, self.cfg.microbatches, loss_fn=self._microbatch_loss)
+        self.schedule = SCHEDULES[self.options.schedule](self.stage, self.options.microbatches, loss_fn=self._microbatch_loss)
 
     def _count_boundary_bytes(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         """What this stage sends its neighbours per micro-batch: its output forward (all
         but the last stage), its input's gradient backward (all but the first)."""
-        if self.stage_index < self.cfg.stages - 1:
+        if self.stage_index < self.options.stages - 1:
             self.boundary_bytes += output.numel() * output.element_size()
         if self.stage_index > 0:
             self.boundary_bytes += sum(a.numel() * a.element_size() for a in args
                                        if isinstance(a, torch.Tensor) and a.requires_grad)
 
     def _microbatch_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(self.model, logits, labels)[1]  # the cross-entropy; weight decay is added per stage
+        return self.loss_fn.data_terms(logits, labels)[0]  # the data term; the parameter term is added per stage
 
     def _replica_batch(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """This replica's share of the global batch: its S ranks' slices, in rank order."""
-        S = self.cfg.stages
+        S = self.options.stages
         images = [torch.empty_like(batch.images) for _ in range(S)]
         labels = [torch.empty_like(batch.labels) for _ in range(S)]
         dist.all_gather(images, batch.images.contiguous(), group=self.pipe_group)
@@ -267,7 +356,7 @@ class Pipeline(Strategy):
         return flat.numel() * flat.element_size()
 
     def step(self, batch: Batch) -> StepMetrics:
-        S, M, R = self.cfg.stages, self.cfg.microbatches, self.replicas
+        S, M, R = self.options.stages, self.options.microbatches, self.replicas
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
@@ -292,8 +381,8 @@ class Pipeline(Strategy):
         if R > 1:
             sent = self._average_gradients()
         allreduce_s = time.perf_counter() - allreduce_start
-        # After the average: the decay's gradient is the same on every replica.
-        decay = weight_decay_loss(self.model)
+        # After the average: the parameter term's gradient is the same on every replica.
+        decay = self.loss_fn.parameters(self.model) if self.loss_fn.parameters is not None else torch.zeros(())
         if decay.requires_grad:
             decay.backward()
         self.optimizer.step()
@@ -319,26 +408,26 @@ class Pipeline(Strategy):
         return StepMetrics(loss=(report[0] + report[1]).float(), cross_entropy=report[0].float(),
                            examples=images.shape[0] * R, comm_s=comm_s, extra=extra)
 
-    def gather_named_tensors(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This stage's tensors keyed by parameter name -> the full model's, in stage
-        order (a collective on replica 0's ranks; the loop uses rank 0's result, e.g. the
-        EMA). The other replicas, equal to replica 0, return {} without communicating."""
-        if self.replica != 0:
-            return {}
-        parts: list[dict | None] = [None] * self.cfg.stages
+    def _gathered(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This stage's tensors keyed by parameter name -> the full model's, in stage order
+        (a collective on replica 0's ranks, whose rank 0 keeps the result)."""
+        parts: list[dict | None] = [None] * self.options.stages
         dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in named.items()}, group=self.pipe_group)
         return {k: v for part in parts for k, v in part.items()}
 
-    def state_dict(self) -> dict:
-        """The full model's state_dict and a full-model optimizer state (parameter indices
-        in model order, as one optimizer over model.parameters() numbers them), gathered
-        from replica 0; {} on the other replicas' ranks."""
+    def checkpoint_state(self, loop_state: dict) -> dict | None:
+        """The full model's state_dict, moving average and Lookahead, and a full-model
+        optimizer state (parameter indices in model order, as one optimizer over
+        model.parameters() numbers them), gathered from replica 0's stages; None on the
+        other replicas (equal to replica 0), which do not communicate."""
         if self.replica != 0:
-            return {}
-        model_state = self.gather_named_tensors(self.model.state_dict())
+            return None
+        model_state = self._gathered(self.model.state_dict())
+        ema = self._gathered(loop_state["ema"])
+        lookahead = self._gathered(loop_state["lookahead"]) if loop_state.get("lookahead") is not None else None
         opt = self.optimizer.state_dict()
         mine = {"offset": self.param_offset, "state": opt["state"], "param_groups": opt["param_groups"]}
-        parts: list[dict | None] = [None] * self.cfg.stages
+        parts: list[dict | None] = [None] * self.options.stages
         dist.all_gather_object(parts, mine, group=self.pipe_group)
         state, params = {}, []
         for part in parts:
@@ -346,9 +435,10 @@ class Pipeline(Strategy):
                 state[part["offset"] + index] = slot
             params += [part["offset"] + i for group in part["param_groups"] for i in group["params"]]
         group = {k: v for k, v in parts[0]["param_groups"][0].items() if k != "params"}
-        return {"model": model_state, "optimizer": {"state": state, "param_groups": [{**group, "params": params}]}}
+        return {"model": model_state, "optimizer": {"state": state, "param_groups": [{**group, "params": params}]},
+                "ema": ema, "lookahead": lookahead}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load(self, state: dict) -> dict:
         """Each stage takes its layers' entries of a full-model checkpoint."""
         own = self.model.state_dict()
         self.model.load_state_dict({k: v for k, v in state["model"].items() if k in own})
@@ -358,3 +448,6 @@ class Pipeline(Strategy):
                  if self.param_offset <= i < self.param_offset + n}
         group = {k: v for k, v in full["param_groups"][0].items() if k != "params"}
         self.optimizer.load_state_dict({"state": slots, "param_groups": [{**group, "params": list(range(n))}]})
+        def mine(named: dict | None) -> dict | None:
+            return None if named is None else {k: v for k, v in named.items() if k in own}
+        return {"ema": mine(state["ema"]), "lookahead": mine(state.get("lookahead"))}

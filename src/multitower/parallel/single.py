@@ -1,26 +1,24 @@
-"""One worker, one device: the tutorial's single-tower training (cifar10_train.py)."""
+"""One worker, one device: the tutorial's single-tower training (cifar10_train.py).
+Everything it does is the base Strategy's: forward, backward, the optimizer's step."""
 
 from __future__ import annotations
 
-from torch import nn
+import os
 
-from multitower.data.loader import Batch
-from multitower.parallel.base import StepMetrics, Strategy
+from multitower.config import Config
+from multitower.errors import UserError
+from multitower.parallel.base import Strategy
 
 
 class Single(Strategy):
     name = "single"
     joins_group = False
 
-    def wrap(self, model: nn.Module, optimizer) -> None:
-        self.model, self.optimizer = self.fast.prepare_model(model), optimizer
-
-    def step(self, batch: Batch) -> StepMetrics:
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.fast.autocast():
-            logits = self.model(self.fast.images(batch.images))
-            loss, cross_entropy = self.loss_fn(self.model, logits, batch.labels)
-        self.fast.backward(loss)
-        self.fast.step(self.optimizer)
-        return StepMetrics(loss=loss.detach(), cross_entropy=cross_entropy.detach(),
-                           examples=batch.labels.shape[0])
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        super().check(cfg)
+        workers = max(cfg.parallel.workers, int(os.environ.get("WORLD_SIZE", 1)))  # (torchrun's)
+        if workers > 1:
+            # Each process would train on its own with no one to talk to: racing writers.
+            raise UserError(f"--strategy single trains one process, not --workers {workers}: "
+                            f"drop --workers, or pick a strategy for several (sync, local-sgd, hogwild, ...)")

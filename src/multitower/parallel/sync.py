@@ -12,16 +12,17 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from multitower.config import ParallelConfig
-from multitower.data.loader import Batch
+from multitower.config import Config, ParallelConfig, check_choice
 from multitower.errors import UserError
-from multitower.parallel.base import LossFn, StepMetrics, Strategy
+from multitower.flags import Flag, whole_number
+from multitower.parallel.base import LossFn, Strategy
 
 
 class CommTimer:
@@ -75,8 +76,38 @@ class CommTimer:
         return busy, sent
 
 
+@dataclass
+class SyncOptions:
+    grad_compression: str = "none"
+    """Gradient all-reduce compression: "none", "bf16" (half the bytes) or "powersgd" (rank 1,
+    after 10 exact steps, with error feedback)."""
+    accumulate: int = 1
+    """Micro-batches per step on each worker; gradients are all-reduced once, after the last."""
+
+
+COMPRESSIONS = ("none", "bf16", "powersgd")
+
+
 class Sync(Strategy):
     name = "sync"
+    Options = SyncOptions
+    FLAGS = (
+        Flag("--grad-compression", "parallel.options.grad_compression", "sync: gradient all-reduce compression",
+             choices=COMPRESSIONS),
+        Flag("--accumulate", "parallel.options.accumulate",
+             "sync: micro-batches per step per worker, one all-reduce after the last", type=whole_number),
+    )
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        super().check(cfg)
+        options = cls.options_of(cfg.parallel)
+        check_choice("--grad-compression", options.grad_compression, COMPRESSIONS)
+        if options.accumulate < 1:
+            raise UserError(f"--accumulate must be at least 1, got {options.accumulate}")
+        if cfg.data.batch_size % (cfg.parallel.workers * options.accumulate):
+            raise UserError(f"--batch-size {cfg.data.batch_size} is the global batch and must divide evenly "
+                            f"among --workers {cfg.parallel.workers} x --accumulate {options.accumulate} micro-batches")
 
     def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):
         super().__init__(cfg, device, loss_fn)
@@ -84,12 +115,12 @@ class Sync(Strategy):
         self.timer: CommTimer | None = None
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = self.fast.prepare_model(model), optimizer  # before DDP sees it
+        super().wrap(model, optimizer)  # the fast path's layout before DDP sees the model
         # DDP broadcasts rank 0's parameters at construction: all replicas start equal.
         self.ddp = DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             gradient_as_bucket_view=True)
-        compression = self.cfg.grad_compression
+        compression = self.options.grad_compression
         if compression == "none":
             hook, state, per_element = default_hooks.allreduce_hook, None, None
         elif compression == "bf16":
@@ -102,27 +133,31 @@ class Sync(Strategy):
         self.timer = CommTimer(per_element)
         self.ddp.register_comm_hook(state, self.timer.wrap(hook))
 
-    def step(self, batch: Batch) -> StepMetrics:
-        self.optimizer.zero_grad(set_to_none=True)
-        accumulate = self.cfg.accumulate
-        images, labels = batch.images.chunk(accumulate), batch.labels.chunk(accumulate)
-        if len(images) != accumulate:
+    @property
+    def module(self) -> nn.Module:
+        return self.ddp
+
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, weight: float = 1.0):
+        """--accumulate K: K micro-batches, gradients all-reduced only with the last one
+        (DDP's no_sync on the others)."""
+        accumulate = self.options.accumulate
+        if accumulate == 1:
+            return super().forward_backward(images, labels, weight)
+        chunks = list(zip(images.chunk(accumulate), labels.chunk(accumulate)))
+        if len(chunks) != accumulate:
             raise UserError(f"--accumulate {accumulate} needs at least that many examples per worker, "
-                            f"got {batch.labels.shape[0]}")
+                            f"got {labels.shape[0]}")
         total = torch.zeros((), device=self.device)
         cross_entropy = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(zip(images, labels)):
-            # Gradients are all-reduced only on the last micro-batch (DDP's no_sync).
-            sync_now = i == accumulate - 1
-            with contextlib.nullcontext() if sync_now else self.ddp.no_sync():
-                with self.fast.autocast():
-                    loss, ce = self.loss_fn(self.model, self.ddp(self.fast.images(x)), y)
-                self.fast.backward(loss * (y.shape[0] / batch.labels.shape[0]))
-            total += loss.detach() * (y.shape[0] / batch.labels.shape[0])
-            cross_entropy += ce.detach() * (y.shape[0] / batch.labels.shape[0])
-        self.fast.step(self.optimizer)
+        for i, (x, y) in enumerate(chunks):
+            share = weight * y.shape[0] / labels.shape[0]
+            with contextlib.nullcontext() if i == accumulate - 1 else self.ddp.no_sync():
+                loss, ce = super().forward_backward(x, y, share)
+            total += loss * (y.shape[0] / labels.shape[0])
+            cross_entropy += ce * (y.shape[0] / labels.shape[0])
+        return total, cross_entropy
+
+    def after_update(self) -> tuple[float, dict[str, float]]:
         comm_s, sent = self.timer.take()
-        return StepMetrics(loss=total, cross_entropy=cross_entropy,
-                           examples=batch.labels.shape[0] * self.world_size, comm_s=comm_s,
-                           extra={"comm_bytes": float(sent)})
-    # state_dict: the base's, of the unwrapped module (the same keys at any world size).
+        return comm_s, {"comm_bytes": float(sent)}
+    # checkpoint_state: the base's, of the unwrapped module (the same keys at any world size).

@@ -12,10 +12,16 @@ schedule a run uses, and how evaluation turns images into logits.
             whitening bias trained for the first 3 epochs, Lookahead on the weights from
             epoch 3 (train/lookahead.py), and test-time augmentation over mirror images and
             1-pixel translations (airbench94's tta_level 2).
+  plain     any network on images of any size (the one for your own model and data): random
+            translation by up to 4 pixels (reflect padding) and flips, inputs scaled to about
+            [-2, 2], cross-entropy, Nesterov SGD (momentum 0.9, weight decay 5e-4), a linear
+            warm-up over 5% of the run then linear decay to 0.
 
-The training loop looks a recipe up by name (cfg.optim.recipe) and calls its functions; it
-never branches on the name. Every recipe works with the strategies single, sync, local-sgd
-and hogwild; `unsupported` names the others with the reason (one-line UserError).
+A Recipe is data: the training loop calls its functions and never branches on its name.
+The built-ins are found by name (cfg.optim.recipe); a Python user passes a Recipe of their
+own (multitower.fit), e.g. `plain` with their loss and optimizer (with_overrides). Its
+functions are top-level, so that a Recipe pickles to spawned workers. `unsupported` names
+the strategies it cannot run with, with the reason (one-line UserError).
 
 Batch norm under data parallelism (fast recipe): per replica. Each worker normalises with
 the statistics of its own shard of the batch, as airbench's per-batch BN and the usual DDP
@@ -28,6 +34,7 @@ statistics along with the weights, so eval sees a matching pair.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -39,27 +46,23 @@ from torch import nn
 from multitower.data.augment import TutorialDistortions
 from multitower.data.fast_augment import FlipTranslate
 from multitower.errors import UserError
-from multitower.models.cifar10_tf import tower_loss
+from multitower.losses import Loss, as_loss, cross_entropy
+from multitower.models.cifar10_tf import TOWER_LOSS
 from multitower.train.lookahead import LookaheadSchedule
 from multitower.train.schedule import decay_steps_for, staircase_lr
-
-# loss_fn(model, logits, labels) -> (total loss, cross-entropy), as parallel.base.LossFn.
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    models: tuple[str, ...]
-    """Models the recipe trains (the first is its default): the input pipeline fixes the image size."""
     augment: Any
     """Input pipeline: sample(n, generator, visit) -> draws (sliceable per rank), apply(uint8 images,
     draws) -> float training images, eval_transform(uint8 images) -> float eval images."""
-    make_loss: Callable[[Any], LossFn]
-    """cfg -> loss_fn(model, logits, labels) -> (total, cross_entropy)."""
+    loss: Loss
+    """The training loss (multitower.losses.Loss: a data term and a term of the weights)."""
     make_optimizer: Callable[[nn.Module, Any], torch.optim.Optimizer]
-    """(model, cfg) -> optimizer. A param group's "lr_scale" (default 1) multiplies the schedule's
-    lr; its "train_epochs", if set, is how many epochs it trains (lr 0 afterwards)."""
+    """(model, cfg) -> optimizer. A param group's "lr_scale" multiplies the schedule's lr (default:
+    the group's own lr over --lr, so an optimizer of your own keeps its lr as the peak); its
+    "train_epochs", if set, is how many epochs it trains (lr 0 afterwards)."""
     make_schedule: Callable[[Any, int], Callable[[int], float]]
     """(cfg, training examples) -> lr_at(step): the learning rate of the update made at `step` (0-based)."""
     prepare_model: Callable[[nn.Module, Any, Any], None]
@@ -76,6 +79,37 @@ class Recipe:
     """Strategy -> why this recipe cannot run under it."""
     lookahead: LookaheadSchedule | None = None
     """Lookahead the loop applies to the weights while training (fast: airbench's), or None."""
+    check_data: Callable[[Any, tuple[int, int, int], nn.Module], None] | None = None
+    """(cfg, image shape (C, H, W), model) -> None, a one-line UserError for data or a model
+    the recipe cannot train (the tutorial's 24x24 crops need CIFAR's 32x32 images)."""
+
+    def with_overrides(self, loss=None, optimizer=None) -> "Recipe":
+        """This recipe with a loss of your own ((logits, labels) -> loss, or a Loss) and/or
+        an optimizer of your own (params -> torch.optim.Optimizer; its lr is the peak of
+        the recipe's schedule)."""
+        changes = {}
+        if loss is not None:
+            changes["loss"] = as_loss(loss)
+        if optimizer is not None:
+            changes["make_optimizer"] = OptimizerOverParameters(optimizer)
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+@dataclass(frozen=True)
+class OptimizerOverParameters:
+    """make_optimizer from a user's factory of an optimizer over the model's parameters."""
+    factory: Callable[[Any], torch.optim.Optimizer]
+
+    def __call__(self, model: nn.Module, cfg) -> torch.optim.Optimizer:
+        optimizer = self.factory(model.parameters())
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise UserError(f"optimizer must build a torch.optim.Optimizer from the parameters, got "
+                            f"{type(optimizer).__name__}")
+        return optimizer
+
+
+def _no_preparation(model: nn.Module, split, recipe) -> None:
+    pass
 
 
 # --- tutorial ---------------------------------------------------------------------------
@@ -84,21 +118,42 @@ def _tutorial_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
 
 
+@dataclass(frozen=True)
+class _Staircase:
+    lr: float
+    decay_steps: int
+    factor: float
+
+    def __call__(self, step: int) -> float:
+        return staircase_lr(step, self.lr, self.decay_steps, self.factor)
+
+
 def _tutorial_schedule(cfg, train_examples: int) -> Callable[[int], float]:
     decay_steps = decay_steps_for(train_examples, cfg.data.batch_size, cfg.optim.epochs_per_decay)
-    return lambda step: staircase_lr(step, cfg.optim.lr, decay_steps, cfg.optim.lr_decay_factor)
+    return _Staircase(cfg.optim.lr, decay_steps, cfg.optim.lr_decay_factor)
 
 
 def plain_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model(images)
 
 
+def _tutorial_lr(batch_size: int) -> float:
+    return 0.1
+
+
+def _cifar_images_only(cfg, image_shape, model) -> None:
+    if tuple(image_shape) != (3, 32, 32):
+        c, h, w = image_shape
+        raise UserError(f"--recipe {cfg.optim.recipe} trains on CIFAR's 3x32x32 images (the tutorial crops 24x24 "
+                        f"of them), but {cfg.data.dir or 'the data'} holds {c}x{h}x{w}: use --recipe plain")
+
+
 TUTORIAL = Recipe(
-    name="tutorial", models=("cifar10-tf",), augment=TutorialDistortions(),
-    make_loss=lambda cfg: tower_loss, make_optimizer=_tutorial_optimizer, make_schedule=_tutorial_schedule,
-    prepare_model=lambda model, split, recipe: None, eval_logits=plain_logits,
-    default_lr=lambda batch_size: 0.1,
+    name="tutorial", augment=TutorialDistortions(), loss=TOWER_LOSS,
+    make_optimizer=_tutorial_optimizer, make_schedule=_tutorial_schedule,
+    prepare_model=_no_preparation, eval_logits=plain_logits, default_lr=_tutorial_lr,
     defaults={"model": "cifar10-tf", "batch_size": 128, "ema_decay": 0.9999, "steps": 2000},
+    check_data=_cifar_images_only,
 )
 
 
@@ -139,16 +194,22 @@ FAST = FastHyper()
 FAST_CPU_WIDTHS = [32, 128, 128]
 
 
-def label_smoothing_loss(smoothing: float) -> LossFn:
+@dataclass(frozen=True)
+class SmoothedCrossEntropy:
     """loss = (1 - s) * CE(logits, y) + s * mean_k(-log softmax(logits)_k); the plain
     cross-entropy is returned alongside for the logs (no gradient)."""
-    def loss_fn(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor):
+    smoothing: float
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor):
         logits, labels = logits.float(), labels.long()
-        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.smoothing)
         with torch.no_grad():
             cross_entropy = F.cross_entropy(logits, labels)
         return loss, cross_entropy
-    return loss_fn
+
+
+def label_smoothing_loss(smoothing: float) -> Loss:
+    return Loss(data=SmoothedCrossEntropy(smoothing))
 
 
 def _batch_norm_shifts(model: nn.Module) -> list[nn.Parameter]:
@@ -182,11 +243,24 @@ def warmup_linear_decay(step: int, peak: float, total_steps: int, warmup_steps: 
     return peak * (end_factor + (1.0 - end_factor) * remaining)
 
 
+@dataclass(frozen=True)
+class WarmupLinearDecay:
+    """warmup_linear_decay as lr_at(step), over the run's `warmup_fraction` and `total_steps`."""
+    peak: float
+    total_steps: int
+    warmup_fraction: float
+    start_factor: float = 0.0
+    end_factor: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        total = self.total_steps
+        warmup = min(max(1, int(self.warmup_fraction * total)), max(total - 1, 0))
+        return warmup_linear_decay(step, self.peak, total, warmup, self.start_factor, self.end_factor)
+
+
 def _fast_schedule(cfg, train_examples: int, hyper: FastHyper = FAST) -> Callable[[int], float]:
-    total = cfg.run.steps
-    warmup = min(max(1, int(hyper.warmup_fraction * total)), max(total - 1, 0))
-    return lambda step: warmup_linear_decay(step, cfg.optim.lr, total, warmup, hyper.warmup_start,
-                                            hyper.final_lr_fraction)
+    return WarmupLinearDecay(cfg.optim.lr, cfg.run.steps, hyper.warmup_fraction, hyper.warmup_start,
+                             hyper.final_lr_fraction)
 
 
 @torch.no_grad()
@@ -212,12 +286,22 @@ def flip_translate_tta_logits(model: nn.Module, images: torch.Tensor) -> torch.T
     return 0.5 * flip_tta_logits(model, images) + 0.5 * shifted
 
 
+def _fast_lr(batch_size: int) -> float:
+    return FAST.lr_per_1024 * batch_size / 1024
+
+
+def _needs_whitening(cfg, image_shape, model) -> None:
+    _cifar_images_only(cfg, image_shape, model)
+    if not callable(getattr(model, "fit_whitening", None)):
+        raise UserError(f"--recipe fast fits a patch-whitening first layer (model.fit_whitening): --model "
+                        f"{cfg.model.name} has none; use --model airbench, or --recipe plain for your own model")
+
+
 FAST_RECIPE = Recipe(
-    name="fast", models=("airbench",), augment=FlipTranslate(pad=2),
-    make_loss=lambda cfg: label_smoothing_loss(FAST.label_smoothing),
+    name="fast", augment=FlipTranslate(pad=2), loss=label_smoothing_loss(FAST.label_smoothing),
     make_optimizer=_fast_optimizer, make_schedule=_fast_schedule,
     prepare_model=fit_whitening, eval_logits=flip_translate_tta_logits, lookahead=LookaheadSchedule(),
-    default_lr=lambda batch_size: FAST.lr_per_1024 * batch_size / 1024,
+    default_lr=_fast_lr,
     defaults={"model": "airbench", "widths": FAST_CPU_WIDTHS, "batch_size": 512, "ema_decay": 0.99,
               "epochs": 10.0},
     unsupported={
@@ -226,9 +310,60 @@ FAST_RECIPE = Recipe(
         "pipeline": "its batch norm and whitening layers are not cut into pipeline stages; "
                     "use sync, local-sgd or hogwild",
     },
+    check_data=_needs_whitening,
 )
 
-RECIPES: dict[str, Recipe] = {"tutorial": TUTORIAL, "fast": FAST_RECIPE}
+
+# --- plain: your model, your data ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class PlainHyper:
+    """The plain recipe's settings: the usual ResNet-on-CIFAR choices, at any resolution."""
+
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    pad: int = 4  # pixels of reflect-padded translation (the usual CIFAR random crop)
+    warmup_fraction: float = 0.05
+    lr_per_128: float = 0.1  # at global batch 128; linear in the batch
+
+
+PLAIN = PlainHyper()
+
+
+def _plain_optimizer(model: nn.Module, cfg, hyper: PlainHyper = PLAIN) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=hyper.momentum, nesterov=True,
+                           weight_decay=hyper.weight_decay)
+
+
+def _plain_schedule(cfg, train_examples: int, hyper: PlainHyper = PLAIN) -> Callable[[int], float]:
+    return WarmupLinearDecay(cfg.optim.lr, cfg.run.steps, hyper.warmup_fraction)
+
+
+def _plain_lr(batch_size: int) -> float:
+    return PLAIN.lr_per_128 * batch_size / 128
+
+
+def _plain_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return cross_entropy(logits, labels)
+
+
+def _fits_the_translation(cfg, image_shape, model) -> None:
+    _, height, width = image_shape
+    if min(height, width) <= PLAIN.pad:
+        raise UserError(f"--recipe plain translates images by up to {PLAIN.pad} pixels: {height}x{width} is too small")
+
+
+PLAIN_RECIPE = Recipe(
+    name="plain",
+    # (x / 255 - 0.5) / 0.25 on every channel: inputs in about [-2, 2] whatever the data set.
+    augment=FlipTranslate(pad=PLAIN.pad, mean=(0.5,), std=(0.25,), alternate_flip=False),
+    loss=Loss(data=_plain_cross_entropy), make_optimizer=_plain_optimizer, make_schedule=_plain_schedule,
+    prepare_model=_no_preparation, eval_logits=plain_logits, default_lr=_plain_lr,
+    defaults={"model": "cifar10-tf", "batch_size": 128, "ema_decay": 0.999, "steps": 2000},
+    check_data=_fits_the_translation,
+)
+
+RECIPES: dict[str, Recipe] = {"tutorial": TUTORIAL, "fast": FAST_RECIPE, "plain": PLAIN_RECIPE}
 
 
 def get_recipe(name: str) -> Recipe:
@@ -237,15 +372,8 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def check_recipe(cfg) -> None:
-    """One-line UserError for a combination the recipe cannot run (called by Config.validate)."""
-    recipe = get_recipe(cfg.optim.recipe)
-    from multitower.models import MODELS
-    if cfg.model.name in MODELS and cfg.model.name not in recipe.models:
-        owner = next((r.name for r in RECIPES.values() if cfg.model.name in r.models), None)
-        hint = f"; it belongs to --recipe {owner}" if owner else ""
-        raise UserError(f"--recipe {recipe.name} trains --model {' or '.join(recipe.models)}, "
-                        f"not {cfg.model.name}{hint}")
+def check_recipe(cfg, recipe: Recipe) -> None:
+    """One-line UserError for a setting the recipe cannot run with (before any process)."""
     if cfg.parallel.strategy in recipe.unsupported:
         raise UserError(f"--recipe {recipe.name} cannot run with --strategy {cfg.parallel.strategy}: "
                         f"{recipe.unsupported[cfg.parallel.strategy]}")

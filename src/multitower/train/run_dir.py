@@ -15,6 +15,7 @@ never named) is removed by `remove_leftovers` when the next writer takes the loc
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import fcntl
 import json
@@ -155,7 +156,7 @@ def stored_config(run_dir: str | os.PathLike) -> Config | None:
         raise UserError(f"{path} is unreadable; choose another --run-dir") from None
 
 
-def check_run_dir(run_dir: str | os.PathLike, cfg: Config) -> None:
+def check_run_dir(run_dir: str | os.PathLike, cfg: Config, strategy_class=None) -> None:
     """Refuse to touch a directory that is not ours to write: an existing run without
     --resume (the tutorial deletes train_dir; multitower never does), a resume that would
     change the run's trajectory, or a non-empty directory that is not a run."""
@@ -165,7 +166,7 @@ def check_run_dir(run_dir: str | os.PathLike, cfg: Config) -> None:
         if not cfg.run.resume:
             raise UserError(f"{run_dir} already holds a run; pass --resume to continue it "
                             f"or choose another --run-dir")
-        check_resume(run_dir, old, cfg)
+        check_resume(run_dir, old, cfg, strategy_class)
     elif run_dir.exists() and (not run_dir.is_dir() or any(p.name not in (LOCK_NAME, "logs")
                                                              for p in run_dir.iterdir())):
         raise UserError(f"{run_dir} exists and is not a multitower run directory; choose another --run-dir")
@@ -179,17 +180,31 @@ def _shown(value) -> str:
     return str(value)
 
 
-def check_resume(run_dir: Path, old: Config, new: Config) -> None:
+def _with_option_defaults(cfg: Config) -> Config:
+    """cfg with its strategy's options complete (an option left at its default is the same
+    setting as one typed at its default)."""
+    from multitower.parallel import STRATEGIES, strategy_class
+    if cfg.parallel.strategy not in STRATEGIES and cfg.parallel.strategy != "auto":
+        return cfg
+    options = dataclasses.asdict(strategy_class(cfg.parallel).options_of(cfg.parallel))
+    return cfg.with_values({f"parallel.options.{k}": v for k, v in options.items()})
+
+
+def check_resume(run_dir: Path, old: Config, new: Config, strategy_class=None) -> None:
     """A resume continues the same run: one-line UserError naming every setting it would
-    change beyond config.RESUME_MAY_CHANGE (the model first, with its own message)."""
+    change beyond config.RESUME_MAY_CHANGE and the strategy's resume_may_change (the
+    model first, with its own message)."""
     old_model, new_model = old.model, new.model
     if (old_model.name, old_model.width, old_model.widths) != (new_model.name, new_model.width, new_model.widths):
         raise UserError(f"{run_dir} holds a run of model {old_model.name} (width {old_model.width}, widths "
                         f"{_shown(old_model.widths)}), not {new_model.name} (width {new_model.width}, widths "
                         f"{_shown(new_model.widths)})")
-    before, after = old.flat(), new.flat()
-    changed = [path for path, value in after.items()
-               if path not in RESUME_MAY_CHANGE and path != "data.dir" and value != before.get(path)]
+    may_change = set(RESUME_MAY_CHANGE) | {f"parallel.options.{name}" for name in
+                                           getattr(strategy_class, "resume_may_change", ())}
+    before, after = _with_option_defaults(old).flat(), _with_option_defaults(new).flat()
+    paths = list(after) + [path for path in before if path not in after]
+    changed = [path for path in paths
+               if path not in may_change and path != "data.dir" and after.get(path) != before.get(path)]
     old_data, new_data = Path(old.data.dir).resolve(), Path(new.data.dir).resolve()
     if old_data != new_data and old_data.exists():
         changed.insert(0, "data.dir")

@@ -1,7 +1,7 @@
 """The tutorial's summaries as TensorBoard event files, plus metrics.jsonl.
 
 Only rank 0 creates a Summaries object. Event files go to RUN_DIR/events (training)
-and RUN_DIR/events/eval (evaluation), readable by `tensorboard --logdir RUN_DIR/events`.
+and evaluation (eval.record, tags eval/...) alike, one run for `tensorboard --logdir RUN_DIR/events`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,18 @@ class Summaries:
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
+
+    def throughput(self, record: dict) -> None:
+        """A log step's speed and where the time went, as scalars (metrics.jsonl has them all)."""
+        self.scalars({f"throughput/{key}": record[key] for key in
+                      ("examples_per_sec", "sec_per_batch", "comm_fraction", "data_wait_fraction")}, record["step"])
+
+    def hparams(self, settings: dict, final_loss: float) -> None:
+        """The run's settings and results for TensorBoard's HParams view (comparing runs):
+        its final loss now; eval writes hparam/precision_at_1 as it evaluates (eval.record)."""
+        # In this run's own directory (torch names a new sub-run by the clock otherwise).
+        self.writer.add_hparams(settings, {"hparam/final_loss": final_loss, "hparam/precision_at_1": float("nan")},
+                                run_name=".")
 
     def append_jsonl(self, name: str, record: dict) -> None:
         with open(self.run_dir / name, "a") as f:
