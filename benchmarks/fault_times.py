@@ -58,7 +58,10 @@ def faulted(data: str, tmp: str, strategy: str, rank: int, kind: str, timeout: f
            "load_average": load, "stderr_lines": len(lines), "verdict": lines[-1] if lines else ""}
     if restarts:
         records = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
-        resumed = next((r for r in records if r["wall_time"] > fault_time and r["step"] <= step), None)
+        # The restart's first record: the first whose step falls back (to the checkpoint's
+        # window), where downpour's surviving trainer may have logged on after the fault.
+        resumed = next((r for before, r in zip(records, records[1:])
+                        if r["wall_time"] > fault_time and r["step"] <= before["step"]), None)
         row.update({"recovered_s": resumed["wall_time"] - fault_time if resumed else None,
                     "final_step": records[-1]["step"] if records else None})
     else:
@@ -103,7 +106,7 @@ def main() -> None:
         r["what"] = r["fault"] + (" + restart" if r["max_restarts"] else "")
         r.setdefault("answer_s", float("nan"))
         r["recovered"] = r.get("recovered_s") if r.get("recovered_s") is not None else float("nan")
-    print_table([("strategy", "strategy", "<10"), ("rank", "rank", ">8"), ("fault", "what", "<15"),
+    print_table([("strategy", "strategy", "<10"), ("rank", "rank", "<10"), ("fault", "what", "<16"),
                  ("answer s", "answer_s", ">9.1f"), ("recovered s", "recovered", ">12.1f"), ("exit", "exit", ">5"),
                  ("lines", "stderr_lines", ">6"), ("load", "load_average", ">5.1f")], rows)
     print(f"wrote {write_json(args.out, {'benchmark': 'fault_times', 'timeout_s': args.timeout, 'rows': rows, 'environment': environment()})}")

@@ -22,7 +22,8 @@ from multitower.models.cifar10_tf import tower_loss
 from multitower.parallel.hogwild import FILE_PREFIX, SHARED_DIR, Hogwild
 
 GLOBAL_BATCH = 32
-STEPS = 30  # per worker: 60 lock-free updates of 16 examples on the shared model
+STEPS = 40  # per worker: 80 lock-free updates of 16 examples on the shared model
+LR = 0.05  # at 0.1, updates made stale by a loaded machine undid the learning (ce 2.52 once)
 MARK = 7.0  # what rank 0 writes into a shared parameter for rank 1 to read
 
 
@@ -41,7 +42,7 @@ def spawned_worker(rank, world_size, tmp_dir, data_dir):
     dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp_dir, "store"), world_size),
                             rank=rank, world_size=world_size)
     # A seed per rank: different initial weights on each rank, of which rank 0's must win.
-    run = build(data_dir, strategy="hogwild", workers=world_size, batch_size=GLOBAL_BATCH, seed=rank)
+    run = build(data_dir, strategy="hogwild", workers=world_size, batch_size=GLOBAL_BATCH, seed=rank, lr=LR)
     model, strategy = run.model, run.strategy
     out = {"file_left_after_wrap": os.path.exists(strategy.buffer_path),
            "initial": parameters_to_vector(model.parameters()).clone()}
@@ -95,12 +96,11 @@ def test_the_model_is_shared_memory(two_workers):
 
 def test_it_learns_and_leaves_no_file(two_workers):
     (rank0, _), left = two_workers
-    # 60 updates at lr 0.1 take the generated data's cross-entropy from chance (2.30) to
-    # 1.3-1.7 on a quiet machine; it varies with the races between workers, and on a
-    # loaded one (workers preempted mid-step, so their updates are staler) it fell only
-    # to 2.10 once. Asserted: a clear fall from chance.
-    assert rank0["ce_before"] > 2.2 and rank0["ce_after"] < rank0["ce_before"] - 0.15, \
-        (rank0["ce_before"], rank0["ce_after"])
+    # 80 updates at lr 0.05 took the generated data's cross-entropy from chance (2.31) to
+    # 1.20-1.50 with the machine's two cores also running two or three busy loops (the
+    # workers preempted mid-step, their updates stale). At lr 0.1 and 60 updates the same
+    # load left it at 1.8-2.5. Asserted: a clear fall from chance.
+    assert rank0["ce_before"] > 2.2 and rank0["ce_after"] < 1.9, (rank0["ce_before"], rank0["ce_after"])
     assert not rank0["file_left_after_wrap"], "the shared file outlived the mapping step"
     assert not left, f"shared files left behind: {left}"
 
