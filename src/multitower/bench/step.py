@@ -15,13 +15,15 @@ from typing import Callable
 
 import torch
 
-from multitower.config import ParallelConfig
+from multitower.config import Config, ParallelConfig
 from multitower.data.loader import Batch, TrainBatches
-from multitower.models import build_model
+from multitower.models import build_model, model_from_config
 from multitower.models.cifar10_tf import tower_loss
 from multitower.parallel.precision import FastPath
 from multitower.parallel.single import Single
 from multitower.train.ema import ExponentialMovingAverage
+from multitower.train.lookahead import Lookahead
+from multitower.train.recipe import get_recipe, steps_for_epochs
 
 
 @dataclass
@@ -65,3 +67,44 @@ def training_step(batch_size: int, steps: int, device: torch.device, *, model: s
             ema.update(net, state["step"])
         return steps * batch_size
     return TrainingStep(run, strategy.fast, close)
+
+
+def recipe_step(cfg: Config, steps: int, split, device: torch.device = torch.device("cpu"),
+                warmup: int = 0) -> TrainingStep:
+    """`steps` of the step `multitower train` runs for `cfg` (one worker): its recipe's model
+    (and data-dependent initialisation), loss, optimizer at the schedule's first learning rate,
+    augmentation and prefetch, the Single strategy's fast path, the moving average and the
+    recipe's Lookahead. No summaries, logs or checkpoints: what benchmarks/train_e2e.py
+    compares the whole job with. cfg.run.steps is the run's length (Lookahead's schedule);
+    `warmup` steps run before this returns."""
+    recipe = get_recipe(cfg.optim.recipe)
+    torch.manual_seed(cfg.run.seed)
+    net = model_from_config(cfg.model).to(device)
+    recipe.prepare_model(net, split, recipe)
+    optimizer = recipe.make_optimizer(net, cfg)
+    lr = recipe.make_schedule(cfg, len(split))(0)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    strategy = Single(cfg.parallel, device, recipe.make_loss(cfg))
+    strategy.wrap(net, optimizer)
+    ema = ExponentialMovingAverage(net, cfg.optim.ema_decay)
+    lookahead = None
+    if recipe.lookahead is not None:
+        lookahead = Lookahead(recipe.lookahead, cfg.run.steps,
+                              steps_for_epochs(1, len(split), cfg.data.batch_size))
+    batches = TrainBatches(split, global_batch_size=cfg.data.batch_size, seed=cfg.run.seed,
+                           prefetch=cfg.data.prefetch, device=device,
+                           augment=recipe.augment, augment_on=cfg.data.augment_on)
+    iterator = iter(batches)
+    state = {"step": 0}
+
+    def run(count: int = steps) -> int:
+        for _ in range(count):
+            strategy.step(next(iterator)).loss.item()  # the loop's per-step NaN check syncs too
+            state["step"] += 1
+            if lookahead is not None:
+                lookahead.after_step(net, state["step"])
+            ema.update(net, state["step"])
+        return count * cfg.data.batch_size
+    run(warmup)
+    return TrainingStep(run, strategy.fast, batches.close)
