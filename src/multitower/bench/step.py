@@ -22,6 +22,7 @@ from multitower.models.cifar10_tf import tower_loss
 from multitower.parallel.precision import FastPath
 from multitower.parallel.single import Single
 from multitower.train.ema import ExponentialMovingAverage
+from multitower.train.host import keep_freed_memory
 from multitower.train.lookahead import Lookahead
 from multitower.train.recipe import get_recipe, steps_for_epochs
 
@@ -42,7 +43,9 @@ def training_step(batch_size: int, steps: int, device: torch.device, *, model: s
     fields (precision, channels_last, compile); None = train's defaults. `split`: batches
     from these records through the loader (augmentation, prefetch thread), as train reads
     them; None = one fixed batch of random images, in the loader's NCHW float layout (the
-    step converts it to the model's memory format, as in train)."""
+    step converts it to the model's memory format, as in train). Sets the process's
+    allocator as train does (train/host.py): for every step of this process from then on."""
+    keep_freed_memory()
     torch.manual_seed(0)
     net = build_model(model, width=width).to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=lr)
@@ -76,7 +79,8 @@ def recipe_step(cfg: Config, steps: int, split, device: torch.device = torch.dev
     augmentation and prefetch, the Single strategy's fast path, the moving average and the
     recipe's Lookahead. No summaries, logs or checkpoints: what benchmarks/train_e2e.py
     compares the whole job with. cfg.run.steps is the run's length (Lookahead's schedule);
-    `warmup` steps run before this returns."""
+    `warmup` steps run before this returns. Sets the process's allocator as train does."""
+    keep_freed_memory()
     recipe = get_recipe(cfg.optim.recipe)
     torch.manual_seed(cfg.run.seed)
     net = model_from_config(cfg.model).to(device)
