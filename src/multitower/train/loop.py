@@ -28,6 +28,7 @@ from multitower.files import atomic_write_bytes
 from multitower.train.run_dir import HELD_BY_LAUNCHER, RunDirLock, check_run_dir, remove_leftovers, write_status
 from multitower.train.checkpoint import CheckpointDir
 from multitower.train.ema import ExponentialMovingAverage, LossAverage
+from multitower.train.host import configure_process
 from multitower.train.lookahead import Lookahead
 from multitower.train.recipe import get_recipe, steps_for_epochs
 from multitower.train.summaries import Summaries, capture_activations
@@ -147,7 +148,7 @@ def train(cfg: Config, on_step=None) -> TrainResult:
 
 def _train(cfg: Config, on_step, heartbeat: Heartbeat, restarted: bool) -> TrainResult:
     device = resolve_device(cfg.parallel.device)
-    torch.set_num_threads(threads_per_worker(cfg.parallel.threads, cfg.parallel.workers))
+    configure_process(threads_per_worker(cfg.parallel.threads, cfg.parallel.workers))  # threads, allocator
     dataset = open_dataset(cfg.data.dir, label=cfg.data.label)
     train_split = dataset.split("train")
     check_batch_fits(cfg, len(train_split))
