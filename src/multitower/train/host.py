@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import resource
 
 import torch
 
@@ -55,3 +56,11 @@ def configure_process(threads: int) -> None:
     torch.set_num_threads(threads)
     keep_freed_memory()
 
+
+def peak_memory(device: torch.device) -> dict[str, int]:
+    """This process's peak memory so far, for metrics.jsonl: the resident set (bytes; Linux
+    reports it in KiB) and, on a GPU, torch.cuda.max_memory_allocated (no sync)."""
+    peaks = {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        peaks["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return peaks

@@ -28,7 +28,7 @@ from multitower.files import atomic_write_bytes
 from multitower.train.run_dir import HELD_BY_LAUNCHER, RunDirLock, check_run_dir, remove_leftovers, write_status
 from multitower.train.checkpoint import CheckpointDir
 from multitower.train.ema import ExponentialMovingAverage, LossAverage
-from multitower.train.host import configure_process
+from multitower.train.host import configure_process, peak_memory
 from multitower.train.lookahead import Lookahead
 from multitower.train.recipe import get_recipe, steps_for_epochs
 from multitower.train.summaries import Summaries, capture_activations
@@ -310,7 +310,7 @@ def _train_locked(cfg, on_step, heartbeat, device, dataset, train_split, recipe,
                           "data_wait_fraction": data_wait_s / elapsed,
                           "comm_fraction": max(rank_comm_fraction),
                           "rank_examples_per_sec": rank_examples_per_sec,
-                          "world_size": strategy.world_size, "wall_time": time.time(),
+                          "world_size": strategy.world_size, "wall_time": time.time(), **peak_memory(device),
                           **{key: sum(values) / len(values) for key, values in window_extra.items()}}
                 if summaries is not None:
                     summaries.append_jsonl("metrics.jsonl", record)
