@@ -151,6 +151,8 @@ def main(argv=None) -> int:
                    help="tutorial jobs' --steps (default: %(default)s: the checkpoint of step 1000 and 10 "
                         "summaries inside the timed window)")
     p.add_argument("--fast-steps", type=int, default=150, help="the fast recipe's --steps (default: %(default)s)")
+    p.add_argument("--fast-flags", default="", help="more train flags for the fast case, e.g. \"--widths "
+                   "64,256,256 --batch-size 1024 --precision bf16\" on a GPU (default: the recipe's)")
     p.add_argument("--from-step", type=int, default=50, help="the timed window starts at this step's record "
                    "(default: %(default)s)")
     p.add_argument("--step-images", type=int, default=12800, help="examples per timed repetition of a step "
@@ -191,7 +193,8 @@ def main(argv=None) -> int:
               f"(other processes slow every figure down; the ratios are less affected)", flush=True)
 
         quick_fast = ["--batch-size", "64"] if a.quick else []  # airbench's 512 images a step: too slow for CI
-        flags = {c: case_flags(c, a.steps, a.fast_steps) + extra + (quick_fast if c == "fast" else [])
+        fast_flags = quick_fast + a.fast_flags.split()
+        flags = {c: case_flags(c, a.steps, a.fast_steps) + extra + (fast_flags if c == "fast" else [])
                  + ["--device", a.device] for c in cases}
         device = torch.device(a.device)
         steps = {c: step_baseline(flags[c], data, split, a.step_images, device) for c in cases if c != "workers2"}
