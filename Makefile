@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test test-all bench clean
+.PHONY: run test test-all bench bench-e2e clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test-all: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/train_step.py
+
+# The whole train job against its step (~15 min on a 2-core CPU; data/cifar10 if imported).
+bench-e2e: $(VENV)/.installed
+	$(PY) benchmarks/train_e2e.py
 
 clean:
 	rm -rf runs/demo

@@ -12,12 +12,22 @@
 #      so it comes after the rest);
 #   5. (only when PARTS names it) the tutorial recipe's time to accuracy, TUTORIAL_MINUTES
 #      (default 2) of training.
-# PARTS picks the parts (default "1 2 3 4"), e.g. PARTS="1 3 5" to rerun some.
+#   6. the whole `train` job against its own step (benchmarks/train_e2e.py, issue 20): the
+#      tutorial recipe with its summaries, logs and checkpoints (1,050 steps: the checkpoint
+#      of step 1000 inside the timed window); the same job with --compile reduce-overhead;
+#      the fast recipe at airbench94's widths, batch and bf16 for 10 epochs (440 steps);
+#      loop efficiency = job / step, peak RSS and max_memory_allocated in the JSON.
+#   7. two ranks on the one GPU over gloo (--workers 2) against one rank, the whole job.
+#      Expected to fail at this commit: train gives rank r cuda:r and picks NCCL, which
+#      refuses two ranks on one device; the part says what it printed.
+#   8. airbench94's own script as a control for part 6's fast recipe, when AIRBENCH94
+#      names its airbench94.py (run as it is, in its own directory; it prints its times).
+# PARTS picks the parts (default "1 2 3 4 6 8"), e.g. PARTS="1 3 5" to rerun some.
 # Data: data/cifar10 when present; else, with CIFAR_JPEG=<ImageFolder of CIFAR-10 JPEGs>, it
 # is imported there first (45,000 train / 5,000 val); else GENERATED data, which says nothing
 # about CIFAR-10 accuracy.
 # Each part runs under its own time limit (seconds: TESTS_S, STEP_S, TTA_S, COMPILE_S,
-# TUTORIAL_S) and a
+# TUTORIAL_S, E2E_S, AIRBENCH_S) and a
 # failing part does not stop the others; $OUT/summary.txt lists each part's exit status.
 # It uses the python that has a CUDA build of torch ($PYTHON, default python3) and runs
 # the package from src/ without installing it (the repo pins the CPU wheel for CI).
@@ -56,7 +66,7 @@ if [ ! -f "$DATA/multitower.json" ]; then
     echo "gpu_check: no data/cifar10 here: the benchmarks run on GENERATED data" | tee -a "$OUT/summary.txt"
 fi
 
-PARTS=" ${PARTS:-1 2 3 4} "
+PARTS=" ${PARTS:-1 2 3 4 6 8} "
 wanted() { [[ $PARTS == *" $1 "* ]]; }
 
 wanted 1 && part "1. CUDA tests" "${TESTS_S:-240}" tests.txt "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
@@ -83,6 +93,22 @@ wanted 5 && part "5. tutorial recipe: time to accuracy" "${TUTORIAL_S:-300}" tim
     "$PY" benchmarks/time_to_accuracy.py --recipe tutorial --data "$DATA" --device cuda --steps 60000 \
     --eval-every 2 --weights ema raw --max-minutes "${TUTORIAL_MINUTES:-2}" \
     --run-dir "${RUN_DIR:-/tmp/gpu-check-runs}/tta-tutorial" --out "$OUT/time_to_accuracy-tutorial.json"
+
+wanted 6 && part "6. whole train job vs its step (tutorial, reduce-overhead, fast)" "${E2E_S:-600}" train_e2e.txt \
+    "$PY" benchmarks/train_e2e.py --device cuda --data "$DATA" --cases tutorial,compiled,fast --steps 1050 \
+    --fast-steps 440 --fast-flags "--widths 64,256,256 --batch-size 1024 --precision bf16 --channels-last" \
+    --reps 3 --out "$OUT/train_e2e.json"
+
+wanted 7 && part "7. two ranks on one GPU (gloo) vs one" "${E2E_S:-600}" train_e2e_two_ranks.txt \
+    "$PY" benchmarks/train_e2e.py --device cuda --data "$DATA" --cases tutorial,workers2 --steps 550 \
+    --reps 3 --out "$OUT/train_e2e_two_ranks.json"
+
+if wanted 8 && [ -n "${AIRBENCH94:-}" ] && [ -f "$AIRBENCH94" ]; then
+    part "8. airbench94's own script (control for part 6's fast recipe)" "${AIRBENCH_S:-300}" airbench94.txt \
+        bash -c 'cd "$(dirname "$1")" && "$2" "$(basename "$1")"' _ "$AIRBENCH94" "$PY"
+elif wanted 8; then
+    echo "gpu_check: 8. skipped: set AIRBENCH94 to airbench94.py to run the control" | tee -a "$OUT/summary.txt"
+fi
 
 echo "== summary"
 cat "$OUT/summary.txt"

@@ -19,6 +19,11 @@ against this machine's fp32 and bf16 matmul peaks, timed here on an n^3 matmul s
 take ~0.25 s (see matmul_peak_flops);
 the network's FLOPs are counted from its conv and dense layers (MACs x 2, x 3 for
 forward + backward).
+
+The candidates set the allocator policy `multitower train` sets (train/host.py: glibc keeps
+freed memory), which holds for the whole process: the interleaved baseline runs under it
+too, so the ratios leave out what it gains. The eager step is also timed once before it is
+set (a reference row, not interleaved, so under whatever the machine was doing then).
 """
 
 from __future__ import annotations
@@ -157,10 +162,15 @@ def main() -> None:
             parser.error(f"unknown --candidates {unknown}; known: {', '.join(CANDIDATES)}")
         device = torch.device(args.device)
         baseline = eager_baseline(args.batch_size, args.steps, device)
+        baseline()  # warm-up: allocator, caches, first-call costs
+        # Before multitower's process settings (train/host.py: freed memory kept, for the whole
+        # process, so for the interleaved baseline below too): the eager step as a plain
+        # script runs it. Not interleaved, so only a reference; the ratios use the baseline below.
+        plain_rates = [timed_rate(baseline) for _ in range(args.reps)]
         # multitower's own step, data included (bench/step.py: the one plan profiles too).
         candidates = {n: training_step(args.batch_size, args.steps, device, setting=CANDIDATES[n], split=split)
                       for n in names}
-        baseline()  # warm-up: allocator, caches, first-call costs
+        baseline()
         for candidate in candidates.values():
             candidate.run()
         base_rates, rates = [], {n: [] for n in names}
@@ -179,6 +189,7 @@ def main() -> None:
         torch.set_num_threads(threads)
 
     base, pipe = statistics.median(base_rates), statistics.median(pipe_rates)
+    plain = statistics.median(plain_rates)
     flops = train_flops_per_example()
     medians = {n: statistics.median(r) for n, r in rates.items()}
     cand = medians.get("default", next(iter(medians.values())))
@@ -188,6 +199,8 @@ def main() -> None:
                    "reps": args.reps, "threads": threads, "device": args.device,
                    "data": "generated" if not args.data else args.data},
         "eager_fp32_images_per_sec": {"median": base, "all": base_rates},
+        "eager_fp32_glibc_default_images_per_sec": {"median": plain, "all": plain_rates,
+                                                    "note": "before the process settings, not interleaved"},
         "multitower_images_per_sec": {"median": cand, "all": rates.get("default", [])},
         "ratio_multitower_to_eager": cand / base,
         "candidates": {n: {"setting": CANDIDATES[n] or "default", "images_per_sec": {"median": medians[n], "all": r},
@@ -210,6 +223,7 @@ def main() -> None:
         print(f"{name:<45}{rate:>12.1f}{rate / base:>8.2f}{achieved / 1e9:>9.1f}"
               f"{100 * achieved / peak['fp32']:>8.1f}{bf16}")
     row("plain eager fp32 step (baseline)", base)
+    row("  the same before train's allocator setting", plain)
     for n in names:
         row(f"multitower full step, {n}", medians[n])
     print(f"{'input pipeline alone, 1 core':<45}{pipe:>12.1f}{pipe / base:>8.2f}")

@@ -15,13 +15,15 @@ from typing import Callable
 
 import torch
 
-from multitower.config import ParallelConfig
+from multitower.config import Config, ParallelConfig
 from multitower.data.loader import Batch, TrainBatches
 from multitower.models import build_model
 from multitower.models.cifar10_tf import tower_loss
 from multitower.parallel.precision import FastPath
 from multitower.parallel.single import Single
 from multitower.train.ema import ExponentialMovingAverage
+from multitower.train.build import build_run
+from multitower.train.host import keep_freed_memory
 
 
 @dataclass
@@ -40,7 +42,9 @@ def training_step(batch_size: int, steps: int, device: torch.device, *, model: s
     fields (precision, channels_last, compile); None = train's defaults. `split`: batches
     from these records through the loader (augmentation, prefetch thread), as train reads
     them; None = one fixed batch of random images, in the loader's NCHW float layout (the
-    step converts it to the model's memory format, as in train)."""
+    step converts it to the model's memory format, as in train). Sets the process's
+    allocator as train does (train/host.py): for every step of this process from then on."""
+    keep_freed_memory()
     torch.manual_seed(0)
     net = build_model(model, width=width).to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=lr)
@@ -65,3 +69,36 @@ def training_step(batch_size: int, steps: int, device: torch.device, *, model: s
             ema.update(net, state["step"])
         return steps * batch_size
     return TrainingStep(run, strategy.fast, close)
+
+
+def recipe_step(cfg: Config, steps: int, warmup: int = 0) -> TrainingStep:
+    """`steps` of the step `multitower train` runs for `cfg` in one process, built as train
+    builds it (train/build.build_run: the recipe's model and data-dependent initialisation,
+    loss, optimizer at the schedule's first learning rate, the strategy's fast path, the
+    moving average, the recipe's Lookahead; the process's threads and allocator), on
+    run.batches(): augmentation and prefetch as train reads them. No summaries, logs or
+    checkpoints: what benchmarks/train_e2e.py compares the whole job with. `warmup` steps
+    run before this returns."""
+    run = build_run(cfg)
+    strategy, model = run.strategy, run.model
+    lr = run.lr_at(0)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    batches = run.batches()
+    iterator = iter(batches)
+    state = {"step": 0}
+
+    def run_steps(count: int = steps) -> int:
+        for _ in range(count):
+            strategy.step(next(iterator)).loss.item()  # the loop's per-step NaN check syncs too
+            state["step"] += 1
+            if run.lookahead is not None:
+                run.lookahead.after_step(model, state["step"])
+            run.ema.update(model, state["step"])
+        return count * cfg.data.batch_size
+
+    def close() -> None:
+        batches.close()
+        strategy.close()
+    run_steps(warmup)
+    return TrainingStep(run_steps, strategy.fast, close)

@@ -9,6 +9,8 @@ arithmetic so that a TF checkpoint gives the same logits here.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,13 +98,30 @@ def max_pool2d_same(
     return F.max_pool2d(x, (kh, kw), (sh, sw))
 
 
-def _channel_window_sum(t: torch.Tensor, radius: int) -> torch.Tensor:
-    """s[:, c] = sum of t[:, c'] for |c' - c| <= radius, c' within the channels."""
-    s = t.clone()
-    for k in range(1, radius + 1):
-        s[:, k:] += t[:, :-k]
-        s[:, :-k] += t[:, k:]
-    return s
+@functools.lru_cache(maxsize=32)
+def _window_band(channels: int, radius: int, scale: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[C, C]: `scale` where |c - c'| <= radius, else 0 (symmetric)."""
+    index = torch.arange(channels, device=device)
+    return ((index[:, None] - index[None, :]).abs() <= radius).to(dtype) * scale
+
+
+def _channel_window_sum(t: torch.Tensor, radius: int, scale: float = 1.0, shift: float | None = None) -> torch.Tensor:
+    """shift + scale * s, s[:, c] = sum of t[:, c'] for |c' - c| <= radius, c' within the
+    channels: one matrix product with a band matrix over the channel axis, in t's memory
+    format (NCHW or channels_last). It replaced 2 * radius slice additions, each a pass over
+    the activation (strided in channels_last): 8 passes for the tutorial's radius 4, where
+    the product reads t once (~4% more FLOPs than the whole step, at GEMM speed)."""
+    batch, channels, height, width = t.shape
+    band = _window_band(channels, radius, scale, t.dtype, t.device)
+    bias = None if shift is None else torch.full((1,), shift, dtype=t.dtype, device=t.device)
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        rows = t.permute(0, 2, 3, 1).reshape(-1, channels)  # a view: NHWC is the memory order
+        out = rows @ band if bias is None else torch.addmm(bias, rows, band)
+        return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
+    columns = t.contiguous().view(batch, channels, height * width)
+    band = band.expand(batch, channels, channels)
+    out = torch.bmm(band, columns) if bias is None else torch.baddbmm(bias, band, columns)
+    return out.view(batch, channels, height, width)
 
 
 def _pow_neg(d: torch.Tensor, beta: float) -> torch.Tensor:
@@ -124,7 +143,7 @@ class _LRN(torch.autograd.Function):
     # (the window W is symmetric, so the adjoint of the window sum is the window sum).
     @staticmethod
     def forward(ctx, x: torch.Tensor, radius: int, bias: float, alpha: float, beta: float) -> torch.Tensor:
-        d = _channel_window_sum(x * x, radius).mul_(alpha).add_(bias)
+        d = _channel_window_sum(x * x, radius, alpha, bias)
         scale = _pow_neg(d, beta)
         ctx.save_for_backward(x, d, scale)
         ctx.constants = radius, alpha, beta
@@ -135,8 +154,8 @@ class _LRN(torch.autograd.Function):
         x, d, scale = ctx.saved_tensors
         radius, alpha, beta = ctx.constants
         t = (grad * x).mul_(scale).div_(d)
-        window = _channel_window_sum(t, radius)
-        grad_x = (grad * scale).addcmul_(x, window, value=-2.0 * alpha * beta)
+        window = _channel_window_sum(t, radius, -2.0 * alpha * beta)
+        grad_x = (grad * scale).addcmul_(x, window)
         return grad_x, None, None, None, None
 
 

@@ -28,6 +28,7 @@ from multitower.parallel import strategy_class
 from multitower.parallel.base import Strategy
 from multitower.parallel.memory import check_memory_budget
 from multitower.train.ema import ExponentialMovingAverage
+from multitower.train.host import configure_process
 from multitower.train.lookahead import Lookahead
 from multitower.train.recipe import Recipe, check_recipe, get_recipe, steps_for_epochs
 
@@ -163,7 +164,7 @@ def build_run(cfg: Config, *, recipe: Recipe | None = None, data=None, model: Ca
     cls = strategy_class(cfg.parallel, None if dry else world_size())
     strategy = None
     if not dry:
-        torch.set_num_threads(threads_per_worker(cfg.parallel.threads, cfg.parallel.workers))
+        configure_process(threads_per_worker(cfg.parallel.threads, cfg.parallel.workers))  # threads, allocator
         strategy = cls(cfg.parallel, device, recipe.loss)  # joins the process group first
     built = new_model(cfg, recipe, data, train_split, model)
     preflight = cls.preflight(cfg, built, example_inputs(cfg, recipe, train_split))

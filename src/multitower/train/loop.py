@@ -31,6 +31,7 @@ from multitower.parallel import strategy_class
 from multitower.train.build import Run, build_run, world_size
 from multitower.train.checkpoint import CheckpointDir
 from multitower.train.ema import LossAverage
+from multitower.train.host import peak_memory
 from multitower.train.run_dir import HELD_BY_LAUNCHER, RunDirLock, check_run_dir, remove_leftovers, write_status
 from multitower.train.summaries import Summaries, capture_activations
 
@@ -204,7 +205,8 @@ class LogWindow:
 
     def record(self, step: int, strategy, loss_value: float, loss_avg, ce_avg, lr: float) -> dict:
         """The metrics.jsonl record. Collectives: every rank takes part, rank 0 writes.
-        Throughput per rank shows a straggler; the loss is the mean over all shards."""
+        Throughput per rank shows a straggler; the loss is the mean over all shards; the
+        peak memory is rank 0's process's."""
         elapsed = time.perf_counter() - self.start
         rank_examples_per_sec = strategy.all_ranks(self.examples / strategy.world_size / elapsed)
         rank_comm_fraction = strategy.all_ranks(self.comm_s / elapsed)
@@ -213,7 +215,8 @@ class LogWindow:
                 "examples_per_sec": self.examples / elapsed, "sec_per_batch": elapsed / self.steps,
                 "data_wait_fraction": self.data_wait_s / elapsed, "comm_fraction": max(rank_comm_fraction),
                 "rank_examples_per_sec": rank_examples_per_sec, "world_size": strategy.world_size,
-                "wall_time": time.time(), **{key: sum(v) / len(v) for key, v in self.extra.items()}}
+                "wall_time": time.time(), **peak_memory(strategy.device),
+                **{key: sum(v) / len(v) for key, v in self.extra.items()}}
 
 
 def log_line(record: dict, world_size: int) -> str:
