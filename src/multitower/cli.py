@@ -365,16 +365,16 @@ def cmd_cluster(a: argparse.Namespace) -> None:
         check_rights()  # before torch is imported: a user without the rights learns it at once
     # The train flags are checked here once, as `train` would, before any node exists.
     train_args = build_parser().parse_args(command)
-    from multitower.cluster.job import processes_per_node
+    from multitower.cluster.job import plan_nodes
     cfg = config_from_args(train_args)
-    processes_per_node(cfg.parallel.processes(), a.nodes)  # before the slower checks below
+    per_node = plan_nodes(cfg, a.nodes, a.ps_node, a.min_nodes)  # before the slower checks below
     if not cfg.data.dir:
         raise UserError(f"--data is required in the training command, e.g. {CLUSTER_EXAMPLE}")
     checked = preflight(cfg)
     if dry_run:
         print(checked)
-    code = run_cluster(a.nodes, rate_bps, command[1:], cfg.parallel.processes(), cores_per_node=a.cores_per_node,
-                       max_restarts=cfg.parallel.max_restarts, dry_run=dry_run)
+    code = run_cluster(a.nodes, rate_bps, command[1:], per_node, cores_per_node=a.cores_per_node,
+                       max_restarts=cfg.parallel.max_restarts, min_nodes=a.min_nodes, dry_run=dry_run)
     if code:
         raise SystemExit(code)
 
@@ -600,6 +600,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cores-per-node", type=_whole_number, default=0,
                    help="cores each node runs on; 0 = this machine's cores / nodes, at least 1, nodes sharing "
                         "cores when there are more nodes than cores (default: %(default)s)")
+    p.add_argument("--ps-node", action="store_true",
+                   help="downpour: its --ps parameter servers on a node of their own, the last; the --workers "
+                        "divided among the other nodes (default: every node runs an equal share of all processes)")
+    p.add_argument("--min-nodes", type=_whole_number, default=0,
+                   help="elastic job (torchrun --nnodes MIN:MAX): it goes on from the newest checkpoint while this "
+                        "many nodes are left (needs --max-restarts 1 or more; node 0 serves the rendezvous and "
+                        "must stay); 0 = --nodes, every node needed (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the training command and print the network and each node's launcher command; "
                         "make and start nothing (needs no root)")

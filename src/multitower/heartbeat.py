@@ -33,6 +33,8 @@ import time
 
 import torch.distributed as dist
 
+from multitower.attempt import current_attempt
+
 BEAT_S = 1.0  # seconds between signs of life
 FROZEN_AFTER_S = 2.5 * BEAT_S  # no change in this long, while we wait for it: frozen
 KINDS = ("error", "verdict", "lost")
@@ -46,8 +48,7 @@ def _attempt_store(timeout_s: float) -> dist.Store | None:
     if not address or not port:
         return None
     store = dist.TCPStore(address, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"multitower/attempt-{attempt}/", store)
+    return dist.PrefixStore(f"multitower/attempt-{current_attempt()}/", store)
 
 
 def record_failure(kind: str, message: str) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from multitower.attempt import current_attempt
 from multitower.config import Config
 from multitower.data.loader import TrainBatches
 from multitower.data.records import Dataset, open_dataset
@@ -117,7 +118,7 @@ def train(cfg: Config, on_step=None) -> TrainResult:
     cfg.validate()
     if cfg.data.dir:  # the run names its data absolutely: eval and resume work from anywhere
         cfg = cfg.with_values({"data.dir": str(Path(cfg.data.dir).resolve())})
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    restarted = current_attempt() > 0
     if restarted:
         # The elastic agent restarted the worker group after a failure: continue the
         # run from its last checkpoint rather than refusing the existing run directory.
@@ -215,7 +216,7 @@ def _train_locked(cfg, on_step, heartbeat, device, dataset, train_split, recipe,
         torch.set_rng_state(state["rng"])
         step = state["step"]
         if strategy.is_rank0:
-            restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+            restarts = current_attempt()
             after = f" (restart {restarts} after a worker failure)" if restarts else ""
             print(f"resumed {run_dir} at step {step}{after}", flush=True)
 
