@@ -374,7 +374,8 @@ def cmd_cluster(a: argparse.Namespace) -> None:
     if dry_run:
         print(checked)
     code = run_cluster(a.nodes, rate_bps, command[1:], per_node, cores_per_node=a.cores_per_node,
-                       max_restarts=cfg.parallel.max_restarts, min_nodes=a.min_nodes, dry_run=dry_run)
+                       max_restarts=cfg.parallel.max_restarts, min_nodes=a.min_nodes, run_dir=cfg.run.run_dir,
+                       dry_run=dry_run)
     if code:
         raise SystemExit(code)
 

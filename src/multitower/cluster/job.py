@@ -30,6 +30,7 @@ a real machine (cluster/agent.py: torchrun whose c10d rendezvous also numbers th
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import os
 import re
@@ -40,10 +41,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from multitower.cluster.network import (MAX_NODES, Network, Node, check_rights, describe_rate, remove_stale,
-                                        stop_processes)
-from multitower.errors import UserError
+from multitower.cluster.network import (MAX_NODES, Network, Node, check_rights, describe_rate, namespace_pids,
+                                        remove_stale, stop_processes)
+from multitower.errors import SIGNAL_CAUSES, UserError
 
 RDZV_PORT = 29400  # torchrun's usual c10d port; free in node 0's new namespace
 RDZV_JOIN_TIMEOUT_S = 120  # nodes still missing after this: the job fails (torch's default: 600)
@@ -54,6 +56,7 @@ RDZV_LAST_CALL_S = 10
 AGENT_BACKEND = "multitower-rounds"  # cluster/agent.py's rendezvous: torch's c10d, numbering the rounds
 FAILURE_GRACE_S = 15.0  # after one node fails, the others may take this long to notice and stop
 STOP_GRACE_S = 10.0  # SIGTERM -> SIGKILL, for the launchers to stop their workers
+LINGER_S = 3.0  # a launcher left without workers while the job ends: ~6 monitor intervals of 0.5 s
 SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}  # exit status 128 + number
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -219,19 +222,36 @@ class _Output:
         if raised:
             rank, name, message = raised[-1].groups()
             return f"{f'rank {rank} ' if rank else ''}raised {name.rsplit('.', 1)[-1]}: {message}"
-        return lines[-1] if lines else "no output"
+        # torchrun's report of a worker that died without a word: "rank : 1 (local_rank: 0)"
+        # then "exitcode : -9 (pid: 4242)".
+        ranks = [m.group(1) for m in map(_REPORTED_RANK.match, lines) if m]
+        codes = [(int(m.group(1)), m.group(2)) for m in map(_REPORTED_EXIT.match, lines) if m]
+        if ranks and codes:
+            code, pid = codes[-1]
+            if code < 0:
+                name = signal.Signals(-code).name
+                return f"rank {ranks[-1]} (pid {pid}) was killed by {name} ({SIGNAL_CAUSES.get(name, 'killed')})"
+            return f"rank {ranks[-1]} (pid {pid}) exited with status {code}"
+        words = [line for line in lines if line.strip("=-")]  # not the report's rules
+        return words[-1] if words else "no output"
 
 
 # A traceback's last line, "[rank1]: multitower.faults.InjectedFault: ..." (the prefix only
 # once the worker joined its process group); torchrun's own ChildFailedError wraps it.
 _RAISED = re.compile(r"(?:\[rank(\d+)\]: )?(\w[\w.]*(?:Error|Exception|Fault|Interrupt)): (.*)")
+_REPORTED_RANK = re.compile(r"rank\s*:\s*(\d+) \(local_rank")
+_REPORTED_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+) \(pid: (\d+)\)")
 # What a rank reports when another one failed first (as launch.root_failure tells them apart).
-_CONSEQUENCES = ("stopped responding", "Connection closed", "Connection reset", "SIGTERM")
+_CONSEQUENCES = ("stopped responding", "Connection closed", "Connection reset", "SIGTERM",
+                 "lost the launcher's store")
+# A verdict's silent rank and its node: "rank 1 (node 1, pid 42) stopped responding" (heartbeat.py).
+_SILENT_NODE = re.compile(r"rank \d+ \((?:[^()]*, )?node (\d+), pid \d+\) stopped responding")
 
 
-def run_job(network: Network, launches: list[NodeLaunch], out=sys.stdout, min_nodes: int = 0) -> int:
-    """Start every node's launcher, wait for all; 0, or the exit status of the node that
-    failed first (after one line naming it on stderr). Elastic (`min_nodes` below the node
+def run_job(network: Network, launches: list[NodeLaunch], out=sys.stdout,
+            min_nodes: int = 0) -> tuple[int, str | None]:
+    """Start every node's launcher, wait for all; (0, None), or the exit status of the node
+    that failed first and the failure's one line (failure_line). Elastic (`min_nodes` below the node
     count): a node other than node 0 (whose agent serves the rendezvous) may be lost while
     at least `min_nodes` remain: said in one line, and the others go on without it."""
     elastic = 0 < min_nodes < len(launches)
@@ -246,6 +266,8 @@ def run_job(network: Network, launches: list[NodeLaunch], out=sys.stdout, min_no
     outputs = [_Output(launch.node.index, agent.stdout, lock, out) for launch, agent in zip(launches, agents)]
     failed_at: dict[int, float] = {}
     lost: set[int] = set()  # elastic: nodes the job went on without
+    stopped: set[int] = set()  # nodes whose launchers we stopped: their failure is ours
+    idle_since: dict[int, float] = {}  # launchers without workers, since when
     try:
         while True:
             codes = [agent.poll() for agent in agents]
@@ -265,7 +287,10 @@ def run_job(network: Network, launches: list[NodeLaunch], out=sys.stdout, min_no
             if ending and time.monotonic() - min(ending) > FAILURE_GRACE_S:
                 for output in outputs:
                     output.muted = True
+                stopped |= {i for i, code in enumerate(codes) if code is None}
                 stop_processes([launch.node.namespace for launch in launches], grace_s=STOP_GRACE_S)
+            elif ending:
+                stopped |= _stop_lingering(launches, agents, idle_since)
             time.sleep(0.2)
     except BaseException:  # interrupted: the caller's teardown stops the nodes
         for output in outputs:
@@ -275,13 +300,64 @@ def run_job(network: Network, launches: list[NodeLaunch], out=sys.stdout, min_no
         output.thread.join(timeout=5)
     failed = {i: t for i, t in failed_at.items() if i not in lost or agents[0].returncode != 0}
     if not failed:
-        return 0
-    # The node that failed of itself, not of a peer's failure, and among those the first.
-    first = min(failed, key=lambda i: (any(c in outputs[i].reason() for c in _CONSEQUENCES), failed[i]))
-    node, code = launches[first].node, agents[first].returncode
-    print(f"multitower: error: node {node.index} ({node.address}) failed with {_how(code)}: {outputs[first].reason()}",
-          file=sys.stderr, flush=True)
-    return code if code > 0 else 128 - code  # killed by signal S: 128 + S, as a shell reports it
+        return 0, None
+    code = agents[min(failed, key=failed.get)].returncode
+    # killed by signal S: 128 + S, as a shell reports it
+    return (code if code > 0 else 128 - code), failure_line(launches, agents, outputs, failed, stopped)
+
+
+def failure_line(launches: list[NodeLaunch], agents, outputs: list[_Output], failed: dict[int, float],
+                 stopped: set[int]) -> str:
+    """The job's failure in one line. The reporting node: one whose launcher we did not stop,
+    then one that failed of itself (its own error, a rank killed) rather than of a peer's
+    failure, then node 0 (whose agent serves the store every rank reports to: its view of
+    who went silent is first-hand), then the first to fail. When its reason is a verdict on
+    a silent rank of another node, that node is named first: after a link is cut each side
+    finds the other silent, and node 0's side is the job's."""
+    def reason(i: int) -> str:
+        if agents[i].returncode < 0 and i not in stopped:
+            # Its launcher killed by a signal: nothing on that node could say why.
+            return "its launcher was killed with everything on the node (the machine went down?)"
+        return outputs[i].reason()
+
+    first = min(failed, key=lambda i: (i in stopped, any(c in reason(i) for c in _CONSEQUENCES), i != 0, failed[i]))
+    node, said = launches[first].node, reason(first)
+    silent = _SILENT_NODE.search(said)
+    if silent and int(silent.group(1)) != first and int(silent.group(1)) < len(launches):
+        other = launches[int(silent.group(1))].node
+        return f"node {other.index} ({other.address}) stopped responding, as node {node.index} reports: {said}"
+    return f"node {node.index} ({node.address}) failed with {_how(agents[first].returncode)}: {said}"
+
+
+def _stop_lingering(launches: list[NodeLaunch], agents, idle_since: dict[int, float]) -> set[int]:
+    """Once the job is ending: SIGKILL what runs on the nodes whose workers have all gone (or
+    are frozen, SIGSTOP) for LINGER_S, and return those nodes. torch's agent then only waits
+    on node 0's rendezvous store (to shut it down, or for a restart's next round), which a cut
+    link leaves out of reach for its read timeout (60 s), or for a frozen worker to handle
+    its SIGTERM, which it never will (then 30 s, _stop_workers); nothing is left to stop."""
+    killed = set()
+    now = time.monotonic()
+    for i, (launch, agent) in enumerate(zip(launches, agents)):
+        if agent.poll() is not None:
+            continue
+        pids = namespace_pids(launch.node.namespace)
+        if any(_state(pid) not in ("T", "t", None) for pid in set(pids) - {agent.pid}):
+            idle_since.pop(i, None)
+        elif now - idle_since.setdefault(i, now) > LINGER_S:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            killed.add(i)
+    return killed
+
+
+def _state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat ("S", "R", "T" stopped, "Z"...), None once gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def _how(code: int) -> str:
@@ -290,10 +366,12 @@ def _how(code: int) -> str:
 
 
 def run_cluster(nodes: int, rate_bps: int | None, train_flags: list[str], per_node: list[int], cores_per_node: int = 0,
-                max_restarts: int = 0, min_nodes: int = 0, dry_run: bool = False, out=sys.stdout) -> int:
+                max_restarts: int = 0, min_nodes: int = 0, run_dir: str = "", dry_run: bool = False,
+                out=sys.stdout) -> int:
     """The `multitower cluster` command: make the network, run the job (node I starting
-    per_node[I] processes, plan_nodes), remove the network whatever happens. Returns the
-    exit status (128 + signal number when interrupted)."""
+    per_node[I] processes, plan_nodes), remove the network whatever happens; a failure is
+    one line on stderr, and in `run_dir`'s status where rank 0 could not write it. Returns
+    the exit status (128 + signal number when interrupted)."""
     network = Network(nodes, rate_bps)
     launches = plan_launches(network, train_flags, per_node, cores_per_node, max_restarts, min_nodes)
     if dry_run:
@@ -311,7 +389,7 @@ def run_cluster(nodes: int, rate_bps: int | None, train_flags: list[str], per_no
             network.create()
             print(f"cluster {network.run_id}: {nodes} nodes on one switch, links {describe_rate(rate_bps)}, "
                   f"rendezvous {network.nodes[0].address}:{RDZV_PORT}", file=out, flush=True)
-            return run_job(network, launches, out, min_nodes)
+            code, line = run_job(network, launches, out, min_nodes)
         finally:
             # A signal now would cut the teardown short: it waits until the teardown is done,
             # then raises Interrupted as it is unblocked.
@@ -321,9 +399,32 @@ def run_cluster(nodes: int, rate_bps: int | None, train_flags: list[str], per_no
             finally:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     except Interrupted as exc:
-        print(f"multitower: interrupted by {exc}: stopped the job on {nodes} nodes and removed its network",
-              file=sys.stderr, flush=True)
+        message = f"interrupted by {exc}: stopped the job on {nodes} nodes and removed its network"
+        print(f"multitower: {message}", file=sys.stderr, flush=True)
+        settle_status(run_dir, "interrupted", message)
         return SIGNALS[exc.signum]
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if line:
+        print(f"multitower: error: {line}", file=sys.stderr, flush=True)
+        settle_status(run_dir, "failed", line)
+    return code
+
+
+def settle_status(run_dir: str, state: str, message: str) -> None:
+    """The run's final status, with the job's one line, as launch() writes it on one machine:
+    rank 0 may have written none (killed, cut off, stopped by its launcher's SIGTERM, or ended
+    at once by its heartbeat's verdict, heartbeat.py), its status.json then still saying
+    "running", or one with its own side of the story (a collective's timeout)."""
+    if not run_dir or not (Path(run_dir) / "config.json").exists():
+        return  # the run never started: nothing of it to describe
+    from multitower.train.checkpoint import CheckpointDir  # torch: only once the job is over
+    from multitower.train.run_dir import RunDirLock, read_status, write_status
+    status = read_status(run_dir) or {}
+    try:
+        with RunDirLock(run_dir):
+            latest = CheckpointDir(Path(run_dir) / "checkpoints").latest_step()
+            write_status(run_dir, state, int(status.get("step", 0)), latest, message)
+    except (UserError, OSError):
+        pass  # another writer took the run meanwhile, or its disk is gone: nothing true to add
