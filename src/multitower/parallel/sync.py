@@ -22,6 +22,7 @@ from multitower.config import ParallelConfig
 from multitower.data.loader import Batch
 from multitower.errors import UserError
 from multitower.parallel.base import LossFn, StepMetrics, Strategy
+from multitower.parallel.replicas import replica_digests
 
 
 class CommTimer:
@@ -125,4 +126,12 @@ class Sync(Strategy):
         return StepMetrics(loss=total, cross_entropy=cross_entropy,
                            examples=batch.labels.shape[0] * self.world_size, comm_s=comm_s,
                            extra={"comm_bytes": float(sent)})
-    # state_dict: the base's, of the unwrapped module (the same keys at any world size).
+    def state_dict(self) -> dict:
+        """The base's, of the unwrapped module (the same keys at any world size), and every
+        replica's digest, which should all be equal (parallel/replicas.py). A collective."""
+        digests = replica_digests(self.model, self.world_size)
+        if self.is_rank0 and len(set(digests)) > 1:
+            apart = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
+            print(f"warning: the weights of rank(s) {', '.join(map(str, apart))} differ from rank 0's: the "
+                  f"synchronous replicas went apart; the checkpoint holds rank 0's", flush=True)
+        return {**super().state_dict(), "replica_digests": digests}
