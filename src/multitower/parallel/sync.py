@@ -76,6 +76,43 @@ class CommTimer:
         return busy, sent
 
 
+def one_bucket_at_a_time(hook):
+    """`hook`, its buckets' communication run one after the other, in bucket order.
+
+    PowerSGD's hook chains three all-reduces per bucket (the uncompressed tensors, then P,
+    then Q), the later ones issued from the previous one's completion callback, on gloo's
+    threads; meanwhile DDP hands it the next bucket from the autograd thread. Which of the
+    two collectives each rank issues first is a race, and gloo needs the same order on
+    every rank: two workers crashed after a few compressed steps with "op.preamble.length
+    <= op.nbytes. 2880 vs 128 ... collective mismatch" (torch 2.13, DDP + powerSGD_hook, no
+    multitower code; one node or two). Here bucket k's hook starts when bucket k-1's chain
+    has completed; the arithmetic is unchanged."""
+    previous: list[torch.futures.Future | None] = [None]
+
+    def ordered(state, bucket):
+        done: torch.futures.Future = torch.futures.Future()
+
+        def finish(inner: torch.futures.Future) -> None:
+            try:
+                done.set_result(inner.value())
+            except Exception as exc:  # noqa: BLE001 - a failed collective fails DDP's wait
+                done.set_exception(exc)
+
+        def start(_=None) -> None:
+            try:
+                hook(state, bucket).add_done_callback(finish)
+            except Exception as exc:  # noqa: BLE001
+                done.set_exception(exc)
+
+        before, previous[0] = previous[0], done
+        if before is None:
+            start()
+        else:
+            before.add_done_callback(start)  # inline if it has completed already
+        return done
+    return ordered
+
+
 class Sync(Strategy):
     name = "sync"
 
@@ -99,7 +136,7 @@ class Sync(Strategy):
             state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1,
                                                 start_powerSGD_iter=10, use_error_feedback=True,
                                                 warm_start=True, random_seed=0)
-            hook, per_element = powerSGD_hook.powerSGD_hook, None
+            hook, per_element = one_bucket_at_a_time(powerSGD_hook.powerSGD_hook), None
         self.timer = CommTimer(per_element)
         self.ddp.register_comm_hook(state, self.timer.wrap(hook))
 
