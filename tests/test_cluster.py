@@ -341,7 +341,7 @@ def _listening(pid: int) -> tuple[str | None, int]:
 def test_two_nodes_over_a_shaped_link_end_bitwise_equal_to_one_node_two_workers(namespaces, synth_dir, tmp_path):
     """The emulated 2-node x 1-worker sync job and `train --workers 2` on this host compute
     the same thing: every model and moving-average tensor of the final checkpoints is
-    equal. Meanwhile no process of the job listens in the host's network namespace
+    equal, and so are both replicas of the cluster job (their digests, in the checkpoint). Meanwhile no process of the job listens in the host's network namespace
     (the stores and gloo listen inside the nodes), and rank 0 (node 0) alone writes."""
     host_netns = os.readlink("/proc/self/ns/net")
     common = ["--data", str(synth_dir), "--workers", "2", *TRAIN_FLAGS]
@@ -371,6 +371,7 @@ def test_two_nodes_over_a_shaped_link_end_bitwise_equal_to_one_node_two_workers(
         unequal = [name for name in one[part] if not torch.equal(nodes[part][name], one[part][name])]
         assert not unequal, f"{part} tensors differ: {unequal}"
 
+    assert len(nodes["replica_digests"]) == 2 and len(set(nodes["replica_digests"])) == 1  # rank 1's replica too
     assert in_host == 0, "a process of the cluster job listened in the host's network namespace"
     assert in_nodes >= 2, f"the job's listening sockets were not seen in the nodes ({in_nodes})"
     assert "[node 0] done: step 6" in out  # global rank 0 runs on node 0

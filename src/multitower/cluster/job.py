@@ -105,7 +105,10 @@ def node_processes(workers: int, servers: int, nodes: int, ps_node: bool = False
                         "give the training command --strategy downpour (or drop --ps-node)")
     if nodes < 2:
         raise UserError(f"--ps-node needs --nodes 2 or more (the workers' nodes and one for the servers), got {nodes}")
-    return [processes_per_node(workers, nodes - 1)] * (nodes - 1) + [servers]
+    if workers % (nodes - 1):
+        raise UserError(f"--ps-node leaves {nodes - 1} of the --nodes {nodes} to the workers: give --workers a "
+                        f"multiple of {nodes - 1}, got {workers}")
+    return [workers // (nodes - 1)] * (nodes - 1) + [servers]
 
 
 def check_elastic(min_nodes: int, nodes: int, per_node: list[int], batch_size: int, accumulate: int,
