@@ -165,6 +165,8 @@ def plan_launches(network: Network, train_flags: list[str], per_node: list[int],
                 "--local-addr", node.address, "--max-restarts", str(max_restarts), "--monitor-interval", "0.5",
                 "-m", "multitower", "train", *train_flags]
         env = {"GLOO_SOCKET_IFNAME": node.interface, "TP_SOCKET_IFNAME": node.interface,
+               # TensorPipe (downpour's rpc) over TCP only: the nodes share a kernel (downpour.py)
+               "MULTITOWER_NETWORK_ONLY": "1",
                # torchrun sets 1 (and warns) when unset; train() sets its own count anyway
                "OMP_NUM_THREADS": str(max(1, len(cores) // processes)), "PYTHONUNBUFFERED": "1"}
         launches.append(NodeLaunch(node, cores, argv, env))
