@@ -20,7 +20,8 @@ import torch
 
 from multitower.cli import main
 from multitower.cluster import network
-from multitower.cluster.job import _Output, divide_cores
+from multitower.attempt import ATTEMPT_ENV, current_attempt
+from multitower.cluster.job import NodeLaunch, _Output, divide_cores, failure_line
 from multitower.cluster.network import Network, check_rights, parse_rate, remove_stale, tbf_parameters
 from multitower.errors import UserError
 from multitower.train.checkpoint import CheckpointDir
@@ -122,6 +123,53 @@ def test_a_nodes_failure_line_is_its_own_error():
     assert output.reason() == "rank 3 stopped"
     output.tail = ["[rank3]: multitower.faults.InjectedFault: injected fault", "exitcode  : 1"]
     assert output.reason() == "rank 3 raised InjectedFault: injected fault"
+
+
+class _Exited:
+    def __init__(self, returncode):
+        self.returncode = returncode
+
+
+def _failed_nodes(*nodes):
+    """(launches, agents, outputs) of nodes given as (exit status, lines of output)."""
+    launches = [NodeLaunch(network.Node(i, f"mt-00000000-n{i}", network.address_of(i)), [0], [], {})
+                for i in range(len(nodes))]
+    outputs = []
+    for _, tail in nodes:
+        output = _Output.__new__(_Output)
+        output.tail = tail
+        outputs.append(output)
+    return launches, [_Exited(code) for code, _ in nodes], outputs
+
+
+def test_the_failure_line_names_the_node_that_went_silent():
+    silent = ("multitower: error: rank 1 (node 1, pid 42) stopped responding during step 15: no sign of life for "
+              "10 s (frozen, killed, or its machine unreachable); rank 0 (node 0, pid 41) gave up waiting (--timeout 10 s)")
+    lost = "multitower: error: rank 1 (node 1, pid 42) lost the launcher's store at 198.18.0.100:1 (node 0) for 11 s"
+    # A cut link: each side finds the other silent; node 1's launcher we SIGKILLed while it lingered.
+    cut = _failed_nodes((1, [silent]), (-9, [lost]))
+    assert failure_line(*cut, failed={0: 1.0, 1: 2.0}, stopped={1}) == (
+        "node 1 (198.18.0.101) stopped responding, as node 0 reports: " + silent.removeprefix("multitower: error: "))
+    # Node 1 killed whole (not by us): its own failure comes before node 0's verdict on it.
+    gone = _failed_nodes((1, [silent]), (-9, ["step 12, loss = 4.1"]))
+    assert failure_line(*gone, failed={0: 2.0, 1: 1.0}, stopped=set()) == (
+        "node 1 (198.18.0.101) failed with SIGKILL: its launcher was killed with everything on the node "
+        "(the machine went down?)")
+    # Node 1's worker killed: torchrun's report of it.
+    report = ["Root Cause (first observed failure):", "[0]:", "  rank      : 1 (local_rank: 0)",
+              "  exitcode  : -9 (pid: 4242)  (SIGKILL)", "=" * 40]
+    crashed = _failed_nodes((1, [silent]), (1, report))
+    assert failure_line(*crashed, failed={0: 1.0, 1: 1.5}, stopped=set()) == (
+        "node 1 (198.18.0.101) failed with exit status 1: rank 1 (pid 4242) was killed by SIGKILL (out of memory, "
+        "or killed)")
+
+
+def test_the_attempt_is_the_clusters_where_it_says_one(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # a healthy node's agent, restarted for the new round
+    monkeypatch.delenv(ATTEMPT_ENV, raising=False)
+    assert current_attempt() == 0
+    monkeypatch.setenv(ATTEMPT_ENV, "1")  # the round number node 0's agent published (cluster/agent.py)
+    assert current_attempt() == 1
 
 
 def test_without_the_capabilities_it_says_what_is_needed(monkeypatch):
@@ -341,7 +389,7 @@ def _listening(pid: int) -> tuple[str | None, int]:
 def test_two_nodes_over_a_shaped_link_end_bitwise_equal_to_one_node_two_workers(namespaces, synth_dir, tmp_path):
     """The emulated 2-node x 1-worker sync job and `train --workers 2` on this host compute
     the same thing: every model and moving-average tensor of the final checkpoints is
-    equal. Meanwhile no process of the job listens in the host's network namespace
+    equal, and so are both replicas of the cluster job (their digests, in the checkpoint). Meanwhile no process of the job listens in the host's network namespace
     (the stores and gloo listen inside the nodes), and rank 0 (node 0) alone writes."""
     host_netns = os.readlink("/proc/self/ns/net")
     common = ["--data", str(synth_dir), "--workers", "2", *TRAIN_FLAGS]
@@ -371,6 +419,7 @@ def test_two_nodes_over_a_shaped_link_end_bitwise_equal_to_one_node_two_workers(
         unequal = [name for name in one[part] if not torch.equal(nodes[part][name], one[part][name])]
         assert not unequal, f"{part} tensors differ: {unequal}"
 
+    assert len(nodes["replica_digests"]) == 2 and len(set(nodes["replica_digests"])) == 1  # rank 1's replica too
     assert in_host == 0, "a process of the cluster job listened in the host's network namespace"
     assert in_nodes >= 2, f"the job's listening sockets were not seen in the nodes ({in_nodes})"
     assert "[node 0] done: step 6" in out  # global rank 0 runs on node 0

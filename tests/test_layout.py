@@ -9,14 +9,16 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "multitower"
 
 # A module of a layer may import modules of the layers before it only (the package's
-# small helpers - files, flags, faults, heartbeat, progress - sit with config).
+# small helpers - files, flags, faults, heartbeat, attempt, progress - sit with config).
 LAYERS = [
-    {"errors", "config", "files", "flags", "faults", "progress", "heartbeat", "devices"},
+    {"errors", "config", "files", "flags", "faults", "progress", "heartbeat", "attempt", "devices"},
     {"data", "models", "losses", "bench"},
     {"parallel"},
     {"train"},
-    # (bench's step builder and plan's validation run training: commands, not measurement)
-    {"eval", "launch", "plan", "report", "runs", "cluster", "api", "bench.step", "bench.validate_plan"},
+    # (bench's step builder, plan's validation and the interconnect benchmark's cells run
+    # training, the last on emulated clusters: commands, not measurement)
+    {"eval", "launch", "plan", "report", "runs", "cluster", "api", "bench.step", "bench.validate_plan",
+     "bench.interconnect"},
     {"cli", "__main__"},
 ]
 

@@ -13,7 +13,7 @@ from multitower.bench.cost_model import (LINKS, Cluster, Knobs, Link, Workload, 
                                          predict_pipeline, predict_sync, ring_allreduce_s, scan, winner)
 from multitower.cli import main
 from multitower.errors import UserError
-from multitower.plan import model_bytes, profile_compute
+from multitower.plan import model_bytes, pipeline_cut, profile_compute
 
 GBPS_1 = Link("1 GB/s, 10 us", 1e9, 10e-6)
 
@@ -89,6 +89,27 @@ def test_pipeline_bubble():
     slow = predict_pipeline(Workload(1e-3, 0.0, 32, 1e3), Cluster(4, 4, GBPS_1, GBPS_1),
                             Knobs(stages=4, micro_batches=16))
     assert slow.exposed_comm_s == pytest.approx(19 * 2 * (10e-6 + 8e3 / 1e9))
+
+
+def test_pipeline_takes_the_stages_train_cuts():
+    """cifar10-tf in 2 stages by parameters (train's default): stage 0 holds 95% of the
+    multiply-adds, stage 1 90% of the parameters, and pool2 sends 9,216 bytes an example;
+    the slowest stage sets every slot, the largest boundary every transfer."""
+    cut = pipeline_cut("cifar10-tf", 1, 2)
+    assert cut["stage_compute_shares"] == pytest.approx((0.948, 0.052), abs=1e-3)
+    assert cut["stage_param_shares"] == pytest.approx((0.100, 0.900), abs=1e-3)
+    assert cut["boundary_bytes_per_example"] == (9216.0,)
+    free = Link("free", 1e30, 0.0)
+    balanced = predict_pipeline(Workload(1e-3, 0.0, 32), Cluster(2, 1, free, free), Knobs(stages=2, micro_batches=4))
+    cut_as_train = predict_pipeline(Workload(1e-3, 0.0, 32, **cut), Cluster(2, 1, free, free),
+                                    Knobs(stages=2, micro_batches=4))
+    assert cut_as_train.step_s == pytest.approx(balanced.step_s * 0.948 / 0.5, rel=1e-3)
+    sent = predict_pipeline(Workload(1e-9, 4e6, 32, 1e6, **cut), Cluster(4, 1, GBPS_1, GBPS_1),
+                            Knobs(stages=2, micro_batches=4))
+    # 5 slots x 2 x (10 us + 16 examples x 9,216 B / 1 GB/s), then stage 1's 3.6 MB all-reduced over 2 replicas.
+    assert sent.exposed_comm_s == pytest.approx(5 * 2 * (10e-6 + 16 * 9216 / 1e9) + (0.9 * 4e6 / 1e9 + 2 * 10e-6),
+                                                rel=1e-3)
+    assert pipeline_cut("cifar10-tf", 1, 8)["stage_compute_shares"] == ()  # 5 layers with parameters: no cut
 
 
 def test_winner_switches_from_sync_to_local_sgd_as_latency_grows():

@@ -30,6 +30,12 @@ class Interrupted(UserError):
         self.exit_status = 128 + signal_number
 
 
+# What a worker killed by a signal most likely met (its launcher reports the bare signal):
+# launch.failure_verdict on one machine, cluster/job.py for a node's.
+SIGNAL_CAUSES = {"SIGKILL": "out of memory, or killed", "SIGBUS": "a bus error: a memory-mapped file shrank?",
+                 "SIGSEGV": "a crash in native code", "SIGABRT": "aborted by native code"}
+
+
 # Fragments of the messages gloo, NCCL, the TCPStore and rpc (TensorPipe) raise when a peer
 # is gone or silent (torch 2.13); they arrive as RuntimeError (or torch's DistError).
 _COMMUNICATION = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",

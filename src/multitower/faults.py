@@ -11,7 +11,7 @@ of that rank injects the fault when it reaches that global step:
          sets the delay per step (default 0.2 s)
 Downpour's parameter servers (global ranks workers .. workers + ps - 1) count as their
 "step" the pushes they have applied. Only the first attempt of a job injects it: after an elastic restart
-(TORCHELASTIC_RESTART_COUNT > 0) the run goes on, as after a real one-off fault.
+(attempt.current_attempt() > 0) the run goes on, as after a real one-off fault.
 Unset, this costs one comparison per step. MULTITOWER_FAULT_LOG=FILE appends the wall time
 of each fault to FILE (benchmarks/fault_times.py times the job's answer from it).
 """
@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+
+from multitower.attempt import current_attempt
 
 _SPEC = os.environ.get("MULTITOWER_FAULT", "")
 KINDS = ("raise", "exit", "kill", "hang", "stop", "slow")
@@ -55,12 +57,12 @@ def maybe_inject(rank: int, step: int) -> None:
     if _FAULT is None or _FAULT[0] != rank:
         return
     if _FAULT[2] == "slow":
-        if step >= _FAULT[1] and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
+        if step >= _FAULT[1] and current_attempt() == 0:
             time.sleep(_SLOW_S)
         return
     if _FAULT[1] != step:
         return
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+    if current_attempt() > 0:
         return
     kind = _FAULT[2]
     if os.environ.get("MULTITOWER_FAULT_LOG"):  # when, for benchmarks/fault_times.py

@@ -33,7 +33,15 @@ import time
 
 import torch.distributed as dist
 
+from multitower.attempt import current_attempt
+
 BEAT_S = 1.0  # seconds between signs of life
+# The store client's timeout for the watching thread's requests and the last records of a
+# failing process (they take milliseconds on this 2-core host, loaded or not). It bounds a
+# connection attempt only: a request to a store whose link is cut blocks far longer (a
+# TCPStore.check blocked > 100 s with its timeout at 5 s, torch 2.13: the kernel retransmits
+# for ~15 min), which is why a second thread judges the time since the store last answered.
+REQUEST_TIMEOUT_S = 5.0
 FROZEN_AFTER_S = 2.5 * BEAT_S  # no change in this long, while we wait for it: frozen
 KINDS = ("error", "verdict", "lost")
 """A failure's kind: "error" (the rank's own: a user error, a bug, divergence), "verdict"
@@ -46,8 +54,7 @@ def _attempt_store(timeout_s: float) -> dist.Store | None:
     if not address or not port:
         return None
     store = dist.TCPStore(address, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"multitower/attempt-{attempt}/", store)
+    return dist.PrefixStore(f"multitower/attempt-{current_attempt()}/", store)
 
 
 def record_failure(kind: str, message: str) -> None:
@@ -98,10 +105,14 @@ class Heartbeat:
     def __init__(self, rank: int, world_size: int, timeout_s: float, store: dist.Store | None,
                  on_silence=None):
         self.rank, self.world_size, self.timeout_s, self.store = rank, world_size, timeout_s, store
-        self.on_silence = on_silence or _end_process
+        self.on_silence = on_silence or self._end
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._label = ""
+        self._me = f"rank {rank}"  # this rank described (describe), known without asking the store
+        self._store_lost = False  # the store has not answered for --timeout
+        self._last_contact = time.monotonic()  # when the store last answered the watching thread
+        self._silenced = threading.Lock()  # on_silence runs once, from whichever thread judges first
 
     @classmethod
     def from_environment(cls, timeout_s: float, on_silence=None) -> "Heartbeat":
@@ -114,11 +125,14 @@ class Heartbeat:
         if self.store is None:
             return self
         self._label = label
-        node = os.environ.get("GROUP_RANK", "0")
-        self.store.set(f"info/{self.rank}", json.dumps({"pid": os.getpid(), "node": node, "label": label}))
+        info = {"pid": os.getpid(), "node": os.environ.get("GROUP_RANK", "0"), "label": label}
+        self._me = _described(self.rank, info)
+        self.store.set(f"info/{self.rank}", json.dumps(info))
         self.store.set(f"alive/{self.rank}", "0")
+        self._last_contact = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="multitower-heartbeat", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._watch_store, name="multitower-store-watch", daemon=True).start()
         return self
 
     def beat(self, step: int) -> None:
@@ -152,43 +166,61 @@ class Heartbeat:
     # -- the watching thread ---------------------------------------------------------------
     def _run(self) -> None:
         # A client of its own: the main thread's may be in the middle of a request.
-        store = _attempt_store(min(self.timeout_s, 30.0))
+        timeout_s = min(self.timeout_s, REQUEST_TIMEOUT_S)
+        store = _attempt_store(timeout_s)
         watched = (self.rank + 1) % self.world_size
         count, last_value, last_change = 0, None, time.monotonic()
-        unreachable_since = None
         while not self._stop.wait(BEAT_S):
-            now = time.monotonic()
             try:
+                if store is None:
+                    store = _attempt_store(timeout_s)
                 count += 1
                 store.set(f"alive/{self.rank}", str(count))
                 value = store.get(f"alive/{watched}").decode() if store.check([f"alive/{watched}"]) else None
-                unreachable_since = None
-            except Exception as exc:  # noqa: BLE001 - the store, and so the launcher, is unreachable
-                unreachable_since = unreachable_since or now
-                if now - unreachable_since > self.timeout_s:
-                    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-                    self.on_silence(f"{self.describe(self.rank)} lost the launcher's store at {where} for "
-                                    f"{now - unreachable_since:.0f} s (its machine or the link to it is gone?): "
-                                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
-                    return
+                self._last_contact = time.monotonic()
+            except Exception:  # noqa: BLE001 - the store, and so the launcher, is unreachable: _watch_store judges
+                store = None  # a request that timed out may leave its answer on the socket: a new client next time
                 continue
+            now = time.monotonic()
             if value != last_value or value in ("done", "failed"):
                 last_value, last_change = value, now
             elif now - last_change > self.timeout_s:
-                self.on_silence(self._silent_sentence(watched, now - last_change) +
-                                f"; {self.describe(self.rank)} gave up waiting (--timeout {self.timeout_s:g} s)")
+                self._silence(self._silent_sentence(watched, now - last_change) +
+                              f"; {self.describe(self.rank)} gave up waiting (--timeout {self.timeout_s:g} s)")
                 return
+
+    def _watch_store(self) -> None:
+        """The store answered no request of the watching thread for --timeout: its node, or
+        the link to it, is down. Judged apart from the requests, which may block for minutes."""
+        while not self._stop.wait(BEAT_S):
+            lost_s = time.monotonic() - self._last_contact
+            if lost_s > self.timeout_s:
+                self._store_lost = True
+                where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+                self._silence(f"{self._me} lost the launcher's store at {where} (node 0) for {lost_s:.0f} s: "
+                              f"node 0, or the link to it, is down (--timeout {self.timeout_s:g} s)")
+                return
+
+    def _silence(self, verdict: str) -> None:
+        if self._silenced.acquire(blocking=False):  # never released: once per process
+            self.on_silence(verdict)
 
     # -- verdicts -----------------------------------------------------------------------------
     def describe(self, rank: int) -> str:
-        """"rank 1 (node 0, pid 4242)", with its label where it has one."""
+        """"rank 1 (node 0, pid 4242)", with its label where it has one (this rank's own
+        without a request: the store may be out of reach)."""
+        if rank == self.rank:
+            return self._me
         try:
             info = json.loads(self.store.get(f"info/{rank}").decode()) if self.store.check([f"info/{rank}"]) else {}
         except Exception:  # noqa: BLE001
             info = {}
-        parts = [info["label"]] if info.get("label") else []
-        parts += [f"node {info['node']}", f"pid {info['pid']}"] if info else []
-        return f"rank {rank}" + (f" ({', '.join(parts)})" if parts else "")
+        return _described(rank, info)
+
+    def _end(self, verdict: str) -> None:
+        """The default on_silence: _end_process, without the store's records when it is out of
+        reach (each would wait for its connection to time out first)."""
+        _end_process(verdict, record=not self._store_lost)
 
     def _silent_sentence(self, rank: int, silent_s: float | None = None) -> str:
         step = self._read(f"step/{rank}")
@@ -225,13 +257,21 @@ class Heartbeat:
                          for r in behind) or None
 
 
-def _end_process(verdict: str) -> None:
-    """The default on_silence: record the verdict, say it where no launcher will, and exit
-    now (os._exit: the main thread may be blocked in a collective for a long time yet)."""
-    record_failure("verdict", verdict)
-    with contextlib.suppress(Exception):
-        store = _attempt_store(5.0)
-        store.set(f"alive/{os.environ.get('RANK', 0)}", "failed")  # not a silence: peers must not name us
+def _described(rank: int, info: dict) -> str:
+    parts = [info["label"]] if info.get("label") else []
+    parts += [f"node {info['node']}", f"pid {info['pid']}"] if info else []
+    return f"rank {rank}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _end_process(verdict: str, record: bool = True) -> None:
+    """On silence: record the verdict (unless `record` is False), say it where no launcher
+    will, and exit now (os._exit: the main thread may be blocked in a collective for a long
+    time yet)."""
+    if record:
+        record_failure("verdict", verdict)
+        with contextlib.suppress(Exception):
+            store = _attempt_store(REQUEST_TIMEOUT_S)
+            store.set(f"alive/{os.environ.get('RANK', 0)}", "failed")  # not a silence: peers must not name us
     if not os.environ.get("MULTITOWER_LAUNCHER"):
         print(f"multitower: error: {verdict}", file=sys.stderr, flush=True)
     os._exit(1)

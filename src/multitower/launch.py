@@ -28,7 +28,7 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handl
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from multitower.config import Config
-from multitower.errors import Interrupted, PeerLost, PeerStopped, UserError, WorkerFailed, first_line
+from multitower.errors import SIGNAL_CAUSES, Interrupted, PeerLost, PeerStopped, UserError, WorkerFailed, first_line
 from multitower.heartbeat import record_failure, recorded_failures, worker_pids
 from multitower.parallel import processes
 from multitower.train.checkpoint import CheckpointDir
@@ -260,9 +260,6 @@ def process_state(pid: int) -> str | None:
         return None
 
 
-# What a worker killed by a signal most likely met (the agent reports the bare signal).
-SIGNAL_CAUSES = {"SIGKILL": "out of memory, or killed", "SIGBUS": "a bus error: a memory-mapped file shrank?",
-                 "SIGSEGV": "a crash in native code", "SIGABRT": "aborted by native code"}
 
 
 def failure_verdict(exc: ChildFailedError, cfg: Config, reaped: set[int] = frozenset()) -> str:

@@ -126,6 +126,36 @@ def model_bytes(model_name: str, width: int) -> tuple[int, float]:
     return param_bytes, (statistics.mean(boundary_bytes) if boundary_bytes else 0.0)
 
 
+def pipeline_cut(model_name: str, width: int, stages: int) -> dict:
+    """How `train --strategy pipeline --stages S` cuts the model (its default --balance
+    params, parallel/pipeline.plan_stages), as Workload's pipeline fields: each stage's
+    share of the forward multiply-adds and of the parameter bytes, and the bytes per example
+    each boundary sends on. Empty where S stages cannot be cut (then taken as balanced)."""
+    import torch
+    from multitower.models import build_model
+    from multitower.parallel.pipeline import plan_stages
+    model = build_model(model_name, width=width)
+    try:
+        groups, macs = plan_stages(model, stages)
+    except UserError:
+        return {"stage_compute_shares": (), "stage_param_shares": (), "boundary_bytes_per_example": ()}
+    children = dict(model.named_children())
+    macs_of = dict(zip(children, macs))
+    params = {name: sum(p.numel() * p.element_size() for p in child.parameters()) for name, child in children.items()}
+    sent: dict[str, int] = {}
+    hooks = [children[group[-1]].register_forward_hook(
+        lambda _m, _i, out, name=group[-1]: sent.__setitem__(name, out[0].numel() * out.element_size()))
+        for group in groups[:-1]]
+    side = getattr(model, "image_size", 32)  # airbench has no attribute: 32x32
+    with torch.no_grad():
+        model(torch.zeros(1, 3, side, side))
+    for hook in hooks:
+        hook.remove()
+    return {"stage_compute_shares": tuple(sum(macs_of[n] for n in g) / sum(macs) for g in groups),
+            "stage_param_shares": tuple(sum(params[n] for n in g) / sum(params.values()) for g in groups),
+            "boundary_bytes_per_example": tuple(float(sent[g[-1]]) for g in groups[:-1])}
+
+
 # Repetitions of a profile further apart than this (max - min over the median) are said
 # to be: on this shared 2-core machine four profiles minutes apart once ranged 4.3 to 12.1
 # ms/example, and a plan from any one of them alone is off by up to 2.8x.
@@ -240,7 +270,8 @@ def make_plan(opts: PlanOptions) -> dict:
         profile = profile_compute(opts.model, opts.width, opts.batch_size, opts.threads, opts.profile_steps,
                                   reps=opts.profile_reps)
         compute_s, source = profile.s_per_example, f"measured, {profile.step}"
-    workload = Workload(compute_s, param_bytes, opts.batch_size, activation_bytes)
+    workload = Workload(compute_s, param_bytes, opts.batch_size, activation_bytes,
+                        **pipeline_cut(opts.model, opts.width, opts.stages))
     intra, inter = links_from(opts)
     knobs = Knobs(opts.overlap, opts.sync_every, opts.ps, opts.ps_period, opts.stages, opts.microbatches)
     rows = scan(workload, opts.max_devices, opts.devices_per_node, intra, inter, knobs, opts.nics_per_node,

@@ -296,6 +296,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--cores-per-node", type=_whole_number, default=0,
                    help="cores each node runs on; 0 = this machine's cores / nodes, at least 1, nodes sharing "
                         "cores when there are more nodes than cores (default: %(default)s)")
+    p.add_argument("--ps-node", action="store_true",
+                   help="downpour: its --ps parameter servers on a node of their own, the last; the --workers "
+                        "divided among the other nodes (default: every node runs an equal share of all processes)")
+    p.add_argument("--min-nodes", type=_whole_number, default=0,
+                   help="elastic job (torchrun --nnodes MIN:MAX): it goes on from the newest checkpoint while this "
+                        "many nodes are left (needs --max-restarts 1 or more; node 0 serves the rendezvous and "
+                        "must stay); 0 = --nodes, every node needed (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the training command and print the network and each node's launcher command; "
                         "make and start nothing (needs no root)")

@@ -358,16 +358,16 @@ def cmd_cluster(a: argparse.Namespace) -> None:
         check_rights()  # before torch is imported: a user without the rights learns it at once
     # The train flags are checked here once, as `train` would, before any node exists.
     train_args = train_parser().parse_args(command[1:])
-    from multitower.cluster.job import processes_per_node
-    from multitower.parallel import processes
+    from multitower.cluster.job import plan_nodes
     cfg = config_from_args(train_args)
-    processes_per_node(processes(cfg.parallel), a.nodes)  # before the slower checks below
+    per_node = plan_nodes(cfg, a.nodes, a.ps_node, a.min_nodes)  # before the slower checks below
     if not cfg.data.dir:
         raise UserError(f"--data is required in the training command, e.g. {CLUSTER_EXAMPLE}")
     checked = preflight(cfg)
     if dry_run:
         print(checked)
-    code = run_cluster(a.nodes, rate_bps, command[1:], processes(cfg.parallel), cores_per_node=a.cores_per_node,
-                       max_restarts=cfg.parallel.max_restarts, dry_run=dry_run)
+    code = run_cluster(a.nodes, rate_bps, command[1:], per_node, cores_per_node=a.cores_per_node,
+                       max_restarts=cfg.parallel.max_restarts, min_nodes=a.min_nodes, run_dir=cfg.run.run_dir,
+                       dry_run=dry_run)
     if code:
         raise SystemExit(code)

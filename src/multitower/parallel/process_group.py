@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.rendezvous import register_rendezvous_handler
 
+from multitower.attempt import current_attempt
 from multitower.errors import UserError
 
 # rpc's init_method for a job started by the elastic agent (see rpc_init_method).
@@ -27,10 +28,9 @@ def attempt_store(timeout: datetime.timedelta) -> dist.Store:
     The agent keeps one store for the whole job, so workers restarted after a failure
     would otherwise read the dead workers' keys (gloo's and rpc's addresses) and fail
     with "connectFullMesh failed ... Connection refused" (seen on torch 2.13)."""
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                           timeout=timeout)
-    return dist.PrefixStore(f"multitower/attempt-{attempt}", store)
+    return dist.PrefixStore(f"multitower/attempt-{current_attempt()}", store)
 
 
 def _attempt_rendezvous(url: str, rank: int = -1, world_size: int = -1, timeout=None, **kwargs):

@@ -23,6 +23,7 @@ from multitower.config import Config, ParallelConfig, check_choice
 from multitower.errors import UserError
 from multitower.flags import Flag, whole_number
 from multitower.parallel.base import LossFn, Strategy
+from multitower.parallel.replicas import replica_digests
 
 
 class CommTimer:
@@ -88,6 +89,43 @@ class SyncOptions:
 COMPRESSIONS = ("none", "bf16", "powersgd")
 
 
+def one_bucket_at_a_time(hook):
+    """`hook`, its buckets' communication run one after the other, in bucket order.
+
+    PowerSGD's hook chains three all-reduces per bucket (the uncompressed tensors, then P,
+    then Q), the later ones issued from the previous one's completion callback, on gloo's
+    threads; meanwhile DDP hands it the next bucket from the autograd thread. Which of the
+    two collectives each rank issues first is a race, and gloo needs the same order on
+    every rank: two workers crashed after a few compressed steps with "op.preamble.length
+    <= op.nbytes. 2880 vs 128 ... collective mismatch" (torch 2.13, DDP + powerSGD_hook, no
+    multitower code; one node or two). Here bucket k's hook starts when bucket k-1's chain
+    has completed; the arithmetic is unchanged."""
+    previous: list[torch.futures.Future | None] = [None]
+
+    def ordered(state, bucket):
+        done: torch.futures.Future = torch.futures.Future()
+
+        def finish(inner: torch.futures.Future) -> None:
+            try:
+                done.set_result(inner.value())
+            except Exception as exc:  # noqa: BLE001 - a failed collective fails DDP's wait
+                done.set_exception(exc)
+
+        def start(_=None) -> None:
+            try:
+                hook(state, bucket).add_done_callback(finish)
+            except Exception as exc:  # noqa: BLE001
+                done.set_exception(exc)
+
+        before, previous[0] = previous[0], done
+        if before is None:
+            start()
+        else:
+            before.add_done_callback(start)  # inline if it has completed already
+        return done
+    return ordered
+
+
 class Sync(Strategy):
     name = "sync"
     Options = SyncOptions
@@ -129,7 +167,7 @@ class Sync(Strategy):
             state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1,
                                                 start_powerSGD_iter=10, use_error_feedback=True,
                                                 warm_start=True, random_seed=0)
-            hook, per_element = powerSGD_hook.powerSGD_hook, None
+            hook, per_element = one_bucket_at_a_time(powerSGD_hook.powerSGD_hook), None
         self.timer = CommTimer(per_element)
         self.ddp.register_comm_hook(state, self.timer.wrap(hook))
 
@@ -160,4 +198,13 @@ class Sync(Strategy):
     def after_update(self) -> tuple[float, dict[str, float]]:
         comm_s, sent = self.timer.take()
         return comm_s, {"comm_bytes": float(sent)}
-    # checkpoint_state: the base's, of the unwrapped module (the same keys at any world size).
+
+    def checkpoint_state(self, loop_state: dict) -> dict | None:
+        """The base's, of the unwrapped module (the same keys at any world size), and every
+        replica's digest, which should all be equal (parallel/replicas.py). A collective."""
+        digests = replica_digests(self.model, self.world_size)
+        if self.is_rank0 and len(set(digests)) > 1:
+            apart = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
+            print(f"warning: the weights of rank(s) {', '.join(map(str, apart))} differ from rank 0's: the "
+                  f"synchronous replicas went apart; the checkpoint holds rank 0's", flush=True)
+        return {**super().checkpoint_state(loop_state), "replica_digests": digests}

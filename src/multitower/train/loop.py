@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from multitower.attempt import current_attempt
 from multitower.config import Config
 from multitower.data.loader import augments_on_device
 from multitower.errors import Interrupted, PeerLost, PeerStopped, UserError, first_line, is_communication_error
@@ -65,7 +66,7 @@ def train(cfg: Config, on_step=None, *, recipe=None, data=None, model=None) -> T
     cfg.validate()
     if cfg.data.dir:  # the run names its data absolutely: eval and resume work from anywhere
         cfg = cfg.with_values({"data.dir": str(Path(cfg.data.dir).resolve())})
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    restarted = current_attempt() > 0
     if restarted:
         # The elastic agent restarted the worker group after a failure: continue the
         # run from its last checkpoint rather than refusing the existing run directory.
@@ -168,7 +169,7 @@ class Checkpoints:
         self.loss_avg.value, self.ce_avg.value = state["loss_average"], state["cross_entropy_average"]
         torch.set_rng_state(state["rng"])
         if run.strategy.is_rank0:
-            restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+            restarts = current_attempt()
             after = f" (restart {restarts} after a worker failure)" if restarts else ""
             print(f"resumed {run.cfg.run.run_dir} at step {state['step']}{after}", flush=True)
         return state["step"]

@@ -1,0 +1,239 @@
+"""Benchmark: every strategy across emulated nodes, over links of four rates, measured and as
+`multitower plan` predicts it.
+
+    sudo .venv/bin/python benchmarks/interconnect.py [--quick] [--data DIR] [--out-dir bench-results]
+
+For 2 and 4 nodes and links unshaped / 1gbit / 200mbit / 50mbit (`multitower cluster`,
+one worker process per node, global batch 128 of cifar10-tf), each strategy's job
+    sync, sync --grad-compression bf16, local-sgd (--sync-every 4),
+    downpour (its one server on a node of its own: --ps-node, so N + 1 nodes),
+    pipeline (2 stages; on 4 nodes 2 stages x 2 replicas)
+is run, and its images/sec, communication share of step time and bytes per step per
+worker are read from metrics.jsonl (the first log window, warm-up, dropped). Beside it,
+plan's cost model (bench/cost_model.py) predicts the same job from inputs measured here:
+the link's alpha and beta calibrated across the emulated link (gloo all-reduce, 2 nodes),
+and the compute per example of train's step with one copy per worker process pinned to its
+node's cores, all at once (bench/interconnect.py). Then, at 50 Mbit/s on 2 nodes, each
+strategy trains for the same wall time on the data set, and its validation precision @ 1
+is measured: throughput alone does not pick a strategy.
+
+Writes OUT_DIR/interconnect.json and interconnect.png (images/sec against bandwidth per
+strategy, measured points over predicted lines) and prints the table. Each node count's
+cells on a link are bracketed by profiles, before and after, whose mean the predictions
+use: other work on the machine then lands on both sides of a comparison.
+Needs root (network namespaces); --quick: 2 nodes, two links, short cells, ~10 min.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from multitower.bench.cost_model import Link
+from multitower.bench.interconnect import GLOBAL_BATCH, PIPELINE_STAGES, STRATEGIES, Setup, calibrate_link, \
+    pinned_compute_s, predict, run_cell, trained_wall_s
+from multitower.bench.measure import benchmark_data, environment, write_json
+from multitower.cluster.network import check_rights, parse_rate
+from multitower.plan import model_bytes, pipeline_cut
+
+LINKS = ("unshaped", "1gbit", "200mbit", "50mbit")
+TARGET = 0.15  # the planner's error allowed in every cell (issue 17)
+WINDOW_S = 4.0  # a log window's wished length: three measured windows take ~12 s
+
+
+def cell_steps(predicted_step_s: float, windows: int, quick: bool) -> tuple[int, int]:
+    """(steps, log_every) of a cell: one warm-up window and `windows` measured ones of
+    3..10 steps each, sized by the predicted step time."""
+    log_every = 3 if quick else min(10, max(3, round(WINDOW_S / max(predicted_step_s, 1e-3))))
+    return (windows + 1) * log_every, log_every
+
+
+def run_matrix(args, data_dir: str) -> dict:
+    """Per link: calibrate it; per node count: profile the compute (the data-parallel layout
+    and the pipeline's micro-batches), run every strategy's cell, profile again, and predict
+    each cell from the link and the mean of the two profiles."""
+    param_bytes, activation_bytes = model_bytes("cifar10-tf", 1)
+    cut = pipeline_cut("cifar10-tf", 1, PIPELINE_STAGES)
+    links = ("unshaped", "50mbit") if args.quick else LINKS
+    node_counts = (2,) if args.quick else (2, 4)
+    calibrations, cells = {}, []
+    steps, reps = (5, 3) if args.quick else (10, 5)
+    with tempfile.TemporaryDirectory(prefix="multitower-interconnect-") as tmp:
+        for link in links:
+            rate = parse_rate(link)
+            calibration = calibrate_link(rate, samples=3 if args.quick else 5)
+            calibrations[link] = calibration
+            measured_link = Link(f"{link}, calibrated", calibration["beta_Bps"], calibration["alpha_s"])
+            print(f"{link}: alpha {calibration['latency_us']:.0f} us, beta {calibration['bandwidth_gbps']:.3f} Gbit/s",
+                  flush=True)
+            for nodes in node_counts:
+                layouts = {"data": Setup("sync", nodes), "pipeline": Setup("pipeline", nodes)}
+                before = {key: pinned_compute_s(setup, steps, reps) for key, setup in layouts.items()}
+                group = []
+                for strategy in STRATEGIES:
+                    setup = Setup(strategy, nodes)
+                    layout = "pipeline" if strategy == "pipeline" else "data"
+                    guess = predict(setup, before[layout]["s_per_example"], measured_link, param_bytes,
+                                    activation_bytes, cut)
+                    steps_run, log_every = cell_steps(guess.step_s, 2 if args.quick else 3, args.quick)
+                    run_dir = Path(tmp, f"{strategy}-{nodes}-{link}")
+                    measured = run_cell(setup, link, data_dir, run_dir, steps_run, log_every, warmup_steps=log_every)
+                    group.append((setup, layout, steps_run, log_every, measured))
+                after = {key: pinned_compute_s(setup, steps, reps) for key, setup in layouts.items()}
+                for setup, layout, steps_run, log_every, measured in group:
+                    compute_s = (before[layout]["s_per_example"] + after[layout]["s_per_example"]) / 2
+                    predicted = predict(setup, compute_s, measured_link, param_bytes, activation_bytes, cut)
+                    error = predicted.images_per_sec / measured.images_per_sec - 1
+                    cells.append({"strategy": setup.strategy, "nodes": nodes, "cluster_nodes": setup.cluster_nodes,
+                                  "link": link, "rate_bps": rate, "steps": steps_run, "log_every": log_every,
+                                  "compute_s_per_example": compute_s,
+                                  "compute": {"before": before[layout], "after": after[layout]},
+                                  "predicted": asdict(predicted),
+                                  "predicted_comm_fraction": predicted.exposed_comm_s / predicted.step_s,
+                                  "measured": asdict(measured), "error": error})
+                    print(f"  {nodes} nodes {setup.strategy:>9}: measured {measured.images_per_sec:7.1f} img/s, "
+                          f"predicted {predicted.images_per_sec:7.1f} ({100 * error:+.0f}%), comm "
+                          f"{100 * measured.comm_fraction:.0f}% (predicted exposed "
+                          f"{100 * predicted.exposed_comm_s / predicted.step_s:.0f}%), "
+                          f"{measured.bytes_per_step / 1e6:.2f} MB/step/worker; {compute_s * 1e3:.2f} ms/example "
+                          f"({before[layout]['s_per_example'] * 1e3:.2f} before, "
+                          f"{after[layout]['s_per_example'] * 1e3:.2f} after); {measured.wall_s:.0f} s", flush=True)
+    return {"param_bytes": param_bytes, "activation_bytes_per_example": activation_bytes, "pipeline_cut": cut,
+            "calibrations": calibrations, "cells": cells}
+
+
+def winners(cells: list[dict]) -> list[dict]:
+    """Per (nodes, link): the strategy with the most measured images/sec, and the predicted one."""
+    rows = []
+    for key in sorted({(c["nodes"], c["link"]) for c in cells}, key=lambda k: (k[0], LINKS.index(k[1]))):
+        group = [c for c in cells if (c["nodes"], c["link"]) == key]
+        measured = max(group, key=lambda c: c["measured"]["images_per_sec"])["strategy"]
+        predicted = max(group, key=lambda c: c["predicted"]["images_per_sec"])["strategy"]
+        rows.append({"nodes": key[0], "link": key[1], "measured": measured, "predicted": predicted,
+                     "agree": measured == predicted})
+    return rows
+
+
+def accuracy_runs(args, data_dir: str, cells: list[dict]) -> list[dict]:
+    """At 50 Mbit/s on 2 nodes: each strategy trains for args.accuracy_seconds (its steps
+    from the throughput measured there), then `eval --once` gives its precision @ 1."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="multitower-accuracy-") as tmp:
+        for strategy in STRATEGIES:
+            cell = next((c for c in cells if c["strategy"] == strategy and c["nodes"] == 2 and c["link"] == "50mbit"),
+                        None)
+            if cell is None:
+                continue
+            setup = Setup(strategy, 2)
+            steps = max(5, round(args.accuracy_seconds * cell["measured"]["images_per_sec"] / GLOBAL_BATCH))
+            run_dir = Path(tmp, strategy)
+            command = [sys.executable, "-m", "multitower", "cluster", *setup.cluster_flags(), "--link", "50mbit",
+                       "--", "train", "--data", data_dir, "--run-dir", str(run_dir), *setup.train_flags(),
+                       "--steps", str(steps), "--log-every", str(max(1, steps // 4)), "--summary-every", "0",
+                       "--checkpoint-every", str(steps), "--progress", "off"]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"{strategy}'s accuracy run failed: {done.stderr.strip().splitlines()[-1:]}")
+            evaluated = subprocess.run([sys.executable, "-m", "multitower", "eval", str(run_dir), "--once",
+                                        "--progress", "off"], capture_output=True, text=True, check=True)
+            precision = float(evaluated.stdout.split("precision @ 1 = ")[1].split()[0])
+            rows.append({"strategy": strategy, "steps": steps, "train_wall_s": trained_wall_s(done.stdout),
+                         "precision_at_1": precision})
+            print(f"  {strategy:>9}: {steps} steps in {rows[-1]['train_wall_s']} s, precision @ 1 = {precision:.4f}",
+                  flush=True)
+    return rows
+
+
+def table(result: dict) -> str:
+    lines = [f"{'nodes':>5} {'link':>8} {'strategy':>9} {'measured':>9} {'predicted':>9} {'error':>6} "
+             f"{'comm% meas':>10} {'comm% pred':>10} {'MB/step':>8}"]
+    for c in result["cells"]:
+        lines.append(f"{c['nodes']:>5} {c['link']:>8} {c['strategy']:>9} {c['measured']['images_per_sec']:>9.1f} "
+                     f"{c['predicted']['images_per_sec']:>9.1f} {100 * c['error']:>+5.0f}% "
+                     f"{100 * c['measured']['comm_fraction']:>10.0f} {100 * c['predicted_comm_fraction']:>10.0f} "
+                     f"{c['measured']['bytes_per_step'] / 1e6:>8.2f}")
+    within = sum(abs(c["error"]) <= TARGET for c in result["cells"])
+    lines.append(f"images/sec of all workers; planner within {100 * TARGET:.0f}% in {within} of "
+                 f"{len(result['cells'])} cells")
+    for w in result["winners"]:
+        lines.append(f"{w['nodes']} nodes, {w['link']}: measured winner {w['measured']}, predicted {w['predicted']}"
+                     f"{'' if w['agree'] else '  (DIFFERENT)'}")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Images/sec against link bandwidth (the calibrated beta), one panel per node count:
+    each strategy's prediction as a line, its measurements as points."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from multitower.plan import STRATEGY_COLOURS
+    colours = {**STRATEGY_COLOURS, "sync-bf16": "#17becf"}
+    node_counts = sorted({c["nodes"] for c in result["cells"]})
+    fig, axes = plt.subplots(1, len(node_counts), figsize=(6.2 * len(node_counts), 4.6), squeeze=False,
+                             constrained_layout=True)
+    for ax, nodes in zip(axes[0], node_counts):
+        for strategy in STRATEGIES:
+            points = sorted((result["calibrations"][c["link"]]["bandwidth_gbps"], c) for c in result["cells"]
+                            if c["nodes"] == nodes and c["strategy"] == strategy)
+            if not points:
+                continue
+            xs = [x for x, _ in points]
+            ax.plot(xs, [c["predicted"]["images_per_sec"] for _, c in points], "-", color=colours[strategy], lw=1.5,
+                    label=f"{strategy} (predicted)")
+            ax.plot(xs, [c["measured"]["images_per_sec"] for _, c in points], "o", color=colours[strategy], ms=7,
+                    mfc="none", mew=1.8, label=f"{strategy} (measured)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("link bandwidth, Gbit/s (calibrated; rightmost: unshaped veth)")
+        ax.set_ylabel("images / sec (all workers)")
+        ax.set_title(f"{nodes} nodes (downpour: + 1 server node)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7, ncol=2)
+    env = result["environment"]
+    fig.suptitle(f"cifar10-tf, global batch {GLOBAL_BATCH}, one worker per emulated node; {env['cores']} cores "
+                 f"({env['cpu']}), shared by all nodes", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 nodes, links unshaped and 50mbit, short cells")
+    parser.add_argument("--data", default=None, help="data set (default: data/cifar10, else a generated one)")
+    parser.add_argument("--out-dir", default="bench-results", help="where the JSON and PNG go (default: %(default)s)")
+    parser.add_argument("--accuracy-seconds", type=float, default=None,
+                        help="training time of each strategy's precision run at 50 Mbit/s (default: 180, quick 30)")
+    args = parser.parse_args()
+    args.accuracy_seconds = args.accuracy_seconds or (30.0 if args.quick else 180.0)
+    check_rights()
+    data_dir, generated = benchmark_data(args.data)
+    out_dir = Path(args.out_dir)
+    load_before, started = os.getloadavg(), time.monotonic()
+    result = {"benchmark": "interconnect", "environment": environment(), "quick": args.quick, "data": data_dir,
+              "generated_data": generated, "global_batch": GLOBAL_BATCH, "target_error": TARGET,
+              "command": " ".join(["benchmarks/interconnect.py", *sys.argv[1:]])}
+    result.update(run_matrix(args, data_dir))
+    result["winners"] = winners(result["cells"])
+    print("precision @ 1 at 50 Mbit/s, 2 nodes, the same training time each:", flush=True)
+    result["accuracy"] = accuracy_runs(args, data_dir, result["cells"])
+    result.update({"load_average_before": load_before, "load_average_after": os.getloadavg(),
+                   "wall_s": time.monotonic() - started})
+    json_path = write_json(out_dir / "interconnect.json", result)
+    plot(result, out_dir / "interconnect.png")
+    print(table(result))
+    print(f"wrote {json_path} and {out_dir / 'interconnect.png'} ({result['wall_s'] / 60:.0f} min; load average "
+          f"{load_before[0]:.1f} before, {result['load_average_after'][0]:.1f} after)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The interconnect benchmark's parts; benchmarks/interconnect.py runs its matrix.
+
+For a strategy's job on N emulated nodes (`multitower cluster`, network namespaces on one
+host) over a link of a given rate, this module
+  - measures the link as gloo sees it (calibrate_link: bench/calibrate.py's all-reduce
+    timing and ring fit, run by two processes in two nodes' namespaces across the link),
+  - measures the compute per example the way the job computes (pinned_compute_s: one copy
+    of train's step per worker process, each pinned to its node's cores at its node's
+    threads, all running at once, the slowest counting, as validate_plan.py does on one
+    machine; on 2 cores 4 nodes share cores pairwise, and so do these copies),
+  - predicts the job's images/sec with `multitower plan`'s cost model (predict), and
+  - runs the job and reads its figures from metrics.jsonl (run_cell).
+Nothing here tunes the model: its inputs are the measured link and compute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from multitower.bench.cost_model import Cluster, Knobs, Link, Prediction, Workload, predict_downpour, \
+    predict_local_sgd, predict_pipeline, predict_sync
+from multitower.errors import UserError
+
+# Message sizes of the link calibration. A 2-rank ring all-reduce of m bytes takes 2 alpha +
+# m / beta; but below tbf's 64 KiB bucket a message passes at veth speed, so no one line fits
+# small and large messages alike: plan --calibrate's relative-error fit over 1 KiB .. 4 MiB
+# gave a 50 Mbit/s link 51.9 Mbit/s, where 64 KiB .. 4 MiB all-reduced at 46.9-47.5 Mbit/s,
+# and over 64 KiB .. 4 MiB alone an alpha of 0 (a negative intercept). So alpha comes from
+# the 1 KiB all-reduce (latency alone, inside the bucket) and beta from the sizes the jobs
+# send (a pipeline's micro-batch of activations ~0.15-0.3 MB, gradient buckets up to 4.27
+# MB; 16 MB would take 3 s a call at 50 Mbit/s).
+LATENCY_BYTES = 1024
+BANDWIDTH_BYTES = [64 * 1024 * 4 ** k for k in range(4)]  # 64 KiB .. 4 MiB
+CALIBRATION_BYTES = [LATENCY_BYTES, *BANDWIDTH_BYTES]
+GLOBAL_BATCH = 128  # the tutorial's batch, over all workers
+LOCAL_SGD_PERIOD = 4  # --sync-every: train's default
+PIPELINE_STAGES, PIPELINE_MICROBATCHES = 2, 4  # --stages, --microbatches (train's defaults)
+STRATEGIES = ("sync", "sync-bf16", "local-sgd", "downpour", "pipeline")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One strategy's job on `nodes` trainer nodes, one worker process per node (downpour:
+    and one server on a node of its own, --ps-node; pipeline: 2 stages x nodes/2 replicas)."""
+    strategy: str
+    nodes: int
+
+    @property
+    def workers(self) -> int:
+        return self.nodes
+
+    @property
+    def cluster_nodes(self) -> int:
+        return self.nodes + (self.strategy == "downpour")
+
+    def train_flags(self) -> list[str]:
+        flags = {"sync": ["--strategy", "sync"],
+                 "sync-bf16": ["--strategy", "sync", "--grad-compression", "bf16"],
+                 "local-sgd": ["--strategy", "local-sgd", "--sync-every", str(LOCAL_SGD_PERIOD)],
+                 "downpour": ["--strategy", "downpour", "--ps", "1"],
+                 "pipeline": ["--strategy", "pipeline", "--stages", str(PIPELINE_STAGES),
+                              "--microbatches", str(PIPELINE_MICROBATCHES)]}[self.strategy]
+        return [*flags, "--workers", str(self.workers), "--batch-size", str(GLOBAL_BATCH)]
+
+    def cluster_flags(self) -> list[str]:
+        return ["--nodes", str(self.cluster_nodes), *(["--ps-node"] if self.strategy == "downpour" else [])]
+
+    def profile_batch(self) -> int:
+        """Examples of one compute call of a worker: its share of the batch, or for a
+        pipeline stage one micro-batch of its replica's share."""
+        if self.strategy == "pipeline":
+            replicas = self.workers // PIPELINE_STAGES
+            return GLOBAL_BATCH // replicas // PIPELINE_MICROBATCHES
+        return GLOBAL_BATCH // self.workers
+
+
+# -- the link -----------------------------------------------------------------------------
+
+def calibration_rank(rank: int, store_path: str, out_path: str, samples: int) -> None:
+    """One side of calibrate_link, run inside a node's namespace (`python -m multitower.bench.
+    interconnect calibrate RANK STORE OUT SAMPLES`): calibrate.py's own timing loop."""
+    from multitower.bench.calibrate import _worker
+    _worker(rank, 2, store_path, CALIBRATION_BYTES, samples, out_path)
+
+
+def calibrate_link(rate_bps: int | None, samples: int = 5) -> dict:
+    """gloo all-reduce alpha and beta between two emulated nodes over a link of `rate_bps`
+    (None: unshaped): the ring fit of bench/calibrate.py, as `plan --calibrate` writes it."""
+    from multitower.cluster.job import divide_cores
+    from multitower.cluster.network import Network
+    cores = divide_cores(2, 0, sorted(os.sched_getaffinity(0)))
+    with tempfile.TemporaryDirectory(prefix="multitower-link-") as tmp, Network(2, rate_bps) as net:
+        out = Path(tmp, "timings.json")
+        ranks = [subprocess.Popen(
+            ["ip", "netns", "exec", node.namespace, sys.executable, "-m", "multitower.bench.interconnect",
+             "calibrate", str(rank), str(Path(tmp, "store")), str(out), str(samples)],
+            env={**os.environ, "GLOO_SOCKET_IFNAME": node.interface},
+            preexec_fn=lambda cores=cores[rank]: os.sched_setaffinity(0, cores),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for rank, node in enumerate(net.nodes)]
+        said = [rank.communicate(timeout=900)[0] for rank in ranks]
+        if any(rank.returncode for rank in ranks):
+            raise UserError(f"the link calibration failed: {said[0].strip().splitlines()[-1:] or said}")
+        timings = {int(k): v for k, v in json.loads(out.read_text()).items()}
+    alpha, beta = fit_link({m: timings[m]["median_s"] for m in timings})
+    return {"rate_bps": rate_bps, "alpha_s": alpha, "beta_Bps": beta, "latency_us": alpha * 1e6,
+            "bandwidth_gbps": beta * 8 / 1e9,
+            "samples": [{"bytes": m, "median_s": timings[m]["median_s"]} for m in sorted(timings)]}
+
+
+def fit_link(median_s: dict[int, float]) -> tuple[float, float]:
+    """(alpha s, beta bytes/s) of a 2-rank ring all-reduce, t = 2 alpha + m / beta, from median
+    times per message size: alpha half the LATENCY_BYTES time, beta the median over the
+    BANDWIDTH_BYTES of m / (t - 2 alpha) (see CALIBRATION_BYTES)."""
+    alpha = median_s[LATENCY_BYTES] / 2
+    rates = [m / (median_s[m] - 2 * alpha) for m in BANDWIDTH_BYTES if median_s[m] > 2 * alpha]
+    if not rates:
+        raise UserError(f"the link calibration's large messages took no longer than its {LATENCY_BYTES}-byte one: "
+                        f"{median_s}; the machine is too busy to calibrate now")
+    return alpha, statistics.median(rates)
+
+
+# -- the compute -----------------------------------------------------------------------------
+
+def _profile_copy(rank: int, barrier, cores: list[list[int]], threads: list[int], batch: int, steps: int,
+                  reps: int, out_dir: str) -> None:
+    from multitower.plan import profile_compute
+    os.sched_setaffinity(0, cores[rank])
+    barrier.wait()  # the copies contend for the cores only if they run at the same time
+    seconds = profile_compute("cifar10-tf", 1, batch, threads[rank], steps, reps=reps).s_per_example
+    Path(out_dir, f"{rank}.json").write_text(json.dumps(seconds))
+
+
+def node_layout(setup: Setup) -> tuple[list[list[int]], list[int]]:
+    """(cores, threads) of each worker process as `multitower cluster` gives them: node I's
+    share of the cores (cluster/job.py divide_cores), its threads the share's size (one
+    worker per node). Downpour's server node takes a share too, but computes no steps."""
+    from multitower.cluster.job import divide_cores
+    shares = divide_cores(setup.cluster_nodes, 0, sorted(os.sched_getaffinity(0)))[:setup.workers]
+    return shares, [len(share) for share in shares]
+
+
+def pinned_compute_s(setup: Setup, steps: int = 10, reps: int = 3) -> dict:
+    """Seconds per example of train's step at the worker's batch (profile_batch), one copy per
+    worker process pinned as the job pins it, all at once: the slowest copy's median."""
+    import torch.multiprocessing as mp
+    cores, threads = node_layout(setup)
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="multitower-profile-") as tmp:
+        mp.spawn(_profile_copy, nprocs=setup.workers, join=True,
+                 args=(ctx.Barrier(setup.workers), cores, threads, setup.profile_batch(), steps, reps, tmp))
+        copies = [json.loads(Path(tmp, f"{rank}.json").read_text()) for rank in range(setup.workers)]
+    return {"s_per_example": max(copies), "copies_s_per_example": copies, "batch": setup.profile_batch(),
+            "cores": cores, "threads": threads}
+
+
+# -- the prediction -----------------------------------------------------------------------------
+
+def predict(setup: Setup, compute_s_per_example: float, link: Link, param_bytes: float,
+            activation_bytes_per_example: float, cut: dict) -> Prediction:
+    """plan's cost model (bench/cost_model.py) for the setup, with plan's inputs (`cut`:
+    plan.pipeline_cut at PIPELINE_STAGES): one device per node, every node on `link`.
+    sync-bf16 is plan's sync with the gradient's bytes halved (what the bf16 hook sends);
+    plan has no compression flag of its own."""
+    workers = setup.workers
+    cluster = Cluster(workers, 1, link, link)
+    work = Workload(compute_s_per_example, param_bytes, GLOBAL_BATCH / workers, activation_bytes_per_example, **cut)
+    if setup.strategy == "sync":
+        return predict_sync(work, cluster, Knobs(overlap=True))
+    if setup.strategy == "sync-bf16":
+        return predict_sync(Workload(compute_s_per_example, param_bytes / 2, GLOBAL_BATCH / workers), cluster,
+                            Knobs(overlap=True))
+    if setup.strategy == "local-sgd":
+        return predict_local_sgd(work, cluster, Knobs(local_sgd_period=LOCAL_SGD_PERIOD))
+    if setup.strategy == "downpour":
+        return predict_downpour(work, cluster, Knobs(overlap=True, ps=1, ps_period=1))
+    return predict_pipeline(work, cluster, Knobs(stages=PIPELINE_STAGES, micro_batches=PIPELINE_MICROBATCHES))
+
+
+# -- the measured run -----------------------------------------------------------------------------
+
+@dataclass
+class Measured:
+    images_per_sec: float
+    """Median over the kept log windows of the sum of every rank's examples/sec."""
+    comm_fraction: float
+    """Median of the windows' communication share of step time (the slowest rank's)."""
+    bytes_per_step: float
+    """Bytes a worker sends per step (its strategy's comm_bytes, rank 0's), mean of the windows."""
+    windows: list[dict] = field(default_factory=list)
+    """The metrics.jsonl records the figures come from."""
+    wall_s: float = 0.0
+    """The whole command's seconds, start-up and teardown included."""
+
+
+def run_cell(setup: Setup, link: str, data_dir: str, run_dir: Path, steps: int, log_every: int,
+             warmup_steps: int, extra: tuple[str, ...] = ()) -> Measured:
+    """`multitower cluster` for the setup on `link`; the log windows after warmup_steps."""
+    command = [sys.executable, "-m", "multitower", "cluster", *setup.cluster_flags(), "--link", link, "--", "train",
+               "--data", data_dir, "--run-dir", str(run_dir), *setup.train_flags(), "--steps", str(steps),
+               "--log-every", str(log_every), "--summary-every", "0", "--checkpoint-every", str(steps),
+               "--progress", "off", *extra]
+    start = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall_s = time.monotonic() - start
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise UserError(f"{setup.strategy} on {setup.cluster_nodes} nodes over {link} failed: {last}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    kept = [r for r in records if r["step"] > warmup_steps] or records[-1:]
+    return Measured(images_per_sec=statistics.median(sum(r["rank_examples_per_sec"]) for r in kept),
+                    comm_fraction=statistics.median(r["comm_fraction"] for r in kept),
+                    bytes_per_step=statistics.mean(r.get("comm_bytes", 0.0) for r in kept),
+                    windows=kept, wall_s=wall_s)
+
+
+_DONE = re.compile(r"\[node 0\] done: step (\d+), loss ([\d.naif-]+), ([\d.]+) s")
+
+
+def trained_wall_s(stdout: str) -> float | None:
+    """Rank 0's training time in a cluster job's output ("[node 0] done: step N, loss L, W s")."""
+    found = _DONE.findall(stdout)
+    return float(found[-1][2]) if found else None
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["calibrate"]:
+        rank, store, out, samples = argv[1:]
+        calibration_rank(int(rank), store, out, int(samples))
+    else:
+        raise SystemExit("usage: python -m multitower.bench.interconnect calibrate RANK STORE OUT SAMPLES")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

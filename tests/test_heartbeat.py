@@ -1,0 +1,56 @@
+"""heartbeat.py's judgement of a store out of reach, with fake stores: a request to a store
+behind a cut link blocks for minutes, so the verdict must not wait for one."""
+
+import re
+import threading
+import time
+
+from multitower import heartbeat
+from multitower.heartbeat import Heartbeat
+
+
+class QuietStore:
+    """Answers every request at once (the main thread's client)."""
+
+    def set(self, key, value):
+        pass
+
+    def check(self, keys):
+        return False
+
+
+class CutOffStore:
+    """Every request blocks until released, as TCPStore's did behind a cut link (> 100 s,
+    whatever its timeout)."""
+
+    def __init__(self):
+        self.released = threading.Event()
+
+    def set(self, key, value):
+        self.released.wait()
+
+    check = get = set
+
+
+def test_a_store_out_of_reach_is_named_within_the_timeout(monkeypatch):
+    cut = CutOffStore()
+    monkeypatch.setattr(heartbeat, "_attempt_store", lambda timeout_s: cut)
+    monkeypatch.setenv("MASTER_ADDR", "198.18.0.100")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("GROUP_RANK", "1")
+    said = []
+    beat = Heartbeat(1, 2, timeout_s=2.0, store=QuietStore(), on_silence=said.append)
+    started = time.monotonic()
+    beat.start()
+    try:
+        while not said and time.monotonic() - started < 10:
+            time.sleep(0.05)
+        elapsed = time.monotonic() - started
+    finally:
+        cut.released.set()
+        beat.stop()
+    assert len(said) == 1, said
+    assert re.fullmatch(r"rank 1 \(node 1, pid \d+\) lost the launcher's store at 198\.18\.0\.100:29500 \(node 0\) "
+                        r"for \d s: node 0, or the link to it, is down \(--timeout 2 s\)", said[0]), said[0]
+    assert elapsed < 2.0 + 2 * heartbeat.BEAT_S + 0.5, f"named {elapsed:.1f} s after the last answer"
+    assert beat.describe(1) == said[0].split(" lost")[0]  # its own description, without asking the store
