@@ -38,7 +38,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from multitower.bench.cost_model import Link
-from multitower.bench.interconnect import GLOBAL_BATCH, PIPELINE_STAGES, STRATEGIES, Setup, calibrate_link, \
+from multitower.bench.interconnect import GLOBAL_BATCH, LOCAL_SGD_PERIOD, PIPELINE_STAGES, STRATEGIES, Setup, calibrate_link, \
     pinned_compute_s, predict, run_cell, trained_wall_s
 from multitower.bench.measure import benchmark_data, environment, write_json
 from multitower.cluster.network import check_rights, parse_rate
@@ -49,10 +49,15 @@ TARGET = 0.15  # the planner's error allowed in every cell (issue 17)
 WINDOW_S = 4.0  # a log window's wished length: three measured windows take ~12 s
 
 
-def cell_steps(predicted_step_s: float, windows: int, quick: bool) -> tuple[int, int]:
+def cell_steps(predicted_step_s: float, windows: int, quick: bool, period: int = 1) -> tuple[int, int]:
     """(steps, log_every) of a cell: one warm-up window and `windows` measured ones of
-    3..10 steps each, sized by the predicted step time."""
+    3..10 steps each, sized by the predicted step time, and a multiple of `period` (local
+    SGD's --sync-every): every window then holds the same share of averaging steps. (A
+    3-step window of a job averaging every 4 steps held 0 or 1 of them: the quick run's
+    2 measured windows held 2 in 6 steps, and the cell read a third more traffic per
+    step than the job makes.)"""
     log_every = 3 if quick else min(10, max(3, round(WINDOW_S / max(predicted_step_s, 1e-3))))
+    log_every = period * max(1, round(log_every / period))
     return (windows + 1) * log_every, log_every
 
 
@@ -83,7 +88,8 @@ def run_matrix(args, data_dir: str) -> dict:
                     layout = "pipeline" if strategy == "pipeline" else "data"
                     guess = predict(setup, before[layout]["s_per_example"], measured_link, param_bytes,
                                     activation_bytes, cut)
-                    steps_run, log_every = cell_steps(guess.step_s, 2 if args.quick else 3, args.quick)
+                    period = LOCAL_SGD_PERIOD if strategy == "local-sgd" else 1
+                    steps_run, log_every = cell_steps(guess.step_s, 2 if args.quick else 3, args.quick, period)
                     run_dir = Path(tmp, f"{strategy}-{nodes}-{link}")
                     measured = run_cell(setup, link, data_dir, run_dir, steps_run, log_every, warmup_steps=log_every)
                     group.append((setup, layout, steps_run, log_every, measured))

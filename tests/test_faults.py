@@ -145,3 +145,26 @@ def test_status_advances_while_the_run_trains(synth_dir, tmp_path):
     finally:
         job.kill()
         job.wait()
+
+
+def test_workers_do_not_outlive_a_killed_launcher(synth_dir, tmp_path):
+    """kill -9 of the launcher leaves it no chance to stop its workers: each ends within
+    seconds of its parent (torch's SIGINT on the parent's death, else heartbeat's
+    end_with_launcher), not after --timeout (300 s here): in CI a worker once slept on."""
+    run_dir = tmp_path / "run"
+    job = start_multitower(*train_args(synth_dir, run_dir, "sync", 2000))
+    try:
+        wait_for_step(job, run_dir, 4)
+        with open(f"/proc/{job.pid}/task/{job.pid}/children") as f:
+            workers = [int(pid) for pid in f.read().split()]
+        assert len(workers) >= 2, workers  # (and torch's resource tracker, where there is one)
+    finally:
+        job.kill()
+        job.wait()
+    deadline = time.monotonic() + 15
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in alive if os.path.exists(f"/proc/{pid}") and
+                 open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not alive, f"workers {alive} outlived their launcher by 15 s"

@@ -54,3 +54,46 @@ def test_a_store_out_of_reach_is_named_within_the_timeout(monkeypatch):
                         r"for \d s: node 0, or the link to it, is down \(--timeout 2 s\)", said[0]), said[0]
     assert elapsed < 2.0 + 2 * heartbeat.BEAT_S + 0.5, f"named {elapsed:.1f} s after the last answer"
     assert beat.describe(1) == said[0].split(" lost")[0]  # its own description, without asking the store
+
+
+ORPHAN = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # a worker whose way out hangs: no SIGINT ends it
+from multitower.heartbeat import end_with_launcher
+end_with_launcher()
+print(os.getpid(), flush=True)
+time.sleep(600)
+"""
+LAUNCHER = """
+import subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdout=subprocess.PIPE, text=True)
+print(worker.stdout.readline().strip(), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_worker_ends_when_its_launcher_is_gone():
+    """end_with_launcher: a worker of an elastic agent (TORCHELASTIC_RUN_ID set) whose agent
+    was SIGKILLed ends ORPHAN_GRACE_S later, even where nothing else would end it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, ORPHAN], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "TORCHELASTIC_RUN_ID": "test"})
+    worker = int(launcher.stdout.readline())
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    killed = time.monotonic()
+    while time.monotonic() - killed < heartbeat.ORPHAN_GRACE_S + 10:
+        try:
+            with open(f"/proc/{worker}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError(f"the orphaned worker {worker} lived on {heartbeat.ORPHAN_GRACE_S + 10:.0f} s")
+    assert time.monotonic() - killed >= heartbeat.ORPHAN_GRACE_S - 0.5  # it waited its grace first

@@ -69,10 +69,12 @@ def test_local_sgd_pays_one_allreduce_per_period():
 
 def test_downpour_servers_are_the_bottleneck():
     # Each worker moves 2 x 1 MB per exchange (2 ms on its own link); 8 workers on 2 servers
-    # keep each server link busy 2 * 1 MB * 8 / 2 / 1 GB/s = 8 ms per step.
+    # keep each server link busy 1 MB * 8 / 2 / 1 GB/s = 4 ms per step in each direction
+    # (pushes in, fetches out: full duplex).
     work, link = Workload(1e-3, 1e6, 1), Link("no latency", 1e9, 0.0)
     knobs = Knobs(overlap=False, ps=2)
-    assert predict_downpour(work, flat(8, link), knobs).step_s == pytest.approx(8e-3)
+    assert predict_downpour(work, flat(8, link), knobs).step_s == pytest.approx(4e-3)
+    assert predict_downpour(work, flat(16, link), knobs).step_s == pytest.approx(8e-3)
     assert predict_downpour(work, flat(8, link), Knobs(overlap=False, ps=8)).step_s == pytest.approx(3e-3)
     assert predict_downpour(work, flat(8, link), Knobs(overlap=False, ps=8, ps_period=4)).step_s == pytest.approx(1.5e-3)
 
@@ -112,15 +114,19 @@ def test_pipeline_takes_the_stages_train_cuts():
     assert pipeline_cut("cifar10-tf", 1, 8)["stage_compute_shares"] == ()  # 5 layers with parameters: no cut
 
 
-def test_winner_switches_from_sync_to_local_sgd_as_latency_grows():
+def test_winner_switches_from_sync_as_latency_grows():
     # 1 ms of compute per step, 100 KB of parameters, 100 us per message: the ring's latency
     # term 2(N-1)alpha outgrows backward (0.67 ms) between 4 and 8 devices.
     work, link = Workload(1e-3, 1e5, 1), Link("slow", 1e9, 1e-4)
     rows = scan(work, 8, 1, link, link, Knobs(local_sgd_period=4, stages=4))
-    assert [r["winner"] for r in rows] == ["single", "sync", "sync", "local-sgd"]
+    assert [r["winner"] for r in rows] == ["single", "sync", "sync", "downpour"]
     at_8 = rows[-1]["predictions"]
     assert at_8["sync"].step_s == pytest.approx(1e-3 + (2 * 7 / 8 * 1e-4 + 14 * 1e-4) - 2e-3 / 3)
     assert at_8["local-sgd"].step_s == pytest.approx(1e-3 + (2 * 7 / 8 * 1e-4 + 14 * 1e-4) / 4)
+    # Downpour pays one fetch's latency a step, not the ring's 2(N-1): 1.2 ms, its server's
+    # link (100 KB x 8 workers each way, 0.8 ms) not yet the bottleneck.
+    assert at_8["downpour"].step_s == pytest.approx(1e-3 + 1e5 / 1e9 + 1e-4)
+    assert at_8["downpour"].step_s < at_8["local-sgd"].step_s < at_8["sync"].step_s
 
 
 def test_exact_strategy_preferred_within_tolerance():

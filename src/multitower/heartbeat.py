@@ -273,5 +273,33 @@ def _end_process(verdict: str, record: bool = True) -> None:
             store = _attempt_store(REQUEST_TIMEOUT_S)
             store.set(f"alive/{os.environ.get('RANK', 0)}", "failed")  # not a silence: peers must not name us
     if not os.environ.get("MULTITOWER_LAUNCHER"):
-        print(f"multitower: error: {verdict}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):  # a stderr whose reader is gone must not stop the exit
+            print(f"multitower: error: {verdict}", file=sys.stderr, flush=True)
     os._exit(1)
+
+
+ORPHAN_GRACE_S = 5.0  # after the launcher is gone, before this worker ends itself
+_guarded = False  # end_with_launcher's thread runs (once per process)
+
+
+def end_with_launcher() -> None:
+    """In a worker of an elastic agent (multitower's launcher, torchrun): end this process
+    when the agent is gone (SIGKILLed, it could not stop its workers). torch's spawn asks the
+    kernel for a SIGINT when the parent dies (PR_SET_PDEATHSIG), but a worker's way out after
+    it may wait on a peer, with no heartbeat left to end the wait: in CI one worker orphaned
+    so slept on past --timeout (300 s), holding a core and its files. A daemon thread of its
+    own, apart from the heartbeat's life: ORPHAN_GRACE_S after the parent changes, os._exit."""
+    global _guarded
+    if not os.environ.get("TORCHELASTIC_RUN_ID") or _guarded:
+        return
+    _guarded, parent = True, os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(BEAT_S)
+        time.sleep(ORPHAN_GRACE_S)  # torch's SIGINT may end it cleanly first
+        with contextlib.suppress(OSError):
+            print(f"multitower: error: rank {os.environ.get('RANK', '?')}: its launcher (pid {parent}) is gone, "
+                  f"killed or crashed; this process stops too", file=sys.stderr, flush=True)
+        os._exit(1)
+    threading.Thread(target=watch, name="multitower-orphan-guard", daemon=True).start()

@@ -27,7 +27,7 @@ from multitower.data.loader import augments_on_device
 from multitower.errors import Interrupted, PeerLost, PeerStopped, UserError, first_line, is_communication_error
 from multitower.faults import maybe_inject
 from multitower.files import atomic_write_bytes
-from multitower.heartbeat import Heartbeat
+from multitower.heartbeat import Heartbeat, end_with_launcher
 from multitower.parallel import strategy_class
 from multitower.train.build import Run, build_run, world_size
 from multitower.train.checkpoint import CheckpointDir
@@ -74,6 +74,7 @@ def train(cfg: Config, on_step=None, *, recipe=None, data=None, model=None) -> T
     cls, rank = strategy_class(cfg.parallel, world_size()), int(os.environ.get("RANK", 0))
     serving = cls.serves(cfg.parallel, rank)
     label = f"parameter server {rank - cfg.parallel.workers}" if serving else ""
+    end_with_launcher()
     heartbeat = Heartbeat.from_environment(cfg.parallel.timeout_s).start(label)
     start = time.perf_counter()
     try:
