@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from multitower.procs import parent_of
+
 # Read at run time only, never copied: tests that use it are skipped when it is absent.
 SHARED_CIFAR10 = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "cifar10-jpeg" / "train"
 
@@ -48,9 +50,7 @@ def _processes_marked(marker: bytes) -> list[str]:
                     continue
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 command = f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
-            with open(f"/proc/{pid}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            if parent == os.getpid() and "multiprocessing.resource_tracker" in command:
+            if parent_of(int(pid)) == os.getpid() and "multiprocessing.resource_tracker" in command:
                 continue  # this process's own, for the tests that mp.spawn: it lives as long as we do
             found.append(f"{pid}: {command}")
         except OSError:

@@ -24,6 +24,7 @@ from multitower.attempt import ATTEMPT_ENV, current_attempt
 from multitower.cluster.job import NodeLaunch, _Output, divide_cores, failure_line
 from multitower.cluster.network import Network, check_rights, parse_rate, remove_stale, tbf_parameters
 from multitower.errors import UserError
+from multitower.procs import process_state
 from multitower.train.checkpoint import CheckpointDir
 
 TRAIN_FLAGS = ["--steps", "6", "--batch-size", "32", "--summary-every", "0", "--log-every", "2",
@@ -56,10 +57,7 @@ def ours_left() -> list[str]:
 
 def _running(pid: int) -> bool:
     """Alive and not a zombie (a killed orphan waits for init to reap it)."""
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return process_state(pid) not in ("Z", None)
 
 
 def host_links() -> list[str]:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from helpers import error_lines, metrics, multitower, start_multitower, status, wait_for_step
+from multitower.procs import parent_of, process_state
 from multitower.train.checkpoint import CheckpointDir
 
 COMMON = ["--batch-size", "32", "--summary-every", "0", "--log-every", "4", "--checkpoint-every", "8"]
@@ -140,8 +141,7 @@ def test_status_advances_while_the_run_trains(synth_dir, tmp_path):
         now = status(run_dir)
         assert now["state"] == "running" and now["step"] >= 12 and now["checkpoint_step"] == 8, now
         # Written by rank 0, a worker of the launcher (which holds the run directory's lock).
-        with open(f"/proc/{now['pid']}/stat") as f:
-            assert int(f.read().rsplit(")", 1)[1].split()[1]) == job.pid
+        assert parent_of(now["pid"]) == job.pid
     finally:
         job.kill()
         job.wait()
@@ -165,6 +165,5 @@ def test_workers_do_not_outlive_a_killed_launcher(synth_dir, tmp_path):
     alive = workers
     while alive and time.monotonic() < deadline:
         time.sleep(0.2)
-        alive = [pid for pid in alive if os.path.exists(f"/proc/{pid}") and
-                 open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+        alive = [pid for pid in alive if process_state(pid) not in ("Z", None)]
     assert not alive, f"workers {alive} outlived their launcher by 15 s"

@@ -1,12 +1,17 @@
 """heartbeat.py's judgement of a store out of reach, with fake stores: a request to a store
 behind a cut link blocks for minutes, so the verdict must not wait for one."""
 
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 
 from multitower import heartbeat
 from multitower.heartbeat import Heartbeat
+from multitower.procs import process_state
 
 
 class QuietStore:
@@ -75,10 +80,6 @@ time.sleep(600)
 def test_a_worker_ends_when_its_launcher_is_gone():
     """end_with_launcher: a worker of an elastic agent (TORCHELASTIC_RUN_ID set) whose agent
     was SIGKILLed ends ORPHAN_GRACE_S later, even where nothing else would end it."""
-    import os
-    import signal
-    import subprocess
-    import sys
     launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, ORPHAN], stdout=subprocess.PIPE, text=True,
                                 env={**os.environ, "TORCHELASTIC_RUN_ID": "test"})
     worker = int(launcher.stdout.readline())
@@ -86,11 +87,7 @@ def test_a_worker_ends_when_its_launcher_is_gone():
     launcher.wait()
     killed = time.monotonic()
     while time.monotonic() - killed < heartbeat.ORPHAN_GRACE_S + 10:
-        try:
-            with open(f"/proc/{worker}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    break
-        except FileNotFoundError:
+        if process_state(worker) in ("Z", None):
             break
         time.sleep(0.2)
     else:

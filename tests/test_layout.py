@@ -9,9 +9,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "multitower"
 
 # A module of a layer may import modules of the layers before it only (the package's
-# small helpers - files, flags, faults, heartbeat, attempt, progress - sit with config).
+# small helpers - files, flags, faults, heartbeat, attempt, procs, progress - sit with config).
 LAYERS = [
-    {"errors", "config", "files", "flags", "faults", "progress", "heartbeat", "attempt", "devices"},
+    {"errors", "config", "files", "flags", "faults", "progress", "heartbeat", "attempt", "procs", "devices"},
     {"data", "models", "losses", "bench"},
     {"parallel"},
     {"train"},

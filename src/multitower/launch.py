@@ -31,6 +31,7 @@ from multitower.config import Config
 from multitower.errors import SIGNAL_CAUSES, Interrupted, PeerLost, PeerStopped, UserError, WorkerFailed, first_line
 from multitower.heartbeat import record_failure, recorded_failures, worker_pids
 from multitower.parallel import processes
+from multitower.procs import process_state
 from multitower.train.checkpoint import CheckpointDir
 
 
@@ -249,15 +250,6 @@ class FrozenWorkerReaper:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
-
-
-def process_state(pid: int) -> str | None:
-    """The state letter of /proc/PID/stat ("R", "S", "T" stopped, ...), or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
 
 
 

@@ -46,6 +46,7 @@ from pathlib import Path
 from multitower.cluster.network import (MAX_NODES, Network, Node, check_rights, describe_rate, namespace_pids,
                                         remove_stale, stop_processes)
 from multitower.errors import SIGNAL_CAUSES, UserError
+from multitower.procs import process_state
 
 RDZV_PORT = 29400  # torchrun's usual c10d port; free in node 0's new namespace
 RDZV_JOIN_TIMEOUT_S = 120  # nodes still missing after this: the job fails (torch's default: 600)
@@ -347,7 +348,7 @@ def _stop_lingering(launches: list[NodeLaunch], agents, idle_since: dict[int, fl
         if agent.poll() is not None:
             continue
         pids = namespace_pids(launch.node.namespace)
-        if any(_state(pid) not in ("T", "t", None) for pid in set(pids) - {agent.pid}):
+        if any(process_state(pid) not in ("T", "t", None) for pid in set(pids) - {agent.pid}):
             idle_since.pop(i, None)
         elif now - idle_since.setdefault(i, now) > LINGER_S:
             for pid in pids:
@@ -355,15 +356,6 @@ def _stop_lingering(launches: list[NodeLaunch], agents, idle_since: dict[int, fl
                     os.kill(pid, signal.SIGKILL)
             killed.add(i)
     return killed
-
-
-def _state(pid: int) -> str | None:
-    """The state letter of /proc/PID/stat ("S", "R", "T" stopped, "Z"...), None once gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
 
 
 def _how(code: int) -> str:
