@@ -27,9 +27,7 @@ Needs root (network namespaces); --quick: 2 nodes, two links, short cells, ~10 m
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -5,7 +5,6 @@ one line on stderr; signals to the launcher stop the job in one line; status.jso
 the truth throughout. (Rank 2 is downpour's parameter server: its "step" is the pushes
 it has applied, see multitower/faults.py.)"""
 
-import os
 import re
 import signal
 import time
@@ -13,7 +12,7 @@ import time
 import pytest
 import torch
 
-from helpers import error_lines, metrics, multitower, start_multitower, status, wait_for_step
+from helpers import error_lines, multitower, start_multitower, status, wait_for_step
 from multitower.procs import parent_of, process_state
 from multitower.train.checkpoint import CheckpointDir
 

@@ -126,8 +126,8 @@ def test_cli_run_learns_and_eval_reads_it(capsys, synth_dir, tmp_path):
     assert trained.returncode == 0, trained.stderr
     assert not shared_files() - before
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    # 150 lock-free steps: the running cross-entropy ended at 1.63 on a loaded 2-core machine
-    # (2026-12-01), below 1.5 on quiet ones; chance is 2.30.
+    # 150 lock-free steps: the running cross-entropy ended at 1.63 once on a loaded 2-core
+    # machine (2026-12-01), where 1.5 had been the bound; chance is 2.30.
     assert records[-1]["cross_entropy"] < 1.8, f"cross-entropy {records[-1]['cross_entropy']} vs chance 2.30"
     assert main(["eval", str(run_dir), "--once", "--raw-weights", "--device", "cpu"]) == 0
     assert "step 150: precision @ 1" in capsys.readouterr().out

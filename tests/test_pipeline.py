@@ -6,8 +6,6 @@ trap, and the CLI end to end (with an exact resume)."""
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest

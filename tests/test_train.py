@@ -10,7 +10,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from multitower.config import Config, DataConfig, RunConfig
 from multitower.errors import UserError
-from multitower.train import loop
 from multitower.train.checkpoint import CheckpointDir
 from multitower.train.loop import TrainingDiverged, train
 from multitower.train.recipe import TUTORIAL

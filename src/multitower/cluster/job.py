@@ -139,7 +139,7 @@ def plan_nodes(cfg, nodes: int, ps_node: bool = False, min_nodes: int = 0) -> li
     if parallel.strategy == "hogwild" and nodes > 1:
         raise UserError(f"--strategy hogwild shares one machine's memory between its workers and cannot span "
                         f"--nodes {nodes}; use sync or local-sgd across nodes, or --nodes 1")
-    from multitower.parallel import processes
+    from multitower.parallel import processes  # here: it imports torch, which check_rights must precede
     servers = processes(parallel) - parallel.workers  # downpour's parameter servers
     per_node = node_processes(parallel.workers, servers, nodes, ps_node)
     check_elastic(min_nodes or nodes, nodes, per_node, cfg.data.batch_size, parallel.options.get("accumulate", 1),
