@@ -109,20 +109,31 @@ class PlanOptions:
         return self
 
 
+def child_output_bytes(model) -> dict[str, int]:
+    """Bytes each top-level child of `model` outputs for one example (what a pipeline stage
+    ending there sends on), from one forward of a zero image at the model's input size
+    (its image_size; 32x32 where it has none, as airbench)."""
+    import torch
+    sent: dict[str, int] = {}
+    hooks = [child.register_forward_hook(lambda _m, _i, out, name=name: sent.__setitem__(
+        name, out[0].numel() * out.element_size())) for name, child in model.named_children()]
+    side = getattr(model, "image_size", 32)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, side, side))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sent
+
+
 def model_bytes(model_name: str, width: int) -> tuple[int, float]:
     """(parameter bytes, mean activation bytes per example at the boundaries between the
     model's top-level children, i.e. what a pipeline stage would send on)."""
-    import torch
     from multitower.models import build_model
     model = build_model(model_name, width=width)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    boundary_bytes: list[int] = []
-    hooks = [child.register_forward_hook(lambda _m, _i, out: boundary_bytes.append(out[0].numel() * out.element_size()))
-             for child in list(model.children())[:-1]]  # the last child's output is the logits
-    with torch.no_grad():
-        model(torch.zeros(1, 3, getattr(model, "image_size", 24), getattr(model, "image_size", 24)))
-    for hook in hooks:
-        hook.remove()
+    boundary_bytes = list(child_output_bytes(model).values())[:-1]  # the last child's output is the logits
     return param_bytes, (statistics.mean(boundary_bytes) if boundary_bytes else 0.0)
 
 
@@ -131,7 +142,6 @@ def pipeline_cut(model_name: str, width: int, stages: int) -> dict:
     params, parallel/pipeline.plan_stages), as Workload's pipeline fields: each stage's
     share of the forward multiply-adds and of the parameter bytes, and the bytes per example
     each boundary sends on. Empty where S stages cannot be cut (then taken as balanced)."""
-    import torch
     from multitower.models import build_model
     from multitower.parallel.pipeline import plan_stages
     model = build_model(model_name, width=width)
@@ -142,15 +152,7 @@ def pipeline_cut(model_name: str, width: int, stages: int) -> dict:
     children = dict(model.named_children())
     macs_of = dict(zip(children, macs))
     params = {name: sum(p.numel() * p.element_size() for p in child.parameters()) for name, child in children.items()}
-    sent: dict[str, int] = {}
-    hooks = [children[group[-1]].register_forward_hook(
-        lambda _m, _i, out, name=group[-1]: sent.__setitem__(name, out[0].numel() * out.element_size()))
-        for group in groups[:-1]]
-    side = getattr(model, "image_size", 32)  # airbench has no attribute: 32x32
-    with torch.no_grad():
-        model(torch.zeros(1, 3, side, side))
-    for hook in hooks:
-        hook.remove()
+    sent = child_output_bytes(model)
     return {"stage_compute_shares": tuple(sum(macs_of[n] for n in g) / sum(macs) for g in groups),
             "stage_param_shares": tuple(sum(params[n] for n in g) / sum(params.values()) for g in groups),
             "boundary_bytes_per_example": tuple(float(sent[g[-1]]) for g in groups[:-1])}
