@@ -129,7 +129,10 @@ def _train(cfg: Config, on_step, heartbeat: Heartbeat, restarted: bool, **given)
     run = build_run(cfg, **given)
     cfg, strategy = run.cfg, run.strategy
     if cfg.run.log_device_placement:
-        print(device_placement(run), flush=True)
+        # One write of the whole line: the ranks share a stdout, and print's separate write
+        # of the newline let another rank's line in between (seen in a test run).
+        sys.stdout.write(device_placement(run) + "\n")
+        sys.stdout.flush()
     run_dir = Path(cfg.run.run_dir)
     checkpoints = CheckpointDir(run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
     lock = None
@@ -305,9 +308,10 @@ def _loop(run: Run, on_step, heartbeat: Heartbeat, directory: CheckpointDir) -> 
                 record = window.record(step, strategy, loss_value, loss_avg, ce_avg, lr)
                 mean_loss = record["loss"]
                 if summaries is not None:
+                    # status.json first: a reader who sees step S in metrics.jsonl finds status at S too.
+                    write_status(run_dir, "running", step, checkpoints.saved_step)
                     summaries.append_jsonl("metrics.jsonl", record)
                     summaries.throughput(record)
-                    write_status(run_dir, "running", step, checkpoints.saved_step)
                     say(log_line(record, strategy.world_size))
                 bar.set_postfix(loss=f"{loss_avg.value:.3f}", refresh=False)
                 window = LogWindow()
