@@ -62,12 +62,14 @@ def test_a_store_out_of_reach_is_named_within_the_timeout(monkeypatch):
 
 
 ORPHAN = """
-import os, signal, sys, time
+import ctypes, os, signal
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # a worker whose way out hangs: no SIGINT ends it
 from multitower.heartbeat import end_with_launcher
 end_with_launcher()
 print(os.getpid(), flush=True)
-time.sleep(600)
+# Blocked holding the GIL, as a worker was in a process group's destructor: no thread of its
+# own could run (PyDLL keeps the GIL across the call).
+ctypes.PyDLL(None).sleep(600)
 """
 LAUNCHER = """
 import subprocess, sys, time
@@ -79,10 +81,12 @@ time.sleep(600)
 
 def test_a_worker_ends_when_its_launcher_is_gone():
     """end_with_launcher: a worker of an elastic agent (TORCHELASTIC_RUN_ID set) whose agent
-    was SIGKILLed ends ORPHAN_GRACE_S later, even where nothing else would end it."""
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, ORPHAN], stdout=subprocess.PIPE, text=True,
-                                env={**os.environ, "TORCHELASTIC_RUN_ID": "test"})
+    was SIGKILLed ends ORPHAN_GRACE_S later, even blocked with the GIL held, and says why on
+    its stderr; its watcher ends with it (the autouse leak check)."""
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, ORPHAN], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "TORCHELASTIC_RUN_ID": "test"})
     worker = int(launcher.stdout.readline())
+    launcher_pid = launcher.pid
     launcher.send_signal(signal.SIGKILL)
     launcher.wait()
     killed = time.monotonic()
@@ -94,3 +98,6 @@ def test_a_worker_ends_when_its_launcher_is_gone():
         os.kill(worker, signal.SIGKILL)
         raise AssertionError(f"the orphaned worker {worker} lived on {heartbeat.ORPHAN_GRACE_S + 10:.0f} s")
     assert time.monotonic() - killed >= heartbeat.ORPHAN_GRACE_S - 0.5  # it waited its grace first
+    said = launcher.stderr.read()  # the worker's stderr, the launcher's: at its end once both are gone
+    assert said.strip().splitlines() == [f"multitower: error: rank ?: its launcher (pid {launcher_pid}) is gone, "
+                                         f"killed or crashed; this process stops too"], said

@@ -27,6 +27,8 @@ import contextlib
 import datetime
 import json
 import os
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -278,28 +280,41 @@ def _end_process(verdict: str, record: bool = True) -> None:
     os._exit(1)
 
 
-ORPHAN_GRACE_S = 5.0  # after the launcher is gone, before this worker ends itself
-_guarded = False  # end_with_launcher's thread runs (once per process)
+ORPHAN_GRACE_S = 5.0  # after the launcher is gone, before this worker is ended
+_guarded: list[subprocess.Popen] = []  # end_with_launcher's watcher (once per process)
+
+# The watcher: a shell loop beside the worker, its child. Once a second it reads the
+# worker's parent from /proc/PID/stat (the fields after "(comm) ": state, ppid, ...); when
+# that is no longer the launcher, it waits the grace, says so on the worker's stderr and
+# SIGKILLs it. setpriv's parent-death signal ends the watcher the moment the worker ends.
+ORPHAN_WATCH = r"""
+trap '' PIPE
+worker=$PPID launcher=$1 grace=$2 rank=$3
+while read -r stat < /proc/$worker/stat; do
+  set -- ${stat##*") "}
+  [ "$2" = "$launcher" ] || break
+  sleep 1
+done 2>/dev/null
+[ -e /proc/$worker ] || exit 0  # it ended (without setpriv this watcher outlives it by <= 1 s)
+sleep "$grace"
+[ -e /proc/$worker ] || exit 0
+echo "multitower: error: rank $rank: its launcher (pid $launcher) is gone, killed or crashed; this process stops too" >&2
+kill -9 "$worker"
+"""
 
 
 def end_with_launcher() -> None:
     """In a worker of an elastic agent (multitower's launcher, torchrun): end this process
     when the agent is gone (SIGKILLed, it could not stop its workers). torch's spawn asks the
     kernel for a SIGINT when the parent dies (PR_SET_PDEATHSIG), but a worker's way out after
-    it may wait on a peer, with no heartbeat left to end the wait: in CI one worker orphaned
-    so slept on past --timeout (300 s), holding a core and its files. A daemon thread of its
-    own, apart from the heartbeat's life: ORPHAN_GRACE_S after the parent changes, os._exit."""
-    global _guarded
+    it may hang: in CI one worker orphaned so slept on past --timeout (300 s), holding a core
+    and its files; another hung in a process group's destructor holding the GIL, where a
+    guard thread of its own (this function's first form) could never run. So the guard is a
+    process: ORPHAN_WATCH, started from the main thread (the parent-death signal follows the
+    thread that starts it), ORPHAN_GRACE_S after the parent changes, SIGKILL."""
     if not os.environ.get("TORCHELASTIC_RUN_ID") or _guarded:
         return
-    _guarded, parent = True, os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(BEAT_S)
-        time.sleep(ORPHAN_GRACE_S)  # torch's SIGINT may end it cleanly first
-        with contextlib.suppress(OSError):
-            print(f"multitower: error: rank {os.environ.get('RANK', '?')}: its launcher (pid {parent}) is gone, "
-                  f"killed or crashed; this process stops too", file=sys.stderr, flush=True)
-        os._exit(1)
-    threading.Thread(target=watch, name="multitower-orphan-guard", daemon=True).start()
+    tie = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []  # else it lingers <= 1 s
+    _guarded.append(subprocess.Popen(
+        [*tie, "sh", "-c", ORPHAN_WATCH, "multitower-orphan-watch", str(os.getppid()), str(ORPHAN_GRACE_S),
+         os.environ.get("RANK", "?")], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))

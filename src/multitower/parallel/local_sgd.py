@@ -138,6 +138,11 @@ class LocalSGD(Strategy):
         hook_s, hook_bytes = self.timer.take()
         return hook_s + averaging_s, {"comm_bytes": float((hook_bytes if self._warming_up else 0) + averaged_bytes)}
 
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.drain()  # before the process group can go (sync.CommTimer.drain)
+        super().close()
+
     @torch.no_grad()
     def mean_of_replicas(self) -> dict:
         """The replicas' mean under the unwrapped module's keys (an all-reduce of the

@@ -40,6 +40,7 @@ class CommTimer:
         self.bytes_per_element = bytes_per_element  # None: the buffer's own element size
         self._lock = threading.Lock()  # futures complete on the backend's threads
         self._intervals: list[tuple[float, float]] = []
+        self._in_flight: dict[object, torch.futures.Future | None] = {}  # a bucket's token -> its future
         self.bytes = 0
 
     def wrap(self, hook):
@@ -57,12 +58,35 @@ class CommTimer:
             with self._lock:
                 self.bytes += int(sent)
 
+            token = object()
+            with self._lock:
+                self._in_flight[token] = None
+
             def finished(fut):
                 with self._lock:
                     self._intervals.append((start, time.perf_counter()))
+                    self._in_flight.pop(token, None)
                 return fut.value()
-            return future.then(finished)
+            chained = future.then(finished)  # runs `finished` at once if the future has completed
+            with self._lock:
+                if token in self._in_flight:
+                    self._in_flight[token] = chained
+            return chained
         return timed_hook
+
+    def drain(self) -> None:
+        """Wait, the GIL released, until every all-reduce handed to a hook has completed or
+        failed. The hooks' callbacks run Python on gloo's thread; a process group destroyed
+        while one is pending deadlocks: its destructor joins that thread holding the GIL,
+        which the callback waits for (seen: a worker interrupted mid-backward, SIGINT from
+        its killed launcher, hung in ~ProcessGroupGloo for minutes, no thread able to run)."""
+        with self._lock:
+            pending = [future for future in self._in_flight.values() if future is not None]
+        for future in pending:
+            try:
+                future.wait()
+            except Exception:  # noqa: BLE001 - a failed all-reduce: done all the same
+                pass
 
     def take(self) -> tuple[float, int]:
         """Seconds with communication in flight and bytes since the last call."""
@@ -198,6 +222,11 @@ class Sync(Strategy):
     def after_update(self) -> tuple[float, dict[str, float]]:
         comm_s, sent = self.timer.take()
         return comm_s, {"comm_bytes": float(sent)}
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.drain()  # before the process group can go (CommTimer.drain)
+        super().close()
 
     def checkpoint_state(self, loop_state: dict) -> dict | None:
         """The base's, of the unwrapped module (the same keys at any world size), and every
