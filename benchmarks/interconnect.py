@@ -11,9 +11,10 @@ one worker process per node, global batch 128 of cifar10-tf), each strategy's jo
 is run, and its images/sec, communication share of step time and bytes per step per
 worker are read from metrics.jsonl (the first log window, warm-up, dropped). Beside it,
 plan's cost model (bench/cost_model.py) predicts the same job from inputs measured here:
-the link's alpha and beta calibrated across the emulated link (gloo all-reduce, 2 nodes),
-and the compute per example of train's step with one copy per worker process pinned to its
-node's cores, all at once (bench/interconnect.py). Then, at 50 Mbit/s on 2 nodes, each
+the link's alpha, beta and CPU per byte calibrated across the emulated link (gloo
+all-reduce, 2 nodes; and downpour's rpc exchange), and the compute per example of train's
+step, in the strategy's memory format and fed by train's loader, with one copy per worker
+process pinned to its node's cores, all at once (bench/interconnect.py). Then, at 50 Mbit/s on 2 nodes, each
 strategy trains for the same wall time on the data set, and its validation precision @ 1
 is measured: throughput alone does not pick a strategy.
 
@@ -35,9 +36,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from multitower.bench.cost_model import Link
-from multitower.bench.interconnect import GLOBAL_BATCH, LOCAL_SGD_PERIOD, PIPELINE_STAGES, STRATEGIES, Setup, calibrate_link, \
-    pinned_compute_s, predict, run_cell, trained_wall_s
+from multitower.bench.calibrate import calibrated_link
+from multitower.bench.interconnect import GLOBAL_BATCH, LOCAL_SGD_PERIOD, PIPELINE_STAGES, STRATEGIES, Setup, \
+    calibrate_link, calibrate_rpc, pinned_compute_s, predict, run_cell, trained_wall_s
 from multitower.bench.measure import benchmark_data, environment, write_json
 from multitower.cluster.network import check_rights, parse_rate
 from multitower.plan import model_bytes, pipeline_cut
@@ -60,41 +61,47 @@ def cell_steps(predicted_step_s: float, windows: int, quick: bool, period: int =
 
 
 def run_matrix(args, data_dir: str) -> dict:
-    """Per link: calibrate it; per node count: profile the compute (the data-parallel layout
-    and the pipeline's micro-batches), run every strategy's cell, profile again, and predict
-    each cell from the link and the mean of the two profiles."""
+    """Per link: calibrate it (gloo, and downpour's rpc); per node count: profile the compute
+    (the data-parallel step in channels_last, downpour's in NCHW, and the pipeline's NCHW
+    micro-batches), run every strategy's cell, profile again, and predict each cell from the
+    links and the mean of the two profiles."""
     param_bytes, activation_bytes = model_bytes("cifar10-tf", 1)
     cut = pipeline_cut("cifar10-tf", 1, PIPELINE_STAGES)
     links = ("unshaped", "50mbit") if args.quick else LINKS
     node_counts = (2,) if args.quick else (2, 4)
-    calibrations, cells = {}, []
+    calibrations, rpc_calibrations, cells = {}, {}, []
     steps, reps = (5, 3) if args.quick else (10, 5)
     with tempfile.TemporaryDirectory(prefix="multitower-interconnect-") as tmp:
         for link in links:
             rate = parse_rate(link)
             calibration = calibrate_link(rate, samples=3 if args.quick else 5)
-            calibrations[link] = calibration
-            measured_link = Link(f"{link}, calibrated", calibration["beta_Bps"], calibration["alpha_s"])
-            print(f"{link}: alpha {calibration['latency_us']:.0f} us, beta {calibration['bandwidth_gbps']:.3f} Gbit/s",
-                  flush=True)
+            rpc_calibration = calibrate_rpc(rate, samples=3 if args.quick else 5)
+            calibrations[link], rpc_calibrations[link] = calibration, rpc_calibration
+            measured_link = calibrated_link(f"{link}, calibrated", calibration)
+            rpc_link = calibrated_link(f"{link}, rpc calibrated", rpc_calibration)
+            print(f"{link}: gloo alpha {calibration['latency_us']:.0f} us, beta {calibration['bandwidth_gbps']:.3f} "
+                  f"Gbit/s, {calibration['cpu_ns_per_byte']:.2f} ns CPU/byte; rpc alpha "
+                  f"{rpc_calibration['latency_us']:.0f} us, beta {rpc_calibration['bandwidth_gbps']:.3f} Gbit/s, "
+                  f"{rpc_calibration['cpu_ns_per_byte']:.2f} ns CPU/byte", flush=True)
             for nodes in node_counts:
-                layouts = {"data": Setup("sync", nodes), "pipeline": Setup("pipeline", nodes)}
-                before = {key: pinned_compute_s(setup, steps, reps) for key, setup in layouts.items()}
+                layouts = {"data": Setup("sync", nodes), "downpour": Setup("downpour", nodes),
+                           "pipeline": Setup("pipeline", nodes)}
+                before = {key: pinned_compute_s(setup, data_dir, steps, reps) for key, setup in layouts.items()}
                 group = []
                 for strategy in STRATEGIES:
                     setup = Setup(strategy, nodes)
-                    layout = "pipeline" if strategy == "pipeline" else "data"
+                    layout = strategy if strategy in layouts else "data"
                     guess = predict(setup, before[layout]["s_per_example"], measured_link, param_bytes,
-                                    activation_bytes, cut)
+                                    activation_bytes, cut, rpc_link)
                     period = LOCAL_SGD_PERIOD if strategy == "local-sgd" else 1
                     steps_run, log_every = cell_steps(guess.step_s, 2 if args.quick else 3, args.quick, period)
                     run_dir = Path(tmp, f"{strategy}-{nodes}-{link}")
                     measured = run_cell(setup, link, data_dir, run_dir, steps_run, log_every, warmup_steps=log_every)
                     group.append((setup, layout, steps_run, log_every, measured))
-                after = {key: pinned_compute_s(setup, steps, reps) for key, setup in layouts.items()}
+                after = {key: pinned_compute_s(setup, data_dir, steps, reps) for key, setup in layouts.items()}
                 for setup, layout, steps_run, log_every, measured in group:
                     compute_s = (before[layout]["s_per_example"] + after[layout]["s_per_example"]) / 2
-                    predicted = predict(setup, compute_s, measured_link, param_bytes, activation_bytes, cut)
+                    predicted = predict(setup, compute_s, measured_link, param_bytes, activation_bytes, cut, rpc_link)
                     error = predicted.images_per_sec / measured.images_per_sec - 1
                     cells.append({"strategy": setup.strategy, "nodes": nodes, "cluster_nodes": setup.cluster_nodes,
                                   "link": link, "rate_bps": rate, "steps": steps_run, "log_every": log_every,
@@ -111,7 +118,7 @@ def run_matrix(args, data_dir: str) -> dict:
                           f"({before[layout]['s_per_example'] * 1e3:.2f} before, "
                           f"{after[layout]['s_per_example'] * 1e3:.2f} after); {measured.wall_s:.0f} s", flush=True)
     return {"param_bytes": param_bytes, "activation_bytes_per_example": activation_bytes, "pipeline_cut": cut,
-            "calibrations": calibrations, "cells": cells}
+            "calibrations": calibrations, "rpc_calibrations": rpc_calibrations, "cells": cells}
 
 
 def winners(cells: list[dict]) -> list[dict]:

@@ -61,6 +61,25 @@ def test_sync_overlap_is_explicit():
     assert bigger.exposed_comm_s == pytest.approx(0.15002 - 0.1 * 2 / 3)
 
 
+def test_a_cpu_transport_costs_the_compute_its_cpu_time():
+    """Where the transport runs on the compute cores (gloo over kernel TCP), its CPU part
+    cannot hide behind backward: compute 0.1 s, an all-reduce of 50 ms on the wire of which
+    2 x 1/2 x 50 MB x 0.2 ns = 10 ms is CPU."""
+    cpu_link = Link("gloo on a CPU", 1e9, 10e-6, cpu_s_per_byte=0.2e-9)
+    work = Workload(1e-3, 50e6, 100)
+    hidden = predict_sync(work, flat(2, cpu_link), Knobs(overlap=True))
+    assert hidden.exposed_comm_s == pytest.approx(0.01)
+    # Two workers on the same cores (emulated nodes): their CPU parts queue, 20 ms.
+    shared = predict_sync(work, Cluster(2, 1, cpu_link, cpu_link, cores_shared_by=2), Knobs(overlap=True))
+    assert shared.exposed_comm_s == pytest.approx(0.02)
+    # Nothing to overlap with: the wire time, or the CPU time where that is longer.
+    local = predict_local_sgd(work, Cluster(2, 1, cpu_link, cpu_link, cores_shared_by=8), Knobs(local_sgd_period=2))
+    assert local.exposed_comm_s == pytest.approx(max(0.05002, 8 * 0.01) / 2)
+    # Longer than backward (66.7 ms): the wire's rest shows too.
+    long = predict_sync(Workload(1e-3, 150e6, 100), flat(2, cpu_link), Knobs(overlap=True))
+    assert long.exposed_comm_s == pytest.approx(0.03 + (0.15002 - 0.03 - 0.1 * 2 / 3))
+
+
 def test_local_sgd_pays_one_allreduce_per_period():
     work = Workload(1e-3, 50e6, 100)
     p = predict_local_sgd(work, flat(2), Knobs(local_sgd_period=5))
@@ -87,16 +106,25 @@ def test_pipeline_bubble():
     p = predict_pipeline(work, Cluster(4, 4, free, free), Knobs(stages=4, micro_batches=16))
     assert p.efficiency == pytest.approx(1 - 3 / 19)
     assert predict_pipeline(work, Cluster(6, 8, free, free), Knobs(stages=4)) is None  # 4 stages do not divide 6
-    # Activations: 2 transfers (forward, backward) per micro-batch per slot: 19 slots x 2 x (1 KB x 8 / 1 GB/s).
+    # Activations of 8 examples x 1 KB: 18 us a boundary, shorter than a stage's forward (0.67
+    # ms), so sends hide behind the next micro-batch's compute: only the first micro-batch's 3
+    # boundaries show, forward and backward; and the input all-gather's 3 latencies (no bytes here).
+    hop = 10e-6 + 8e3 / 1e9
     slow = predict_pipeline(Workload(1e-3, 0.0, 32, 1e3), Cluster(4, 4, GBPS_1, GBPS_1),
                             Knobs(stages=4, micro_batches=16))
-    assert slow.exposed_comm_s == pytest.approx(19 * 2 * (10e-6 + 8e3 / 1e9))
+    assert slow.exposed_comm_s == pytest.approx(2 * 3 * hop + 3 * 10e-6)
+    # 100 KB an example: 0.81 ms a boundary, longer than a forward: the link sets the forward's pace.
+    link_bound = predict_pipeline(Workload(1e-3, 0.0, 32, 1e5), Cluster(4, 4, GBPS_1, GBPS_1),
+                                  Knobs(stages=4, micro_batches=16))
+    hop, forward, backward = 10e-6 + 8e5 / 1e9, 8e-3 / 4 / 3, 8e-3 / 4 * 2 / 3
+    assert link_bound.step_s == pytest.approx((4 * forward + 3 * hop + 15 * hop) + (4 * backward + 3 * hop + 15 * backward)
+                                              + 3 * 10e-6)
 
 
 def test_pipeline_takes_the_stages_train_cuts():
     """cifar10-tf in 2 stages by parameters (train's default): stage 0 holds 95% of the
     multiply-adds, stage 1 90% of the parameters, and pool2 sends 9,216 bytes an example;
-    the slowest stage sets every slot, the largest boundary every transfer."""
+    the slowest stage sets the pace, the others add their time once."""
     cut = pipeline_cut("cifar10-tf", 1, 2)
     assert cut["stage_compute_shares"] == pytest.approx((0.948, 0.052), abs=1e-3)
     assert cut["stage_param_shares"] == pytest.approx((0.100, 0.900), abs=1e-3)
@@ -105,12 +133,16 @@ def test_pipeline_takes_the_stages_train_cuts():
     balanced = predict_pipeline(Workload(1e-3, 0.0, 32), Cluster(2, 1, free, free), Knobs(stages=2, micro_batches=4))
     cut_as_train = predict_pipeline(Workload(1e-3, 0.0, 32, **cut), Cluster(2, 1, free, free),
                                     Knobs(stages=2, micro_batches=4))
-    assert cut_as_train.step_s == pytest.approx(balanced.step_s * 0.948 / 0.5, rel=1e-3)
-    sent = predict_pipeline(Workload(1e-9, 4e6, 32, 1e6, **cut), Cluster(4, 1, GBPS_1, GBPS_1),
-                            Knobs(stages=2, micro_batches=4))
-    # 5 slots x 2 x (10 us + 16 examples x 9,216 B / 1 GB/s), then stage 1's 3.6 MB all-reduced over 2 replicas.
-    assert sent.exposed_comm_s == pytest.approx(5 * 2 * (10e-6 + 16 * 9216 / 1e9) + (0.9 * 4e6 / 1e9 + 2 * 10e-6),
-                                                rel=1e-3)
+    # Balanced: 5 slots of half the model; as cut: one micro-batch of stage 1, 4 of stage 0.
+    assert balanced.step_s == pytest.approx(5 * 0.5 * 16e-3)
+    assert cut_as_train.step_s == pytest.approx((0.052 + 4 * 0.948) * 16e-3, rel=1e-3)
+    sent = predict_pipeline(Workload(1e-9, 4e6, 32, 1e6, input_bytes_per_example=1e3, **cut),
+                            Cluster(4, 1, GBPS_1, GBPS_1), Knobs(stages=2, micro_batches=4))
+    # The input all-gather (10 us + 32 examples x 1 KB / 1 GB/s); 4 micro-batches through the
+    # boundary each way (10 us + 16 examples x 9,216 B / 1 GB/s); then stage 1's 3.6 MB
+    # all-reduced over 2 replicas.
+    assert sent.exposed_comm_s == pytest.approx((10e-6 + 32e3 / 1e9) + 2 * 4 * (10e-6 + 16 * 9216 / 1e9)
+                                                + (0.9 * 4e6 / 1e9 + 2 * 10e-6), rel=1e-3)
     assert pipeline_cut("cifar10-tf", 1, 8)["stage_compute_shares"] == ()  # 5 layers with parameters: no cut
 
 
@@ -118,14 +150,14 @@ def test_winner_switches_from_sync_as_latency_grows():
     # 1 ms of compute per step, 100 KB of parameters, 100 us per message: the ring's latency
     # term 2(N-1)alpha outgrows backward (0.67 ms) between 4 and 8 devices.
     work, link = Workload(1e-3, 1e5, 1), Link("slow", 1e9, 1e-4)
-    rows = scan(work, 8, 1, link, link, Knobs(local_sgd_period=4, stages=4))
+    rows = scan(work, 8, 1, link, link, Knobs(local_sgd_period=2, stages=4))
     assert [r["winner"] for r in rows] == ["single", "sync", "sync", "downpour"]
     at_8 = rows[-1]["predictions"]
     assert at_8["sync"].step_s == pytest.approx(1e-3 + (2 * 7 / 8 * 1e-4 + 14 * 1e-4) - 2e-3 / 3)
-    assert at_8["local-sgd"].step_s == pytest.approx(1e-3 + (2 * 7 / 8 * 1e-4 + 14 * 1e-4) / 4)
-    # Downpour pays one fetch's latency a step, not the ring's 2(N-1): 1.2 ms, its server's
-    # link (100 KB x 8 workers each way, 0.8 ms) not yet the bottleneck.
-    assert at_8["downpour"].step_s == pytest.approx(1e-3 + 1e5 / 1e9 + 1e-4)
+    assert at_8["local-sgd"].step_s == pytest.approx(1e-3 + (2 * 7 / 8 * 1e-4 + 14 * 1e-4) / 2)
+    # Downpour pays one request and its reply a step (2 latencies), not the ring's 2(N-1):
+    # 1.4 ms, its server's link (100 KB x 8 workers each way, 0.8 ms) not yet the bottleneck.
+    assert at_8["downpour"].step_s == pytest.approx(1e-3 + 2 * (1e5 / 1e9 + 1e-4))
     assert at_8["downpour"].step_s < at_8["local-sgd"].step_s < at_8["sync"].step_s
 
 
@@ -193,7 +225,7 @@ def test_a_profile_that_spreads_is_said(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(plan, "profile_compute", lambda *args, **kwargs: spread)
     assert main(["plan", "--max-devices", "2", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "1.000 ms/example (measured, train's step: fp32, channels_last)" in out
+    assert "1.000 ms/example (measured, train's step: fp32, channels_last; " in out
     assert "warning: the profile's 3 repetitions spread 50% (0.800 .. 1.300 ms/example; the plan uses the median)" in out
     recorded = json.loads((tmp_path / "plan.json").read_text())["inputs"]["profile"]
     assert recorded["all_s_per_example"] == [0.8e-3, 1.0e-3, 1.3e-3] and recorded["spread"] == pytest.approx(0.5)
@@ -205,7 +237,7 @@ def test_a_profile_that_spreads_is_said(monkeypatch, capsys, tmp_path):
 
 def test_the_plot_shows_what_differs_where_efficiency_is_100_for_all():
     """A CPU's compute time (2.2 ms/example) over 25 GbE: sync, local SGD and downpour all
-    draw ~100% efficiency at 2..64 devices; the lower panels tell them apart."""
+    draw 98-100% efficiency at 2 devices; the lower panels tell them apart."""
     import matplotlib.pyplot as plt
     from multitower.plan import PlanOptions, make_plan, plan_figure
     figure = plan_figure(make_plan(PlanOptions(compute_ms_per_example=2.2, max_devices=64)))
@@ -216,7 +248,7 @@ def test_the_plot_shows_what_differs_where_efficiency_is_100_for_all():
         (line,) = [l for l in ax.get_lines() if l.get_label() == name]
         return dict(zip(line.get_xdata(), line.get_ydata()))[2]
     names = ("sync", "local-sgd", "downpour")
-    assert max(at_2(efficiency, n) for n in names) - min(at_2(efficiency, n) for n in names) < 1.0  # on top
+    assert max(at_2(efficiency, n) for n in names) - min(at_2(efficiency, n) for n in names) < 2.5  # on top
     ms = sorted(at_2(comm, n) for n in names)  # local-sgd 0.35, sync 1.39, downpour 2.75 ms
     assert ms[1] / ms[0] > 1.5 and ms[2] / ms[1] > 1.5
     shares = {n: at_2(exposed, n) for n in names}  # sync hides its all-reduce behind backward
@@ -279,3 +311,8 @@ def test_calibration_on_loopback():
     result = measure_allreduce(sizes=[1024, 64 * 1024, 1024 * 1024], samples=2)
     assert result["alpha_s"] >= 0 and result["beta_Bps"] > 1e6
     assert [s["bytes"] for s in result["samples"]] == [1024, 64 * 1024, 1024 * 1024]
+    # gloo on loopback copies and sums every byte on the host's cores: some CPU per byte,
+    # and no more than a call's wall time (the process's threads take turns on its core).
+    one_mib = result["samples"][-1]
+    assert result["cpu_s_per_byte"] == pytest.approx(one_mib["cpu_median_s"] / 2 ** 20)
+    assert 0 < one_mib["cpu_median_s"] <= 2 * one_mib["median_s"]

@@ -137,6 +137,14 @@ def model_bytes(model_name: str, width: int) -> tuple[int, float]:
     return param_bytes, (statistics.mean(boundary_bytes) if boundary_bytes else 0.0)
 
 
+def input_bytes_per_example(model_name: str, width: int) -> float:
+    """What one example's input weighs as the loader hands it over (3 x side x side float32
+    images at the model's input size, an int64 label): what a pipeline rank all-gathers."""
+    from multitower.models import build_model
+    side = getattr(build_model(model_name, width=width), "image_size", 32)
+    return 3 * side * side * 4 + 8
+
+
 def pipeline_cut(model_name: str, width: int, stages: int) -> dict:
     """How `train --strategy pipeline --stages S` cuts the model (its default --balance
     params, parallel/pipeline.plan_stages), as Workload's pipeline fields: each stage's
@@ -190,26 +198,40 @@ class Profile:
 
 
 def profile_compute(model_name: str, width: int, batch_size: int, threads: int, steps: int = 5,
-                    warmup: int = 1, reps: int = 5) -> Profile:
+                    warmup: int = 1, reps: int = 5, channels_last: bool | None = None, split=None) -> Profile:
     """The real training step, as `multitower train` runs it with one worker (bench/step.py:
     the Single strategy's step with train's fast path, the loss read and the EMA update), on a
     fixed random batch at `threads` CPU threads (or the GPU when present): `warmup` untimed
-    and `reps` timed repetitions of `steps` steps each; the median repetition counts."""
+    and `reps` timed repetitions of `steps` steps each; the median repetition counts.
+    `channels_last`: the memory format (None: train's default; False for the strategies that
+    keep NCHW). `split`: batches from these records through train's loader instead of the
+    fixed batch, the loader's thread sharing the cores as it does in train."""
     import torch
     from multitower.bench.measure import median_rate
     from multitower.bench.step import training_step
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    setting = None if channels_last is None else {"channels_last": channels_last}
     try:
-        step = training_step(batch_size, steps, device, model=model_name, width=width, lr=0.01)
-        rates = median_rate(step.run, repetitions=reps, warmup=warmup)["all"]
-        step.close()
+        step = training_step(batch_size, steps, device, model=model_name, width=width, lr=0.01, setting=setting,
+                             split=split)
+        try:
+            rates = median_rate(step.run, repetitions=reps, warmup=warmup)["all"]
+        finally:
+            step.close()
     finally:
         torch.set_num_threads(previous_threads)
     seconds = [1 / rate for rate in rates]
     layout = "channels_last" if step.fast.channels_last else "NCHW"
     return Profile(statistics.median(seconds), seconds, f"train's step: {step.fast.precision}, {layout}")
+
+
+def keeps_nchw(strategy: str) -> bool:
+    """Whether `strategy` runs its step in NCHW where train's default is channels_last (its
+    class refuses --channels-last: its flat buffers, server copies or stage boundaries)."""
+    from multitower.parallel import STRATEGIES
+    return "--channels-last" in STRATEGIES[strategy].refuses
 
 
 def compute_from_benchmark(path: str) -> float:
@@ -232,7 +254,7 @@ def links_from(opts: PlanOptions) -> tuple[Link, Link]:
     if opts.bandwidth_gbps or opts.latency_us:
         inter = Link(f"{inter.name}, measured",
                      opts.bandwidth_gbps * 1e9 / 8 if opts.bandwidth_gbps else inter.bandwidth_Bps,
-                     opts.latency_us * 1e-6 if opts.latency_us else inter.latency_s)
+                     opts.latency_us * 1e-6 if opts.latency_us else inter.latency_s, inter.cpu_s_per_byte)
     return intra, inter
 
 
@@ -263,7 +285,8 @@ def describe_inputs(opts: PlanOptions) -> str:
 def make_plan(opts: PlanOptions) -> dict:
     """Measure (or read) the inputs and predict every strategy at every device count."""
     param_bytes, activation_bytes = model_bytes(opts.model, opts.width)
-    profile = None
+    profile = nchw_profile = None
+    by_strategy: tuple[tuple[str, float], ...] = ()
     if opts.compute_ms_per_example:
         compute_s, source = opts.compute_ms_per_example / 1e3, "given"
     elif opts.from_benchmark:
@@ -272,8 +295,15 @@ def make_plan(opts: PlanOptions) -> dict:
         profile = profile_compute(opts.model, opts.width, opts.batch_size, opts.threads, opts.profile_steps,
                                   reps=opts.profile_reps)
         compute_s, source = profile.s_per_example, f"measured, {profile.step}"
+        nchw = [name for name in STRATEGY_NAMES if keeps_nchw(name)]
+        if nchw and "channels_last" in profile.step:  # those strategies run another step: time it
+            nchw_profile = profile_compute(opts.model, opts.width, opts.batch_size, opts.threads,
+                                           opts.profile_steps, reps=opts.profile_reps, channels_last=False)
+            by_strategy = tuple((name, nchw_profile.s_per_example) for name in nchw)
+            source += f"; {', '.join(nchw)}: {nchw_profile.s_per_example * 1e3:.3f} ms/example in NCHW"
     workload = Workload(compute_s, param_bytes, opts.batch_size, activation_bytes,
-                        **pipeline_cut(opts.model, opts.width, opts.stages))
+                        input_bytes_per_example=input_bytes_per_example(opts.model, opts.width),
+                        compute_by_strategy=by_strategy, **pipeline_cut(opts.model, opts.width, opts.stages))
     intra, inter = links_from(opts)
     knobs = Knobs(opts.overlap, opts.sync_every, opts.ps, opts.ps_period, opts.stages, opts.microbatches)
     rows = scan(workload, opts.max_devices, opts.devices_per_node, intra, inter, knobs, opts.nics_per_node,
@@ -282,6 +312,8 @@ def make_plan(opts: PlanOptions) -> dict:
                        "compute_source": source,
                        "profile": None if profile is None else {**asdict(profile), "spread": profile.spread,
                                                                 "warning": profile.warning()},
+                       "nchw_profile": None if nchw_profile is None else asdict(nchw_profile),
+                       "compute_by_strategy": dict(by_strategy),
                        "param_bytes": param_bytes,
                        "activation_bytes_per_example": activation_bytes,
                        "intra_link": asdict(intra), "inter_link": asdict(inter), "knobs": asdict(knobs),
@@ -405,6 +437,7 @@ def calibrate(opts: PlanOptions) -> str:
         lines.append(f"{s['bytes'] / 1024:>8,.0f}KB  {s['median_s'] * 1e3:>8.3f}ms  {s['fitted_s'] * 1e3:>8.3f}ms  "
                      f"{100 * (s['fitted_s'] / s['median_s'] - 1):>+5.0f}%")
     lines.append(f"gloo all-reduce, 2 processes on loopback: alpha = {result['latency_us']:.1f} us per message, "
-                 f"beta = {result['bandwidth_gbps']:.2f} Gbit/s ({result['beta_Bps'] / 1e9:.2f} GB/s)")
+                 f"beta = {result['bandwidth_gbps']:.2f} Gbit/s ({result['beta_Bps'] / 1e9:.2f} GB/s), "
+                 f"{result['cpu_ns_per_byte']:.2f} ns of CPU per byte sent")
     lines.append(f"wrote {path}; use it with `multitower plan --calibration {path}`")
     return "\n".join(lines)

@@ -4,7 +4,9 @@ Each message size is all-reduced back to back by both ranks (a loop of several c
 sample, so that the start skew between the ranks is spread over many of them); rank 0's
 median time per call is then fitted to the ring model t = 2(n-1)/n * bytes/beta +
 2(n-1) * alpha by least squares on the relative error, so that 1 KB messages (where
-alpha shows) weigh as much as 16 MB ones (where beta shows).
+alpha shows) weigh as much as 16 MB ones (where beta shows). The process's CPU time per
+call (all its threads: gloo's, and the kernel's TCP work done on its behalf) over the bytes
+it sends gives the link's cpu_s_per_byte: what communication takes from the compute cores.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from multitower.bench.cost_model import Link
+from multitower.bench.cost_model import Link, ring_bytes_per_rank
 from multitower.errors import UserError
 
 MESSAGE_BYTES = [1024 * 4 ** k for k in range(8)]  # 1 KB ... 16 MB
+CPU_FIT_BYTES = 2 ** 20  # messages from 1 MiB up give cpu_s_per_byte (below, per-call costs weigh in)
 
 
 def fit_alpha_beta(sizes_bytes: list[float], times_s: list[float], world_size: int = 2) -> tuple[float, float]:
@@ -71,14 +74,16 @@ def _worker(rank: int, world_size: int, store_path: str, sizes: list[int], sampl
             calls = _calls_per_sample(nbytes)
             for _ in range(2):  # warm-up: connections, buffers
                 dist.all_reduce(tensor)
-            per_call = []
+            per_call, cpu_per_call = [], []
             for _ in range(samples):
                 dist.barrier()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 for _ in range(calls):
                     dist.all_reduce(tensor)
                 per_call.append((time.perf_counter() - start) / calls)
-            medians[nbytes] = {"median_s": statistics.median(per_call), "all_s": per_call, "calls": calls}
+                cpu_per_call.append((time.process_time() - cpu_start) / calls)
+            medians[nbytes] = {"median_s": statistics.median(per_call), "all_s": per_call, "calls": calls,
+                               "cpu_median_s": statistics.median(cpu_per_call)}
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump({str(k): v for k, v in medians.items()}, f)
@@ -86,9 +91,17 @@ def _worker(rank: int, world_size: int, store_path: str, sizes: list[int], sampl
         dist.destroy_process_group()
 
 
+def cpu_per_byte(timings: dict[int, dict], world_size: int = 2) -> float:
+    """Median over the messages of CPU_FIT_BYTES and up of a rank's CPU seconds per call over
+    the bytes it sends per call (ring_bytes_per_rank); 0.0 if none was timed that large."""
+    rates = [t["cpu_median_s"] / ring_bytes_per_rank(m, world_size) for m, t in timings.items()
+             if m >= CPU_FIT_BYTES and "cpu_median_s" in t]
+    return statistics.median(rates) if rates else 0.0
+
+
 def measure_allreduce(sizes: list[int] = MESSAGE_BYTES, samples: int = 5, world_size: int = 2) -> dict:
     """Spawn `world_size` gloo processes on a FileStore; return the timings and the fit
-    (alpha_s, beta_Bps) as a JSON-ready dict."""
+    (alpha_s, beta_Bps, cpu_s_per_byte) as a JSON-ready dict."""
     with tempfile.TemporaryDirectory(prefix="multitower-calibrate-") as tmp:
         out_path = os.path.join(tmp, "timings.json")
         mp.spawn(_worker, nprocs=world_size, join=True,
@@ -99,20 +112,28 @@ def measure_allreduce(sizes: list[int] = MESSAGE_BYTES, samples: int = 5, world_
     times = [timings[m]["median_s"] for m in sizes]
     alpha, beta = fit_alpha_beta(sizes, times, world_size)
     fitted = [2 * (world_size - 1) / world_size * m / beta + 2 * (world_size - 1) * alpha for m in sizes]
+    cpu_s_per_byte = cpu_per_byte(timings, world_size)
     return {"backend": "gloo", "transport": "loopback", "world_size": world_size,
-            "alpha_s": alpha, "beta_Bps": beta,
-            "latency_us": alpha * 1e6, "bandwidth_gbps": beta * 8 / 1e9,
+            "alpha_s": alpha, "beta_Bps": beta, "cpu_s_per_byte": cpu_s_per_byte,
+            "latency_us": alpha * 1e6, "bandwidth_gbps": beta * 8 / 1e9, "cpu_ns_per_byte": cpu_s_per_byte * 1e9,
             "samples": [{"bytes": m, "median_s": timings[m]["median_s"], "fitted_s": f,
+                         "cpu_median_s": timings[m]["cpu_median_s"],
                          "calls_per_sample": timings[m]["calls"], "all_s": timings[m]["all_s"]}
                         for m, f in zip(sizes, fitted)]}
+
+
+def calibrated_link(name: str, calibration: dict) -> Link:
+    """The Link a calibration (measure_allreduce's dict, or bench/interconnect's) measured.
+    cpu_s_per_byte: absent from calibration files written before it was measured."""
+    return Link(name, float(calibration["beta_Bps"]), float(calibration["alpha_s"]),
+                float(calibration.get("cpu_s_per_byte", 0.0)))
 
 
 def link_from_calibration(path: str | Path) -> Link:
     """The Link recorded by `multitower plan --calibrate` in a JSON file."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-        return Link(f"measured ({path.name})", float(data["beta_Bps"]), float(data["alpha_s"]))
+        return calibrated_link(f"measured ({path.name})", json.loads(path.read_text()))
     except FileNotFoundError:
         raise UserError(f"--calibration {path}: no such file; make one with `multitower plan --calibrate`") from None
     except (ValueError, KeyError, TypeError) as exc:

@@ -27,13 +27,19 @@ class Link:
     name: str
     bandwidth_Bps: float   # beta, bytes per second in each direction
     latency_s: float       # alpha, seconds per message
+    cpu_s_per_byte: float = 0.0
+    """Host CPU seconds per byte a rank sends, receiving as many (the transport's copies and
+    sums, the kernel's TCP): run on the cores that compute, so a CPU job cannot hide it behind
+    its compute. Measured by a calibration; 0 where the transfer is offloaded (a GPU's copy
+    engines, RDMA), as for the presets."""
 
     @classmethod
     def from_gbps(cls, name: str, gbps: float, latency_us: float) -> "Link":
         return cls(name, gbps * 1e9 / 8, latency_us * 1e-6)
 
     def describe(self) -> str:
-        return f"{self.name}: {self.bandwidth_Bps * 8 / 1e9:g} Gbit/s, {self.latency_s * 1e6:g} us"
+        cpu = f", {self.cpu_s_per_byte * 1e9:.2g} ns CPU/byte" if self.cpu_s_per_byte else ""
+        return f"{self.name}: {self.bandwidth_Bps * 8 / 1e9:g} Gbit/s, {self.latency_s * 1e6:g} us{cpu}"
 
 
 # Bandwidth: each direction, from the public specifications named. Latency: the vendor's
@@ -86,6 +92,16 @@ class Workload:
     stage_compute_shares: tuple[float, ...] = ()    # each stage's fraction of the compute
     stage_param_shares: tuple[float, ...] = ()      # each stage's fraction of param_bytes
     boundary_bytes_per_example: tuple[float, ...] = ()  # stage i -> i+1, S - 1 of them
+    # Pipeline: the input a stage rank gathers from each other rank of its replica, per example
+    # (parallel/pipeline.py all-gathers the images and labels each rank loaded).
+    input_bytes_per_example: float = 0.0
+    # A strategy's own seconds per example where its step differs: downpour and pipeline keep
+    # NCHW where train's default is channels_last (1.5x slower on a CPU). (name, seconds) pairs.
+    compute_by_strategy: tuple[tuple[str, float], ...] = ()
+
+    def compute_s(self, strategy: str) -> float:
+        """Seconds per example of `strategy`'s step."""
+        return dict(self.compute_by_strategy).get(strategy, self.compute_s_per_example)
 
 
 @dataclass(frozen=True)
@@ -96,6 +112,10 @@ class Cluster:
     intra: Link                            # between devices of one node
     inter: Link                            # between nodes: one NIC of this link per node
     nics_per_node: int = 1
+    # Devices (worker processes) whose host work runs on the same cores: more than 1 where
+    # emulated nodes share one machine's cores, and the CPU part of their communication
+    # queues on those cores one after the other.
+    cores_shared_by: int = 1
 
     @property
     def nodes(self) -> int:
@@ -109,10 +129,10 @@ class Cluster:
 @dataclass(frozen=True)
 class Knobs:
     """Strategy settings (defaults: `multitower train`'s)."""
-    overlap: bool = True       # sync: all-reduce hidden behind backward (DDP buckets); downpour: pushes async
+    overlap: bool = True       # sync: all-reduce hidden behind backward (DDP buckets)
     local_sgd_period: int = 4  # K: steps between weight averages (--sync-every)
     ps: int = 1                # downpour: parameter servers (--ps)
-    ps_period: int = 1         # downpour: steps between push+fetch (--n-push, --n-fetch)
+    ps_period: int = 1         # downpour: steps between exchanges (--n-push = --n-fetch)
     stages: int = 4            # pipeline: S stages per model replica
     micro_batches: int = 0     # pipeline: M per step; 0 = 4 x stages (GPipe's M >= 4S advice)
 
@@ -137,6 +157,18 @@ def ring_allreduce_s(nbytes: float, n: int, link: Link) -> float:
     return 2 * (n - 1) / n * nbytes / link.bandwidth_Bps + 2 * (n - 1) * link.latency_s
 
 
+def ring_bytes_per_rank(nbytes: float, n: int) -> float:
+    """What each rank of a ring all-reduce sends (and receives): 2(n-1)/n * nbytes."""
+    return 2 * (n - 1) / n * nbytes if n > 1 else 0.0
+
+
+def host_exposed_s(wire_s: float, cpu_s: float, hideable_s: float) -> float:
+    """What a transfer taking `wire_s` adds to a step: its CPU part `cpu_s` in full (it runs on
+    the cores the compute needs), and of the rest what outlasts `hideable_s` of compute. With
+    cpu_s = 0 (offloaded transfers) it is the plain overlap max(0, wire - hideable)."""
+    return cpu_s + max(0.0, wire_s - cpu_s - hideable_s)
+
+
 def hierarchical_allreduce_s(nbytes: float, local: int, nodes: int, intra: Link, inter: Link,
                              nics_per_node: int = 1) -> float:
     """All-reduce over nodes x local ranks: ring reduce-scatter inside each node, then each
@@ -157,6 +189,15 @@ def cluster_allreduce_s(nbytes: float, cluster: Cluster) -> float:
                                     cluster.inter, cluster.nics_per_node)
 
 
+def cluster_allreduce_cpu_s(nbytes: float, cluster: Cluster) -> float:
+    """Host CPU seconds one rank's cores spend on hierarchical_allreduce_s's all-reduce: the
+    bytes it sends on each leg at that link's cpu_s_per_byte, times the ranks sharing its cores."""
+    local, nodes = cluster.local_devices, cluster.nodes
+    inside = ring_bytes_per_rank(nbytes, local) * cluster.intra.cpu_s_per_byte
+    across = ring_bytes_per_rank(nbytes, nodes) / local * cluster.inter.cpu_s_per_byte if nodes > 1 else 0.0
+    return (inside + across) * cluster.cores_shared_by
+
+
 def bubble_fraction(stages: int, micro_batches: int) -> float:
     """Idle share of a GPipe step: (S-1)/(M+S-1)."""
     return (stages - 1) / (micro_batches + stages - 1)
@@ -172,52 +213,72 @@ def _prediction(strategy: str, w: Workload, devices: int, compute_s: float, expo
 
 def predict_sync(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> Prediction:
     """Synchronous data parallelism: compute, plus the gradient all-reduce. Overlapped (DDP):
-    only the part longer than backward shows; not overlapped: all of it."""
-    compute_s = w.batch_per_device * w.compute_s_per_example
-    comm_s = cluster_allreduce_s(w.param_bytes, cluster)
-    exposed = max(0.0, comm_s - w.backward_fraction * compute_s) if knobs.overlap else comm_s
-    return _prediction("sync", w, cluster.devices, compute_s, exposed, comm_s)
+    only the part longer than backward shows, and on a CPU its CPU part in full
+    (host_exposed_s: gloo's copies and sums take the cores backward needs; measured on 2
+    emulated nodes, an all-reduce was in flight 27% of the step where free overlap predicted
+    0% exposed); not overlapped: all of it."""
+    compute_s = w.batch_per_device * w.compute_s("sync")
+    wire_s = cluster_allreduce_s(w.param_bytes, cluster)
+    cpu_s = cluster_allreduce_cpu_s(w.param_bytes, cluster)
+    hideable_s = w.backward_fraction * compute_s if knobs.overlap else 0.0
+    exposed = host_exposed_s(wire_s, cpu_s, hideable_s)
+    return _prediction("sync", w, cluster.devices, compute_s, exposed, max(wire_s, cpu_s))
 
 
 def predict_local_sgd(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> Prediction:
     """Local SGD: local steps, and every K steps an all-reduce of the weights after the
     optimizer step (nothing to overlap it with): comm / K per step."""
-    compute_s = w.batch_per_device * w.compute_s_per_example
-    comm_s = cluster_allreduce_s(w.param_bytes, cluster) / knobs.local_sgd_period
+    compute_s = w.batch_per_device * w.compute_s("local-sgd")
+    wire_s = cluster_allreduce_s(w.param_bytes, cluster)
+    cpu_s = cluster_allreduce_cpu_s(w.param_bytes, cluster)
+    comm_s = host_exposed_s(wire_s, cpu_s, 0.0) / knobs.local_sgd_period
     return _prediction("local-sgd", w, cluster.devices, compute_s, comm_s, comm_s)
 
 
 def predict_downpour(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> Prediction:
-    """Downpour: every `ps_period` steps each worker pushes its gradients (param_bytes) and
-    fetches the parameters (param_bytes), spread over P servers. A worker's own link moves
-    2 x bytes per exchange; the servers' links together take in bytes x N (the pushes) and
-    send bytes x N (the fetches) at once, links being full duplex (Ethernet, and the
-    emulated cluster's, shaped in each direction): each server link is busy
-    bytes x N / (P x beta) per round. With N > P they are the bottleneck, and throughput is
-    capped at what they carry. (Counted half duplex, a 2-worker job on 50 Mbit/s links was
-    predicted at 0.62x its measured images/sec.) Servers are P extra processes, not counted as devices,
-    reached over the intra link when the job fits one node of several devices, else over the
-    inter-node link. With overlap, a
-    push travels during the next step's compute (multitower's worker keeps one in flight)."""
+    """Downpour: every `ps_period` steps each worker sends its summed gradients (param_bytes,
+    spread over P servers) and gets the parameters back in the same message
+    (parallel/downpour.py: the fetch is answered after the push is applied, and waited for
+    before the next step), so the exchange is a request then a reply, 2 x (alpha + bytes /
+    beta), hidden behind nothing; on a CPU its CPU part (host_exposed_s) queues on the cores
+    with that of the workers sharing them. (Counted as a push hidden behind the next step,
+    2 emulated nodes over 1 Gbit/s were predicted at 1.9x their measured images/sec.) The
+    servers' links take in N requests and send N replies, full duplex (Ethernet, and the
+    emulated cluster's links, shaped in each direction): each server link is busy N x bytes
+    / (P x beta) a round in each direction, a bound on the step that caps throughput once N
+    outgrows P. Servers are P extra processes, not counted as devices, reached over the
+    intra link when the job fits one node of several devices, else over the inter-node link."""
     n, period = cluster.devices, knobs.ps_period
     link = cluster.intra if cluster.nodes == 1 and cluster.devices_per_node > 1 else cluster.inter
-    compute_s = w.batch_per_device * w.compute_s_per_example
+    compute_s = w.batch_per_device * w.compute_s("downpour")
     one_way_s = w.param_bytes / link.bandwidth_Bps + link.latency_s
-    push_s = fetch_s = one_way_s
-    exposed = (fetch_s + (max(0.0, push_s - compute_s) if knobs.overlap else push_s)) / period
+    cpu_s = w.param_bytes * link.cpu_s_per_byte * cluster.cores_shared_by
+    exchange_s = host_exposed_s(2 * one_way_s, cpu_s, 0.0)
     server_busy_s = w.param_bytes * n / (knobs.ps * link.bandwidth_Bps) / period
-    step_s = max(compute_s + exposed, server_busy_s)
-    return _prediction("downpour", w, n, compute_s, step_s - compute_s, (push_s + fetch_s) / period)
+    step_s = max(compute_s + exchange_s / period, server_busy_s)
+    return _prediction("downpour", w, n, compute_s, step_s - compute_s, max(2 * one_way_s, cpu_s) / period)
+
+
+def _chain_s(stage_s: list[float], transfer_s: list[float], micro_batches: int) -> float:
+    """M micro-batches through stages joined by transfers, each stage and each link taking
+    one micro-batch at a time, sends not waited for (GPipe's asynchronous P2P): the first
+    micro-batch's way through all of them, then M-1 more at the pace of the slowest."""
+    resources = [*stage_s, *transfer_s]
+    return sum(resources) + (micro_batches - 1) * max(resources)
 
 
 def predict_pipeline(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> Prediction | None:
     """GPipe-style pipeline of S stages, data-parallel over D = N/S replicas; None unless S
-    divides N. A replica takes the batch of its S devices in M micro-batches: (M+S-1) slots
-    of the slowest stage's compute of one micro-batch plus the largest boundary's activation
-    transfer forward and gradient transfer backward, i.e. the bubble (S-1)/(M+S-1); then each
-    stage all-reduces its parameters over the D replicas (not overlapped), the largest
-    stage's last. Stages, their compute and boundaries as the workload gives them (balanced
-    where it does not). A replica's stages sit in one node when S <= devices per node."""
+    divides N. A step (parallel/pipeline.py, torch's ScheduleGPipe): the replica's ranks
+    all-gather the images each loaded; all M forwards flow through the stages, then all M
+    backwards flow back (backward_fraction of each stage's compute), each phase a chain of
+    stages and boundary transfers (_chain_s: sends overlap the next micro-batch's compute, so
+    the slowest stage or link sets the pace and the others add their time once; with equal
+    stages and free links this is the bubble (S-1)/(M+S-1)); then each stage all-reduces its
+    parameters over the D replicas (not overlapped). Stages, their compute and boundaries as
+    the workload gives them (balanced where it does not). A replica's stages sit in one node
+    when S <= devices per node. (Each slot counted as the slowest stage plus both transfers,
+    2 emulated nodes at 50 Mbit/s were predicted at 0.79x their measured images/sec.)"""
     s = knobs.stages
     m = knobs.micro_batches or 4 * s
     n = cluster.devices
@@ -225,23 +286,32 @@ def predict_pipeline(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> P
         return None
     replicas = n // s
     examples_per_micro = w.batch_per_device * s / m
-    compute_share = max(w.stage_compute_shares) if len(w.stage_compute_shares) == s else 1 / s
+    compute_shares = w.stage_compute_shares if len(w.stage_compute_shares) == s else (1 / s,) * s
     param_share = max(w.stage_param_shares) if len(w.stage_param_shares) == s else 1 / s
-    boundary_bytes = (max(w.boundary_bytes_per_example) if len(w.boundary_bytes_per_example) == s - 1
-                      else w.activation_bytes_per_example)
-    stage_compute_s = examples_per_micro * w.compute_s_per_example * compute_share
+    boundaries = (w.boundary_bytes_per_example if len(w.boundary_bytes_per_example) == s - 1
+                  else (w.activation_bytes_per_example,) * (s - 1))
+    micro_s = examples_per_micro * w.compute_s("pipeline")
+    forward_s = [micro_s * share * (1 - w.backward_fraction) for share in compute_shares]
+    backward_s = [micro_s * share * w.backward_fraction for share in compute_shares]
     act_link = cluster.intra if s <= cluster.devices_per_node else cluster.inter
-    transfer_s = 2 * (act_link.latency_s + boundary_bytes * examples_per_micro / act_link.bandwidth_Bps)
-    slots = m + s - 1
-    pipe_s = slots * (stage_compute_s + transfer_s)
+
+    def transfer_s(nbytes: float) -> float:
+        wire = act_link.latency_s + nbytes / act_link.bandwidth_Bps
+        return host_exposed_s(wire, nbytes * act_link.cpu_s_per_byte * cluster.cores_shared_by, 0.0)
+    hops = [transfer_s(b * examples_per_micro) for b in boundaries]
+    gather_s = (s - 1) * transfer_s(w.input_bytes_per_example * w.batch_per_device)  # ring all-gather
+    compute_s = _chain_s(forward_s, [0.0] * (s - 1), m) + _chain_s(backward_s, [0.0] * (s - 1), m)
+    pipe_s = _chain_s(forward_s, hops, m) + _chain_s(backward_s, hops, m)
     # One stage's replicas: devices_per_node // S of them share a node (1 when a replica spans nodes).
     local = max(1, min(replicas, cluster.devices_per_node // s))
     nodes = math.ceil(replicas / local)
-    allreduce_s = hierarchical_allreduce_s(w.param_bytes * param_share, local, nodes, cluster.intra, cluster.inter,
-                                           cluster.nics_per_node)
-    compute_s = slots * stage_compute_s
-    comm_s = slots * transfer_s + allreduce_s
-    return _prediction("pipeline", w, n, compute_s, pipe_s - compute_s + allreduce_s, comm_s)
+    stage_bytes = w.param_bytes * param_share
+    allreduce_s = host_exposed_s(
+        hierarchical_allreduce_s(stage_bytes, local, nodes, cluster.intra, cluster.inter, cluster.nics_per_node),
+        cluster_allreduce_cpu_s(stage_bytes, replace(cluster, devices=replicas, devices_per_node=local)) if replicas > 1
+        else 0.0, 0.0)
+    comm_s = gather_s + 2 * m * sum(hops) + allreduce_s
+    return _prediction("pipeline", w, n, compute_s, gather_s + pipe_s - compute_s + allreduce_s, comm_s)
 
 
 def predict_all(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> dict[str, Prediction]:

@@ -3,9 +3,12 @@
 For a strategy's job on N emulated nodes (`multitower cluster`, network namespaces on one
 host) over a link of a given rate, this module
   - measures the link as gloo sees it (calibrate_link: bench/calibrate.py's all-reduce
-    timing and ring fit, run by two processes in two nodes' namespaces across the link),
+    timing and ring fit, run by two processes in two nodes' namespaces across the link,
+    with the CPU time the transfer takes from the cores), and as downpour's rpc sees it
+    (calibrate_rpc: TensorPipe requests answered by replies of the same size),
   - measures the compute per example the way the job computes (pinned_compute_s: one copy
-    of train's step per worker process, each pinned to its node's cores at its node's
+    of train's step per worker process, in the strategy's memory format, fed by train's
+    loader from the job's records, each pinned to its node's cores at its node's
     threads, all running at once, the slowest counting, as validate_plan.py does on one
     machine; on 2 cores 4 nodes share cores pairwise, and so do these copies),
   - predicts the job's images/sec with `multitower plan`'s cost model (predict), and
@@ -26,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from multitower.bench.calibrate import cpu_per_byte
 from multitower.bench.cost_model import Cluster, Knobs, Link, Prediction, Workload, predict_downpour, \
     predict_local_sgd, predict_pipeline, predict_sync
 from multitower.errors import UserError
@@ -45,6 +49,8 @@ GLOBAL_BATCH = 128  # the tutorial's batch, over all workers
 LOCAL_SGD_PERIOD = 4  # --sync-every: train's default
 PIPELINE_STAGES, PIPELINE_MICROBATCHES = 2, 4  # --stages, --microbatches (train's defaults)
 STRATEGIES = ("sync", "sync-bf16", "local-sgd", "downpour", "pipeline")
+# What a pipeline rank all-gathers an example: cifar10-tf's 3 x 24 x 24 float32 crop and its int64 label.
+INPUT_BYTES_PER_EXAMPLE = 3 * 24 * 24 * 4 + 8
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,11 @@ class Setup:
     @property
     def workers(self) -> int:
         return self.nodes
+
+    @property
+    def strategy_name(self) -> str:
+        """train's --strategy: sync-bf16 is sync with compressed gradients."""
+        return "sync" if self.strategy == "sync-bf16" else self.strategy
 
     @property
     def cluster_nodes(self) -> int:
@@ -112,9 +123,88 @@ def calibrate_link(rate_bps: int | None, samples: int = 5) -> dict:
             raise UserError(f"the link calibration failed: {said[0].strip().splitlines()[-1:] or said}")
         timings = {int(k): v for k, v in json.loads(out.read_text()).items()}
     alpha, beta = fit_link({m: timings[m]["median_s"] for m in timings})
-    return {"rate_bps": rate_bps, "alpha_s": alpha, "beta_Bps": beta, "latency_us": alpha * 1e6,
-            "bandwidth_gbps": beta * 8 / 1e9,
-            "samples": [{"bytes": m, "median_s": timings[m]["median_s"]} for m in sorted(timings)]}
+    cpu = cpu_per_byte(timings)
+    return {"rate_bps": rate_bps, "alpha_s": alpha, "beta_Bps": beta, "cpu_s_per_byte": cpu,
+            "latency_us": alpha * 1e6, "bandwidth_gbps": beta * 8 / 1e9, "cpu_ns_per_byte": cpu * 1e9,
+            "samples": [{"bytes": m, "median_s": timings[m]["median_s"], "cpu_median_s": timings[m]["cpu_median_s"]}
+                        for m in sorted(timings)]}
+
+
+# -- downpour's transport -------------------------------------------------------------------
+
+_HELD: list = []  # the reply calibrate_rpc's answering side sends back
+
+
+def _answer(tensor):
+    """A downpour exchange's shape: a tensor in, a tensor of the same size back."""
+    if not _HELD or _HELD[0].numel() != tensor.numel():
+        _HELD[:] = [tensor.clone()]
+    return _HELD[0].clone()
+
+
+def rpc_rank(rank: int, address: str, port: int, out_path: str, samples: int) -> None:
+    """One side of calibrate_rpc, inside a node's namespace (`python -m multitower.bench.
+    interconnect rpc RANK ADDRESS PORT OUT SAMPLES`): rank 0 sends each of CALIBRATION_BYTES
+    as downpour sends its gradients (rpc over TensorPipe, TCP only: parallel/downpour.py's
+    _network_only) and waits for the reply; rank 1 answers. Rank 0 writes its median wall and
+    CPU seconds per call and rank 1's CPU seconds."""
+    import torch
+    import torch.distributed.rpc as rpc
+    torch.set_num_threads(1)
+    options = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://{address}:{port}", rpc_timeout=600,
+                                              _transports=["uv"], _channels=["basic"])
+    rpc.init_rpc(f"rank{rank}", rank=rank, world_size=2, rpc_backend_options=options)
+    try:
+        if rank == 0:
+            timings = {}
+            for nbytes in CALIBRATION_BYTES:
+                tensor = torch.ones(max(1, nbytes // 4))
+                calls = max(2, min(50, 4 * 2 ** 20 // nbytes))
+                for _ in range(2):
+                    rpc.rpc_sync("rank1", _answer, args=(tensor,))
+                wall, cpu = [], []
+                for _ in range(samples):
+                    server_cpu = rpc.rpc_sync("rank1", time.process_time)
+                    start, cpu_start = time.perf_counter(), time.process_time()
+                    for _ in range(calls):
+                        rpc.rpc_sync("rank1", _answer, args=(tensor,))
+                    wall.append((time.perf_counter() - start) / calls)
+                    cpu.append((time.process_time() - cpu_start) / calls)
+                    server_cpu = (rpc.rpc_sync("rank1", time.process_time) - server_cpu) / calls
+                timings[nbytes] = {"median_s": statistics.median(wall), "cpu_median_s": statistics.median(cpu),
+                                   "server_cpu_s": server_cpu}
+            Path(out_path).write_text(json.dumps(timings))
+    finally:
+        rpc.shutdown()
+
+
+def calibrate_rpc(rate_bps: int | None, samples: int = 5) -> dict:
+    """Downpour's exchange across a link of `rate_bps` (None: unshaped) between two emulated
+    nodes: a request of m bytes answered by m bytes, over rpc as downpour runs it. Fitted as
+    a link crossed twice (t = 2 alpha + 2 m / beta: fit_link on t / 2), its cpu_s_per_byte
+    the requesting side's CPU per byte sent (receiving as many)."""
+    from multitower.cluster.job import divide_cores
+    from multitower.cluster.network import Network
+    cores = divide_cores(2, 0, sorted(os.sched_getaffinity(0)))
+    with tempfile.TemporaryDirectory(prefix="multitower-rpc-") as tmp, Network(2, rate_bps) as net:
+        out = Path(tmp, "timings.json")
+        address = net.nodes[0].address
+        ranks = [subprocess.Popen(
+            ["ip", "netns", "exec", node.namespace, sys.executable, "-m", "multitower.bench.interconnect",
+             "rpc", str(rank), address, "29511", str(out), str(samples)],
+            env={**os.environ, "TP_SOCKET_IFNAME": node.interface, "GLOO_SOCKET_IFNAME": node.interface},
+            preexec_fn=lambda cores=cores[rank]: os.sched_setaffinity(0, cores),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for rank, node in enumerate(net.nodes)]
+        said = [rank.communicate(timeout=900)[0] for rank in ranks]
+        if any(rank.returncode for rank in ranks):
+            raise UserError(f"the rpc calibration failed: {said[0].strip().splitlines()[-1:] or said}")
+        timings = {int(k): v for k, v in json.loads(out.read_text()).items()}
+    alpha, beta = fit_link({m: t["median_s"] / 2 for m, t in timings.items()})
+    cpu = statistics.median(t["cpu_median_s"] / m for m, t in timings.items() if m >= 2 ** 20)
+    return {"rate_bps": rate_bps, "alpha_s": alpha, "beta_Bps": beta, "cpu_s_per_byte": cpu,
+            "latency_us": alpha * 1e6, "bandwidth_gbps": beta * 8 / 1e9, "cpu_ns_per_byte": cpu * 1e9,
+            "samples": [{"bytes": m, **timings[m]} for m in sorted(timings)]}
 
 
 def fit_link(median_s: dict[int, float]) -> tuple[float, float]:
@@ -132,11 +222,14 @@ def fit_link(median_s: dict[int, float]) -> tuple[float, float]:
 # -- the compute -----------------------------------------------------------------------------
 
 def _profile_copy(rank: int, barrier, cores: list[list[int]], threads: list[int], batch: int, steps: int,
-                  reps: int, out_dir: str) -> None:
+                  reps: int, out_dir: str, channels_last: bool, data_dir: str) -> None:
+    from multitower.data.records import open_dataset
     from multitower.plan import profile_compute
     os.sched_setaffinity(0, cores[rank])
+    split = open_dataset(data_dir).split("train")
     barrier.wait()  # the copies contend for the cores only if they run at the same time
-    seconds = profile_compute("cifar10-tf", 1, batch, threads[rank], steps, reps=reps).s_per_example
+    seconds = profile_compute("cifar10-tf", 1, batch, threads[rank], steps, reps=reps, channels_last=channels_last,
+                              split=split).s_per_example
     Path(out_dir, f"{rank}.json").write_text(json.dumps(seconds))
 
 
@@ -149,31 +242,47 @@ def node_layout(setup: Setup) -> tuple[list[list[int]], list[int]]:
     return shares, [len(share) for share in shares]
 
 
-def pinned_compute_s(setup: Setup, steps: int = 10, reps: int = 3) -> dict:
-    """Seconds per example of train's step at the worker's batch (profile_batch), one copy per
-    worker process pinned as the job pins it, all at once: the slowest copy's median."""
+def cores_shared_by(setup: Setup) -> int:
+    """The most worker processes node_layout puts on one core (2 for 4 nodes on 2 cores)."""
+    cores, _ = node_layout(setup)
+    return max(sum(core in share for share in cores) for core in {c for share in cores for c in share})
+
+
+def pinned_compute_s(setup: Setup, data_dir: str, steps: int = 10, reps: int = 3) -> dict:
+    """Seconds per example of train's step at the worker's batch (profile_batch), in the
+    strategy's memory format (plan.keeps_nchw), on batches from `data_dir`'s records through
+    train's loader, one copy per worker process pinned as the job pins it, all at once: the
+    slowest copy's median."""
     import torch.multiprocessing as mp
+    from multitower.plan import keeps_nchw
     cores, threads = node_layout(setup)
+    channels_last = not keeps_nchw(setup.strategy_name)
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="multitower-profile-") as tmp:
         mp.spawn(_profile_copy, nprocs=setup.workers, join=True,
-                 args=(ctx.Barrier(setup.workers), cores, threads, setup.profile_batch(), steps, reps, tmp))
+                 args=(ctx.Barrier(setup.workers), cores, threads, setup.profile_batch(), steps, reps, tmp,
+                       channels_last, str(data_dir)))
         copies = [json.loads(Path(tmp, f"{rank}.json").read_text()) for rank in range(setup.workers)]
     return {"s_per_example": max(copies), "copies_s_per_example": copies, "batch": setup.profile_batch(),
-            "cores": cores, "threads": threads}
+            "cores": cores, "threads": threads, "layout": "channels_last" if channels_last else "NCHW",
+            "loader": True}
 
 
 # -- the prediction -----------------------------------------------------------------------------
 
 def predict(setup: Setup, compute_s_per_example: float, link: Link, param_bytes: float,
-            activation_bytes_per_example: float, cut: dict) -> Prediction:
+            activation_bytes_per_example: float, cut: dict, rpc_link: Link | None = None) -> Prediction:
     """plan's cost model (bench/cost_model.py) for the setup, with plan's inputs (`cut`:
-    plan.pipeline_cut at PIPELINE_STAGES): one device per node, every node on `link`.
-    sync-bf16 is plan's sync with the gradient's bytes halved (what the bf16 hook sends);
-    plan has no compression flag of its own."""
+    plan.pipeline_cut at PIPELINE_STAGES): one device per node, every node on `link` (gloo's,
+    as calibrated; downpour's exchange on `rpc_link`, its rpc calibrated across the same
+    link), the workers sharing cores as node_layout pins them. sync-bf16 is plan's sync with
+    the gradient's bytes halved (what the bf16 hook sends); plan has no compression flag of
+    its own."""
     workers = setup.workers
-    cluster = Cluster(workers, 1, link, link)
-    work = Workload(compute_s_per_example, param_bytes, GLOBAL_BATCH / workers, activation_bytes_per_example, **cut)
+    shared = cores_shared_by(setup)
+    cluster = Cluster(workers, 1, link, link, cores_shared_by=shared)
+    work = Workload(compute_s_per_example, param_bytes, GLOBAL_BATCH / workers, activation_bytes_per_example,
+                    input_bytes_per_example=INPUT_BYTES_PER_EXAMPLE, **cut)
     if setup.strategy == "sync":
         return predict_sync(work, cluster, Knobs(overlap=True))
     if setup.strategy == "sync-bf16":
@@ -182,7 +291,9 @@ def predict(setup: Setup, compute_s_per_example: float, link: Link, param_bytes:
     if setup.strategy == "local-sgd":
         return predict_local_sgd(work, cluster, Knobs(local_sgd_period=LOCAL_SGD_PERIOD))
     if setup.strategy == "downpour":
-        return predict_downpour(work, cluster, Knobs(overlap=True, ps=1, ps_period=1))
+        rpc_link = rpc_link or link
+        return predict_downpour(work, Cluster(workers, 1, rpc_link, rpc_link, cores_shared_by=shared),
+                                Knobs(ps=1, ps_period=1))
     return predict_pipeline(work, cluster, Knobs(stages=PIPELINE_STAGES, micro_batches=PIPELINE_MICROBATCHES))
 
 
@@ -236,8 +347,12 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["calibrate"]:
         rank, store, out, samples = argv[1:]
         calibration_rank(int(rank), store, out, int(samples))
+    elif argv[:1] == ["rpc"]:
+        rank, address, port, out, samples = argv[1:]
+        rpc_rank(int(rank), address, int(port), out, int(samples))
     else:
-        raise SystemExit("usage: python -m multitower.bench.interconnect calibrate RANK STORE OUT SAMPLES")
+        raise SystemExit("usage: python -m multitower.bench.interconnect calibrate RANK STORE OUT SAMPLES | "
+                         "rpc RANK ADDRESS PORT OUT SAMPLES")
 
 
 if __name__ == "__main__":

@@ -74,8 +74,7 @@ def validate(opts: PlanOptions, workers: tuple[int, ...] = (1, 2), steps: int = 
     """Predict and measure sync training at each worker count on this machine. Each of `reps`
     rounds profiles and then runs every worker count, so that a burst of other work on the
     machine lands on both sides; medians over the rounds are compared."""
-    from multitower.bench.calibrate import link_from_calibration, measure_allreduce
-    from multitower.bench.cost_model import Link
+    from multitower.bench.calibrate import calibrated_link, link_from_calibration, measure_allreduce
     from multitower.data.sources import make_synthetic
     cores = len(os.sched_getaffinity(0))
     if steps <= WARMUP_STEPS + LOG_EVERY:
@@ -91,7 +90,7 @@ def validate(opts: PlanOptions, workers: tuple[int, ...] = (1, 2), steps: int = 
         link, calibration = link_from_calibration(opts.calibration), {"file": opts.calibration}
     else:
         calibration = measure_allreduce()
-        link = Link("gloo loopback (calibrated)", calibration["beta_Bps"], calibration["alpha_s"])
+        link = calibrated_link("gloo loopback (calibrated)", calibration)
     param_bytes, _ = model_bytes(opts.model, opts.width)
     # Profile as many steps as the measured window holds, so both sides average the machine's
     # other load over about the same time.

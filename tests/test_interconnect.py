@@ -1,0 +1,57 @@
+"""The interconnect benchmark's parts (bench/interconnect.py): how a cell is predicted from
+what was measured (the link fit, the cores the emulated nodes share, which transport each
+strategy is predicted on), and, where namespaces can be made, the two calibrations across
+an emulated link. The benchmark itself is run by hand (docs/interconnect.md)."""
+
+import pytest
+
+from multitower.bench import interconnect
+from multitower.bench.cost_model import Link
+from multitower.bench.interconnect import LATENCY_BYTES, Setup, cores_shared_by, fit_link, predict
+from multitower.plan import model_bytes, pipeline_cut
+from test_cluster import namespaces, ours_left  # noqa: F401 - a fixture
+
+
+def test_the_link_fit_takes_alpha_from_the_small_message_and_beta_from_the_large():
+    alpha, beta = 0.5e-3, 1e8
+    times = {LATENCY_BYTES: 2 * alpha, **{m: 2 * alpha + m / beta for m in interconnect.BANDWIDTH_BYTES}}
+    assert fit_link(times) == pytest.approx((alpha, beta))
+
+
+def test_four_nodes_on_two_cores_share_them_pairwise(monkeypatch):
+    monkeypatch.setattr(interconnect.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert cores_shared_by(Setup("sync", 2)) == 1
+    assert cores_shared_by(Setup("sync", 4)) == 2
+    assert cores_shared_by(Setup("downpour", 4)) == 2  # the server's node shares too, but it is no worker
+    monkeypatch.setattr(interconnect.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert cores_shared_by(Setup("sync", 4)) == 1
+
+
+def test_each_strategy_is_predicted_on_its_own_transport(monkeypatch):
+    """Downpour exchanges over rpc, the others over gloo: a slower rpc link slows downpour's
+    prediction alone; sync-bf16 sends half of sync's bytes."""
+    monkeypatch.setattr(interconnect.os, "sched_getaffinity", lambda pid: {0, 1})
+    param_bytes, activation_bytes = model_bytes("cifar10-tf", 1)
+    cut = pipeline_cut("cifar10-tf", 1, 2)
+    gloo, rpc = Link("gloo", 1e8, 1e-3, 1e-9), Link("rpc", 5e7, 1e-3, 1e-9)
+    fast = {s: predict(Setup(s, 2), 1e-3, gloo, param_bytes, activation_bytes, cut, gloo) for s in interconnect.STRATEGIES}
+    slow = {s: predict(Setup(s, 2), 1e-3, gloo, param_bytes, activation_bytes, cut, rpc) for s in interconnect.STRATEGIES}
+    assert slow["downpour"].step_s > fast["downpour"].step_s
+    assert all(slow[s].step_s == fast[s].step_s for s in interconnect.STRATEGIES if s != "downpour")
+    assert fast["sync-bf16"].comm_s < fast["sync"].comm_s
+    # 2 x (1 ms + 4.27 MB / 50 MB/s), the request and its reply, nothing hidden: 4.27 MB x 1 ns of CPU is less.
+    compute_s = 64 * 1e-3
+    assert slow["downpour"].step_s == pytest.approx(compute_s + 2 * (1e-3 + param_bytes / 5e7))
+
+
+@pytest.mark.slow
+def test_both_calibrations_across_an_emulated_link(namespaces):  # noqa: F811 - the fixture
+    """gloo's all-reduce and downpour's rpc exchange between two emulated nodes, unshaped:
+    both give a latency, a bandwidth and some CPU per byte, no more CPU than wall time."""
+    for calibrate in (interconnect.calibrate_link, interconnect.calibrate_rpc):
+        result = calibrate(None, samples=2)
+        assert result["alpha_s"] > 0 and result["beta_Bps"] > 1e7
+        assert 0 < result["cpu_s_per_byte"] < 1e-7
+        largest = result["samples"][-1]
+        assert 0 < largest["cpu_median_s"] <= 2 * largest["median_s"]
+    assert ours_left() == []
