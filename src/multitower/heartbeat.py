@@ -286,7 +286,8 @@ _guarded: list[subprocess.Popen] = []  # end_with_launcher's watcher (once per p
 # The watcher: a shell loop beside the worker, its child. Once a second it reads the
 # worker's parent from /proc/PID/stat (the fields after "(comm) ": state, ppid, ...); when
 # that is no longer the launcher, it waits the grace, says so on the worker's stderr and
-# SIGKILLs it. setpriv's parent-death signal ends the watcher the moment the worker ends.
+# SIGKILLs it. setpriv's parent-death signal ends the watcher the moment the worker ends
+# (without setpriv, the check after the loop: it outlives the worker by <= 1 s).
 ORPHAN_WATCH = r"""
 trap '' PIPE
 worker=$PPID launcher=$1 grace=$2 rank=$3
@@ -295,7 +296,7 @@ while read -r stat < /proc/$worker/stat; do
   [ "$2" = "$launcher" ] || break
   sleep 1
 done 2>/dev/null
-[ -e /proc/$worker ] || exit 0  # it ended (without setpriv this watcher outlives it by <= 1 s)
+[ -e /proc/$worker ] || exit 0
 sleep "$grace"
 [ -e /proc/$worker ] || exit 0
 echo "multitower: error: rank $rank: its launcher (pid $launcher) is gone, killed or crashed; this process stops too" >&2
