@@ -17,9 +17,9 @@
 #      of step 1000 inside the timed window); the same job with --compile reduce-overhead;
 #      the fast recipe at airbench94's widths, batch and bf16 for 10 epochs (440 steps);
 #      loop efficiency = job / step, peak RSS and max_memory_allocated in the JSON.
-#   7. two ranks on the one GPU over gloo (--workers 2) against one rank, the whole job.
-#      Expected to fail at this commit: train gives rank r cuda:r and picks NCCL, which
-#      refuses two ranks on one device; the part says what it printed.
+#   7. two ranks on the one GPU over gloo (--workers 2) against one rank, the whole job
+#      (workers beyond the GPUs wrap around to cuda:0, and their group is gloo: NCCL
+#      refuses two ranks on one device). Not yet run on a GPU.
 #   8. airbench94's own script as a control for part 6's fast recipe, when AIRBENCH94
 #      names its airbench94.py (run as it is, in its own directory; it prints its times).
 # PARTS picks the parts (default "1 2 3 4 6 8"), e.g. PARTS="1 3 5" to rerun some.

@@ -56,3 +56,22 @@ def test_json_parses_and_names_the_defaults(capsys):
     assert info["train_default"]["backend"] == "gloo" and info["train_default"]["device"] == "cpu"
     assert info["train_default"]["workers"] == 1
     assert info["train_default"]["threads_per_worker"] == info["cpu"]["cores"]
+
+
+def test_workers_beyond_the_gpus_wrap_around_and_talk_over_gloo(monkeypatch):
+    """2 workers on 1 GPU (benchmarks/gpu_check.sh runs it): both take cuda:0, and the group
+    is gloo, since NCCL refuses two ranks on one device; one worker per GPU keeps NCCL."""
+    from multitower.parallel.process_group import backend_for
+    from multitower.train.build import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for local_rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert resolve_device("cuda") == torch.device("cuda", 0)
+    assert backend_for(torch.device("cuda", 0)) == "gloo"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert backend_for(torch.device("cuda", 1)) == "nccl"
+    assert backend_for(torch.device("cpu")) == "gloo"

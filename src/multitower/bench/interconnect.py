@@ -98,36 +98,48 @@ class Setup:
 
 def calibration_rank(rank: int, store_path: str, out_path: str, samples: int) -> None:
     """One side of calibrate_link, run inside a node's namespace (`python -m multitower.bench.
-    interconnect calibrate RANK STORE OUT SAMPLES`): calibrate.py's own timing loop."""
+    interconnect calibrate RANK STORE SAMPLES OUT`): calibrate.py's own timing loop."""
     from multitower.bench.calibrate import _worker
     _worker(rank, 2, store_path, CALIBRATION_BYTES, samples, out_path)
 
 
-def calibrate_link(rate_bps: int | None, samples: int = 5) -> dict:
-    """gloo all-reduce alpha and beta between two emulated nodes over a link of `rate_bps`
-    (None: unshaped): the ring fit of bench/calibrate.py, as `plan --calibrate` writes it."""
+def _pair_across_link(rate_bps: int | None, command: str, args_of, what: str) -> dict[int, dict]:
+    """Two emulated nodes joined by a link of `rate_bps` (None: unshaped), each running
+    `python -m multitower.bench.interconnect COMMAND RANK *args_of(rank, nodes, tmp)` in its
+    namespace, pinned to its core as `multitower cluster` pins a node; the timings per
+    message size that rank 0 wrote to tmp/timings.json (args_of's last argument)."""
     from multitower.cluster.job import divide_cores
     from multitower.cluster.network import Network
     cores = divide_cores(2, 0, sorted(os.sched_getaffinity(0)))
     with tempfile.TemporaryDirectory(prefix="multitower-link-") as tmp, Network(2, rate_bps) as net:
-        out = Path(tmp, "timings.json")
         ranks = [subprocess.Popen(
             ["ip", "netns", "exec", node.namespace, sys.executable, "-m", "multitower.bench.interconnect",
-             "calibrate", str(rank), str(Path(tmp, "store")), str(out), str(samples)],
-            env={**os.environ, "GLOO_SOCKET_IFNAME": node.interface},
+             command, str(rank), *args_of(rank, net.nodes, tmp)],
+            env={**os.environ, "GLOO_SOCKET_IFNAME": node.interface, "TP_SOCKET_IFNAME": node.interface},
             preexec_fn=lambda cores=cores[rank]: os.sched_setaffinity(0, cores),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for rank, node in enumerate(net.nodes)]
         said = [rank.communicate(timeout=900)[0] for rank in ranks]
         if any(rank.returncode for rank in ranks):
-            raise UserError(f"the link calibration failed: {said[0].strip().splitlines()[-1:] or said}")
-        timings = {int(k): v for k, v in json.loads(out.read_text()).items()}
-    alpha, beta = fit_link({m: timings[m]["median_s"] for m in timings})
-    cpu = cpu_per_byte(timings)
+            raise UserError(f"the {what} failed: {said[0].strip().splitlines()[-1:] or said}")
+        return {int(k): v for k, v in json.loads(Path(tmp, "timings.json").read_text()).items()}
+
+
+def _link_result(rate_bps: int | None, alpha: float, beta: float, cpu: float, timings: dict[int, dict]) -> dict:
     return {"rate_bps": rate_bps, "alpha_s": alpha, "beta_Bps": beta, "cpu_s_per_byte": cpu,
             "latency_us": alpha * 1e6, "bandwidth_gbps": beta * 8 / 1e9, "cpu_ns_per_byte": cpu * 1e9,
-            "samples": [{"bytes": m, "median_s": timings[m]["median_s"], "cpu_median_s": timings[m]["cpu_median_s"]}
+            "samples": [{"bytes": m, **{k: v for k, v in timings[m].items() if k not in ("all_s", "calls")}}
                         for m in sorted(timings)]}
+
+
+def calibrate_link(rate_bps: int | None, samples: int = 5) -> dict:
+    """gloo all-reduce alpha, beta and CPU per byte between two emulated nodes over a link of
+    `rate_bps` (None: unshaped): the ring fit of bench/calibrate.py, as `plan --calibrate`
+    writes it."""
+    timings = _pair_across_link(rate_bps, "calibrate", lambda rank, nodes, tmp: (
+        str(Path(tmp, "store")), str(samples), str(Path(tmp, "timings.json"))), "link calibration")
+    alpha, beta = fit_link({m: timings[m]["median_s"] for m in timings})
+    return _link_result(rate_bps, alpha, beta, cpu_per_byte(timings), timings)
 
 
 # -- downpour's transport -------------------------------------------------------------------
@@ -144,7 +156,7 @@ def _answer(tensor):
 
 def rpc_rank(rank: int, address: str, port: int, out_path: str, samples: int) -> None:
     """One side of calibrate_rpc, inside a node's namespace (`python -m multitower.bench.
-    interconnect rpc RANK ADDRESS PORT OUT SAMPLES`): rank 0 sends each of CALIBRATION_BYTES
+    interconnect rpc RANK ADDRESS PORT SAMPLES OUT`): rank 0 sends each of CALIBRATION_BYTES
     as downpour sends its gradients (rpc over TensorPipe, TCP only: parallel/downpour.py's
     _network_only) and waits for the reply; rank 1 answers. Rank 0 writes its median wall and
     CPU seconds per call and rank 1's CPU seconds."""
@@ -183,28 +195,11 @@ def calibrate_rpc(rate_bps: int | None, samples: int = 5) -> dict:
     nodes: a request of m bytes answered by m bytes, over rpc as downpour runs it. Fitted as
     a link crossed twice (t = 2 alpha + 2 m / beta: fit_link on t / 2), its cpu_s_per_byte
     the requesting side's CPU per byte sent (receiving as many)."""
-    from multitower.cluster.job import divide_cores
-    from multitower.cluster.network import Network
-    cores = divide_cores(2, 0, sorted(os.sched_getaffinity(0)))
-    with tempfile.TemporaryDirectory(prefix="multitower-rpc-") as tmp, Network(2, rate_bps) as net:
-        out = Path(tmp, "timings.json")
-        address = net.nodes[0].address
-        ranks = [subprocess.Popen(
-            ["ip", "netns", "exec", node.namespace, sys.executable, "-m", "multitower.bench.interconnect",
-             "rpc", str(rank), address, "29511", str(out), str(samples)],
-            env={**os.environ, "TP_SOCKET_IFNAME": node.interface, "GLOO_SOCKET_IFNAME": node.interface},
-            preexec_fn=lambda cores=cores[rank]: os.sched_setaffinity(0, cores),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for rank, node in enumerate(net.nodes)]
-        said = [rank.communicate(timeout=900)[0] for rank in ranks]
-        if any(rank.returncode for rank in ranks):
-            raise UserError(f"the rpc calibration failed: {said[0].strip().splitlines()[-1:] or said}")
-        timings = {int(k): v for k, v in json.loads(out.read_text()).items()}
+    timings = _pair_across_link(rate_bps, "rpc", lambda rank, nodes, tmp: (
+        nodes[0].address, "29511", str(samples), str(Path(tmp, "timings.json"))), "rpc calibration")
     alpha, beta = fit_link({m: t["median_s"] / 2 for m, t in timings.items()})
     cpu = statistics.median(t["cpu_median_s"] / m for m, t in timings.items() if m >= 2 ** 20)
-    return {"rate_bps": rate_bps, "alpha_s": alpha, "beta_Bps": beta, "cpu_s_per_byte": cpu,
-            "latency_us": alpha * 1e6, "bandwidth_gbps": beta * 8 / 1e9, "cpu_ns_per_byte": cpu * 1e9,
-            "samples": [{"bytes": m, **timings[m]} for m in sorted(timings)]}
+    return _link_result(rate_bps, alpha, beta, cpu, timings)
 
 
 def fit_link(median_s: dict[int, float]) -> tuple[float, float]:
@@ -345,14 +340,14 @@ def trained_wall_s(stdout: str) -> float | None:
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["calibrate"]:
-        rank, store, out, samples = argv[1:]
+        rank, store, samples, out = argv[1:]
         calibration_rank(int(rank), store, out, int(samples))
     elif argv[:1] == ["rpc"]:
-        rank, address, port, out, samples = argv[1:]
+        rank, address, port, samples, out = argv[1:]
         rpc_rank(int(rank), address, int(port), out, int(samples))
     else:
-        raise SystemExit("usage: python -m multitower.bench.interconnect calibrate RANK STORE OUT SAMPLES | "
-                         "rpc RANK ADDRESS PORT OUT SAMPLES")
+        raise SystemExit("usage: python -m multitower.bench.interconnect calibrate RANK STORE SAMPLES OUT | "
+                         "rpc RANK ADDRESS PORT SAMPLES OUT")
 
 
 if __name__ == "__main__":

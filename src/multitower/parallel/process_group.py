@@ -50,6 +50,15 @@ def rpc_init_method() -> str:
     return f"{ATTEMPT_SCHEME}://"
 
 
+def backend_for(device: torch.device) -> str:
+    """NCCL on GPUs, one worker per GPU; gloo on CPU, and where this machine's workers share
+    GPUs (NCCL refuses two ranks on one device; gloo all-reduces CUDA tensors through the host)."""
+    if device.type != "cuda":
+        return "gloo"
+    local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return "nccl" if local_workers <= torch.cuda.device_count() else "gloo"
+
+
 def init_process_group(device: torch.device, timeout_s: float, strategy: str) -> None:
     """Join the process group described by the launcher's environment (RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT); a collective that waits longer than `timeout_s` fails."""
@@ -58,7 +67,7 @@ def init_process_group(device: torch.device, timeout_s: float, strategy: str) ->
     if "MASTER_ADDR" not in os.environ:
         raise UserError(f"--strategy {strategy} runs several worker processes: pass --workers 2 or more "
                         f"(or start it with torchrun)")
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = backend_for(device)
     timeout = datetime.timedelta(seconds=timeout_s)
     if uses_agent_store():
         dist.init_process_group(backend=backend, store=attempt_store(timeout), rank=int(os.environ["RANK"]),

@@ -34,13 +34,15 @@ from multitower.train.recipe import Recipe, check_recipe, get_recipe, steps_for_
 
 
 def resolve_device(name: str) -> torch.device:
-    """The device of this process: with several GPUs, worker LOCAL_RANK takes cuda:LOCAL_RANK."""
+    """The device of this process: with several GPUs, worker LOCAL_RANK takes cuda:LOCAL_RANK;
+    with more workers than GPUs they wrap around (2 workers on 1 GPU share cuda:0, over gloo:
+    parallel/process_group.backend_for)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device(name)
 
 
