@@ -67,7 +67,7 @@ class PlanOptions:
     calibration: str = ""
     """A JSON written by `plan --calibrate` whose alpha and beta become the inter-node link."""
     overlap: bool = True
-    """Sync: all-reduce overlapped with backward (DDP); downpour: pushes overlapped with compute."""
+    """Sync: all-reduce overlapped with backward (DDP), or after it."""
     # The strategy settings: train's names, defaults and meanings (each strategy's Options).
     sync_every: int = LocalSGDOptions.sync_every
     """Local SGD: steps between weight averages (K)."""
