@@ -65,7 +65,7 @@ class PlanOptions:
     latency_us: float = 0.0
     """Measured inter-node latency per message in microseconds, replacing the preset's; 0 = the preset's."""
     calibration: str = ""
-    """A JSON written by `plan --calibrate` whose alpha and beta become the inter-node link."""
+    """A JSON written by `plan --calibrate` whose alpha, beta and CPU per byte become the inter-node link."""
     overlap: bool = True
     """Sync: all-reduce overlapped with backward (DDP), or after it."""
     # The strategy settings: train's names, defaults and meanings (each strategy's Options).
