@@ -45,6 +45,23 @@ def wait_for_step(job: subprocess.Popen, run_dir, step: int, timeout_s: float = 
     raise AssertionError(f"step {step} not reached in {timeout_s} s")
 
 
+def children_of(pid: int) -> list[int]:
+    """The processes `pid` started (its main thread's children)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def still_running(pids: list[int], timeout_s: float = 15) -> list[int]:
+    """Those of `pids` still running (neither gone nor a zombie) after up to timeout_s."""
+    from multitower.procs import process_state
+    deadline = time.monotonic() + timeout_s
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in alive if process_state(pid) not in ("Z", None)]
+    return alive
+
+
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.strip().splitlines() if line.strip()]
 

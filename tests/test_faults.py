@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from helpers import error_lines, multitower, start_multitower, status, wait_for_step
-from multitower.procs import parent_of, process_state
+from helpers import children_of, error_lines, multitower, start_multitower, status, still_running, wait_for_step
+from multitower.procs import parent_of
 from multitower.train.checkpoint import CheckpointDir
 
 COMMON = ["--batch-size", "32", "--summary-every", "0", "--log-every", "4", "--checkpoint-every", "8"]
@@ -154,15 +154,10 @@ def test_workers_do_not_outlive_a_killed_launcher(synth_dir, tmp_path):
     job = start_multitower(*train_args(synth_dir, run_dir, "sync", 2000))
     try:
         wait_for_step(job, run_dir, 4)
-        with open(f"/proc/{job.pid}/task/{job.pid}/children") as f:
-            workers = [int(pid) for pid in f.read().split()]
+        workers = children_of(job.pid)
         assert len(workers) >= 2, workers  # (and torch's resource tracker, where there is one)
     finally:
         job.kill()
         job.wait()
-    deadline = time.monotonic() + 15
-    alive = workers
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = [pid for pid in alive if process_state(pid) not in ("Z", None)]
+    alive = still_running(workers, timeout_s=15)
     assert not alive, f"workers {alive} outlived their launcher by 15 s"

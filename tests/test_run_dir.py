@@ -7,7 +7,8 @@ import signal
 
 import pytest
 
-from helpers import error_lines, metrics, multitower, start_multitower, status, wait_for_step
+from helpers import (children_of, error_lines, metrics, multitower, start_multitower, status, still_running,
+                     wait_for_step)
 from multitower.cli import main
 from multitower.train.checkpoint import CheckpointDir
 from multitower.train.run_dir import RunDirLock, is_locked, run_state
@@ -30,11 +31,14 @@ def test_a_second_train_on_a_busy_run_directory_is_refused(synth_dir, tmp_path):
         assert lines[0].startswith(f"multitower: error: {run_dir} is in use by another multitower train "
                                    f"(pid {first.pid} on "), lines[0]
         assert run_state(run_dir) == "running"
+        workers = children_of(first.pid)
     finally:
         first.send_signal(signal.SIGKILL)  # the launcher dies without a word; its workers follow
         first.wait()
-    # The kernel released the dead launcher's lock: a resume may go on, and no step is
+    # The workers end within seconds of their launcher (heartbeat.end_with_launcher), and
+    # the kernel released the dead launcher's lock: a resume may go on, and no step is
     # recorded twice.
+    assert not still_running(workers, timeout_s=15), "the killed launcher's workers lived on"
     wait_until_unlocked(run_dir)
     # The workers die with their launcher (torch sets their parent-death signal, SIGINT):
     # rank 0 says "interrupted" if it could, else a "running" that nobody holds reads "stopped".

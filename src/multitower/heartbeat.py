@@ -286,7 +286,8 @@ _guarded: list[subprocess.Popen] = []  # end_with_launcher's watcher (once per p
 # The watcher: a shell loop beside the worker, its child. Once a second it reads the
 # worker's parent from /proc/PID/stat (the fields after "(comm) ": state, ppid, ...); when
 # that is no longer the launcher, it waits the grace, says so on the worker's stderr and
-# SIGKILLs it. setpriv's parent-death signal ends the watcher the moment the worker ends
+# SIGKILLs it. Its own output goes nowhere: it opens the worker's stderr only to say that
+# line, so it never holds a pipe whose reader waits for the job's end. setpriv's parent-death signal ends the watcher the moment the worker ends
 # (without setpriv, the check after the loop: it outlives the worker by <= 1 s).
 ORPHAN_WATCH = r"""
 trap '' PIPE
@@ -299,7 +300,8 @@ done 2>/dev/null
 [ -e /proc/$worker ] || exit 0
 sleep "$grace"
 [ -e /proc/$worker ] || exit 0
-echo "multitower: error: rank $rank: its launcher (pid $launcher) is gone, killed or crashed; this process stops too" >&2
+echo "multitower: error: rank $rank: its launcher (pid $launcher) is gone, killed or crashed; this process stops too" \
+  2>/dev/null > /proc/$worker/fd/2
 kill -9 "$worker"
 """
 
@@ -318,4 +320,5 @@ def end_with_launcher() -> None:
     tie = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []  # else it lingers <= 1 s
     _guarded.append(subprocess.Popen(
         [*tie, "sh", "-c", ORPHAN_WATCH, "multitower-orphan-watch", str(os.getppid()), str(ORPHAN_GRACE_S),
-         os.environ.get("RANK", "?")], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+         os.environ.get("RANK", "?")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
