@@ -49,8 +49,6 @@ GLOBAL_BATCH = 128  # the tutorial's batch, over all workers
 LOCAL_SGD_PERIOD = 4  # --sync-every: train's default
 PIPELINE_STAGES, PIPELINE_MICROBATCHES = 2, 4  # --stages, --microbatches (train's defaults)
 STRATEGIES = ("sync", "sync-bf16", "local-sgd", "downpour", "pipeline")
-# What a pipeline rank all-gathers an example: cifar10-tf's 3 x 24 x 24 float32 crop and its int64 label.
-INPUT_BYTES_PER_EXAMPLE = 3 * 24 * 24 * 4 + 8
 
 
 @dataclass(frozen=True)
@@ -198,8 +196,7 @@ def calibrate_rpc(rate_bps: int | None, samples: int = 5) -> dict:
     timings = _pair_across_link(rate_bps, "rpc", lambda rank, nodes, tmp: (
         nodes[0].address, "29511", str(samples), str(Path(tmp, "timings.json"))), "rpc calibration")
     alpha, beta = fit_link({m: t["median_s"] / 2 for m, t in timings.items()})
-    cpu = statistics.median(t["cpu_median_s"] / m for m, t in timings.items() if m >= 2 ** 20)
-    return _link_result(rate_bps, alpha, beta, cpu, timings)
+    return _link_result(rate_bps, alpha, beta, cpu_per_byte(timings), timings)
 
 
 def fit_link(median_s: dict[int, float]) -> tuple[float, float]:
@@ -273,11 +270,12 @@ def predict(setup: Setup, compute_s_per_example: float, link: Link, param_bytes:
     link), the workers sharing cores as node_layout pins them. sync-bf16 is plan's sync with
     the gradient's bytes halved (what the bf16 hook sends); plan has no compression flag of
     its own."""
+    from multitower.plan import input_bytes_per_example
     workers = setup.workers
     shared = cores_shared_by(setup)
     cluster = Cluster(workers, 1, link, link, cores_shared_by=shared)
     work = Workload(compute_s_per_example, param_bytes, GLOBAL_BATCH / workers, activation_bytes_per_example,
-                    input_bytes_per_example=INPUT_BYTES_PER_EXAMPLE, **cut)
+                    input_bytes_per_example=input_bytes_per_example("cifar10-tf", 1), **cut)
     if setup.strategy == "sync":
         return predict_sync(work, cluster, Knobs(overlap=True))
     if setup.strategy == "sync-bf16":
