@@ -40,7 +40,7 @@ class CommTimer:
         self.bytes_per_element = bytes_per_element  # None: the buffer's own element size
         self._lock = threading.Lock()  # futures complete on the backend's threads
         self._intervals: list[tuple[float, float]] = []
-        self._in_flight: dict[object, torch.futures.Future | None] = {}  # a bucket's token -> its future
+        self._futures: list[torch.futures.Future] = []  # this step's, for drain()
         self.bytes = 0
 
     def wrap(self, hook):
@@ -58,19 +58,13 @@ class CommTimer:
             with self._lock:
                 self.bytes += int(sent)
 
-            token = object()
-            with self._lock:
-                self._in_flight[token] = None
-
             def finished(fut):
                 with self._lock:
                     self._intervals.append((start, time.perf_counter()))
-                    self._in_flight.pop(token, None)
                 return fut.value()
-            chained = future.then(finished)  # runs `finished` at once if the future has completed
+            chained = future.then(finished)
             with self._lock:
-                if token in self._in_flight:
-                    self._in_flight[token] = chained
+                self._futures.append(chained)
             return chained
         return timed_hook
 
@@ -81,8 +75,8 @@ class CommTimer:
         which the callback waits for (seen: a worker interrupted mid-backward, SIGINT from
         its killed launcher, hung in ~ProcessGroupGloo for minutes, no thread able to run)."""
         with self._lock:
-            pending = [future for future in self._in_flight.values() if future is not None]
-        for future in pending:
+            pending = list(self._futures)
+        for future in pending:  # completed ones return at once
             try:
                 future.wait()
             except Exception:  # noqa: BLE001 - a failed all-reduce: done all the same
@@ -93,6 +87,7 @@ class CommTimer:
         with self._lock:
             intervals, self._intervals = sorted(self._intervals), []
             sent, self.bytes = self.bytes, 0
+            self._futures = []  # the step is over: DDP has waited for every bucket
         busy, end = 0.0, float("-inf")
         for lo, hi in intervals:
             if hi > end:
