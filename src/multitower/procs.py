@@ -4,20 +4,25 @@ supervisor reads them before torch is imported)."""
 from __future__ import annotations
 
 
-def process_state(pid: int) -> str | None:
-    """The state letter of /proc/PID/stat ("R", "S", "T" stopped, "Z" exited, ...), or None
-    once it is gone."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after "(comm)": state, ppid, ...; None once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter ("R", "S", "T" stopped, "Z" exited, ...), or None once it is gone."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
+
+
 def parent_of(pid: int) -> int | None:
-    """The parent's pid from /proc/PID/stat, or None once the process is gone."""
+    """The parent's pid, or None once the process is gone."""
+    fields = _stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
+        return int(fields[1]) if fields else None
+    except (IndexError, ValueError):
         return None
