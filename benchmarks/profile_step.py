@@ -7,8 +7,9 @@ measured fp32 matmul peak. Prints a table and writes JSON.
 The step is train_step.py's candidate (data, the Single strategy's forward/backward/SGD,
 the EMA), profiled after warm-up. Ops are grouped by kind (convolution, dense matmul,
 max-pool, elementwise, optimizer/EMA, copies ...) by their aten names; each row is self
-CPU time per step and its share. The hand-written LRN's forward and backward are timed
-as ranges on top (their ops are counted in the groups). The last lines say how far the step is from the
+CPU time per step and its share. The LRN's forward and backward are timed as ranges on
+top (their ops are counted in the groups; in channels_last its fused kernels are a
+group of their own). The last lines say how far the step is from the
 FLOP bound and which groups stand between: on a CPU, whatever is not a convolution or
 matmul is memory-bound work that a faster GEMM cannot shorten.
 
@@ -67,12 +68,15 @@ def _annotated(function, label: str):
 def profile_step(split, batch_size: int, steps: int, setting) -> tuple[list[dict], dict[str, float], float]:
     """(per-op rows, ms per step inside each annotated range, wall seconds per step). The
     hand-written LRN's ops are elementwise aten ops like any other; its forward and
-    backward are annotated (here only) so that their total shows."""
+    backward are annotated (here only) so that their total shows. The fused CPU kernels
+    (channels_last) are no aten op: their range's own time is a row of its own."""
     step = training_step(batch_size, steps, torch.device("cpu"), setting=setting, split=split)
     run = step.run
-    original = tf_ops._LRN.forward, tf_ops._LRN.backward
-    tf_ops._LRN.forward = _annotated(original[0], "LRN forward")
-    tf_ops._LRN.backward = _annotated(original[1], "LRN backward")
+    functions = {"LRN": tf_ops._LRN, "LRN fused": tf_ops._FusedLRN}
+    original = {name: (f.forward, f.backward) for name, f in functions.items()}
+    for name, f in functions.items():
+        f.forward = _annotated(original[name][0], f"{name} forward")
+        f.backward = _annotated(original[name][1], f"{name} backward")
     try:
         run()  # warm-up
         start = time.perf_counter()
@@ -80,13 +84,19 @@ def profile_step(split, batch_size: int, steps: int, setting) -> tuple[list[dict
             run()
         wall = time.perf_counter() - start
     finally:
-        tf_ops._LRN.forward, tf_ops._LRN.backward = (staticmethod(f) for f in original)
+        for name, f in functions.items():
+            f.forward, f.backward = (staticmethod(m) for m in original[name])
         step.close()
     ranges = {e.key: e.cpu_time_total / 1e3 / steps for e in prof.key_averages() if e.key.startswith("LRN ")}
     rows = []
     for event in prof.key_averages():
         if event.self_cpu_time_total > 0 and event.key.startswith("aten::"):
             rows.append({"op": event.key, "group": group_of(event.key), "calls_per_step": event.count / steps,
+                         "self_ms_per_step": event.self_cpu_time_total / 1e3 / steps})
+        elif event.key.startswith("LRN fused"):
+            # The numba kernels are no aten op: their time is the range's own (self) time.
+            rows.append({"op": f"{event.key} (kernels)", "group": "LRN fused kernels",
+                         "calls_per_step": event.count / steps,
                          "self_ms_per_step": event.self_cpu_time_total / 1e3 / steps})
     return sorted(rows, key=lambda r: -r["self_ms_per_step"]), ranges, wall / steps
 
@@ -147,7 +157,7 @@ def main() -> None:
     for group, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"{group:<22}{ms:>9.1f}{ms / total_ms:>8.1%}")
     for label, ms in sorted(ranges.items()):
-        print(f"  {label:<20}{ms:>9.1f}{ms / total_ms:>8.1%}   (its ops are counted above)")
+        print(f"  {label:<20}{ms:>9.1f}{ms / total_ms:>8.1%}   (counted above, in its ops or kernels)")
     print(f"\n{'op':<40}{'group':<22}{'calls':>6}{'ms/step':>9}")
     for r in rows[:args.top]:
         print(f"{r['op']:<40}{r['group']:<22}{r['calls_per_step']:>6.0f}{r['self_ms_per_step']:>9.1f}")

@@ -7,7 +7,8 @@ pipeline alone on one core. Prints a table of ratios and writes JSON.
 The baseline is the step everyone writes first: pre-made random tensors (no data
 pipeline at all), forward, tower loss, backward, SGD, in NCHW with the LRN written
 as its formula in tensor ops (PlainLRN; the same function as multitower's, whose
-hand-written backward is part of what is measured). The candidate is what
+hand-written backward and fused CPU kernels are part of what is measured) and each
+ReLU right after its conv (PlainConvReLU; multitower moves them into the LRNs). The candidate is what
 `multitower train` runs per step: batches from the record files through the
 distortions and the prefetch thread, the strategy's step, and the EMA update.
 Repetitions alternate baseline and candidates so that machine noise hits both.
@@ -49,7 +50,8 @@ from multitower.models.cifar10_tf import tower_loss
 class PlainLRN(nn.Module):
     """tf.nn.lrn as one writes it first: the formula in autograd-tracked tensor ops.
     The baseline uses it instead of multitower's hand-written forward/backward
-    (models/tf_ops._LRN), which is part of the fast path being measured."""
+    (models/tf_ops._LRN and the fused CPU kernels), which are part of the fast path
+    being measured; the ReLU multitower folds into its LRN runs in PlainConvReLU."""
 
     def __init__(self, lrn: nn.Module):
         super().__init__()
@@ -64,10 +66,23 @@ class PlainLRN(nn.Module):
         return x * torch.pow(self.bias + self.alpha * window, -self.beta)
 
 
+class PlainConvReLU(nn.Module):
+    """tf.nn.relu(conv) as the tutorial writes it: the ReLU right after the conv, in
+    place, where multitower runs conv1's after pool1 and both inside the LRNs."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu_(self.conv(x))
+
+
 def eager_baseline(batch_size: int, steps: int, device: torch.device):
     """A closure running `steps` plain fp32 eager steps (NCHW, plain LRN) on fixed random tensors."""
     torch.manual_seed(0)
     model = build_model("cifar10-tf").to(device)
+    model.conv1, model.conv2 = PlainConvReLU(model.conv1), PlainConvReLU(model.conv2)
     model.norm1, model.norm2 = PlainLRN(model.norm1), PlainLRN(model.norm2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     images = torch.randn(batch_size, 3, 24, 24, device=device)

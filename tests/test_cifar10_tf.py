@@ -109,6 +109,73 @@ def test_logits_equal_tensorflows():
     np.testing.assert_allclose(logits.numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
+def _tutorial_order(model, x):
+    """cifar10.inference in the tutorial's own order, ReLUs right after the convs,
+    from the model's own layers: the reference for the model's moved ReLUs."""
+    from multitower.models.tf_ops import lrn
+    h = torch.relu(model.conv1(x))
+    h = lrn(model.pool1(h), 4, 1.0, 0.001 / 9.0, 0.75)
+    h = model.pool2(lrn(torch.relu(model.conv2(h)), 4, 1.0, 0.001 / 9.0, 0.75))
+    return model.softmax_linear(model.local4(model.local3(h)))
+
+
+def test_the_moved_relus_compute_the_tutorials_network():
+    # conv1's ReLU runs after pool1, and both ReLUs inside the LRNs (ConvBeforeReLU). In
+    # float64 the whole network and its gradients agree with the tutorial's order to
+    # rounding: MKL's products are not bitwise reproducible across buffers (their results
+    # depend on alignment), so the exact checks are on the layers below.
+    torch.manual_seed(0)
+    model = Cifar10TF().double()
+    images = torch.randn(8, 3, 24, 24, dtype=torch.float64) * 2
+
+    def logits_and_grads(forward):
+        model.zero_grad()
+        logits = forward(images)
+        logits.square().sum().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+    ours, ours_grads = logits_and_grads(model)
+    reference, reference_grads = logits_and_grads(lambda x: _tutorial_order(model, x))
+    torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-10)
+    for got, expected in zip(ours_grads, reference_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_relu_after_the_pool_and_inside_the_lrn_changes_no_bit(channels_last):
+    # The two moves, on one conv1 output: max-pool commutes with ReLU bit for bit, values
+    # and gradients; and LRN(relu=True) is the LRN of relu(x), bit for bit in the fused
+    # CPU kernels (float32 channels_last), to rounding in torch ops (float64 NCHW).
+    from multitower.models.tf_ops import LRN, lrn
+    torch.manual_seed(0)
+    dtype = torch.float32 if channels_last else torch.float64
+    conv = torch.randn(4, 64, 24, 24, dtype=dtype)
+    if channels_last:
+        conv = conv.contiguous(memory_format=torch.channels_last)
+    model = Cifar10TF().to(dtype)
+    g = torch.randn(4, 64, 12, 12, dtype=dtype)
+
+    def value_and_grad(f, x):
+        x = x.detach().requires_grad_()
+        out = f(x)
+        (grad,) = torch.autograd.grad(out, x, g)
+        return out.detach(), grad
+    pooled_relu = value_and_grad(lambda x: model.pool1(torch.relu(x)), conv)
+    relu_pooled = value_and_grad(lambda x: torch.relu(model.pool1(x)), conv)
+    assert torch.equal(pooled_relu[0], relu_pooled[0]) and torch.equal(pooled_relu[1], relu_pooled[1])
+    assert (pooled_relu[1] == 0).any() and (pooled_relu[1] != 0).any()
+    pooled = model.pool1(conv)
+    if channels_last:
+        from multitower.models import lrn_cpu, tf_ops
+        assert tf_ops._fused_kernels(pooled) is lrn_cpu
+    norm = LRN(4, 1.0, 0.001 / 9.0, 0.75, relu=True)
+    folded = value_and_grad(norm, pooled)
+    apart = value_and_grad(lambda x: lrn(torch.relu(x), 4, 1.0, 0.001 / 9.0, 0.75), pooled)
+    if channels_last:
+        assert torch.equal(folded[0], apart[0]) and torch.equal(folded[1], apart[1])
+    else:  # torch ops: the same calls, but MKL's window-sum product may round by alignment
+        torch.testing.assert_close(folded, apart, rtol=1e-12, atol=1e-12)
+
+
 def test_lrn_matters_at_the_test_scale():
     # Guards the previous test: with nn.LocalResponseNorm's alpha/size the logits move.
     rng = np.random.default_rng(0)

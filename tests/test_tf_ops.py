@@ -230,6 +230,90 @@ def test_lrn_gradient(radius, beta):
     torch.testing.assert_close(ours_cl, ref)
 
 
+# --- the fused CPU kernels (models/lrn_cpu.py): float32 channels_last, train's default ---
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+# The tutorial's LRN at its norm2 shape (enough rows for two threads), and small odd cases:
+# fewer channels than the window, TF's defaults, a beta that takes pow.
+@pytest.mark.parametrize("shape, r, bias, alpha, beta", [
+    ((32, 64, 12, 12), 4, 1.0, 0.001 / 9.0, 0.75),
+    ((3, 5, 2, 3), 4, 1.0, 0.3, 0.75),
+    ((2, 9, 3, 1), 5, 1.0, 1.0, 0.5),
+    ((2, 7, 2, 3), 1, 2.0, 0.2, 0.6),
+])
+@pytest.mark.parametrize("relu", [False, True])
+def test_fused_lrn_matches_the_formula_forward_and_backward(shape, r, bias, alpha, beta, relu):
+    from multitower.models import lrn_cpu
+    torch.manual_seed(0)
+    x64 = (torch.randn(shape, dtype=torch.float64) * 20).requires_grad_()
+    g64 = torch.randn(shape, dtype=torch.float64)
+    ref = _loop_lrn(x64.relu() if relu else x64, r, bias, alpha, beta)
+    (ref_grad,) = torch.autograd.grad(ref, x64, g64)
+    x = _channels_last(x64.detach().float()).requires_grad_()
+    assert lrn_cpu.applies(x)
+    out = lrn(x, r, bias, alpha, beta, relu=relu)
+    (grad,) = torch.autograd.grad(out, x, g64.float())
+    if relu:  # ReLU's gradient is 0 where x <= 0
+        assert (grad[x.detach() <= 0] == 0).all() and (grad[x.detach() > 0] != 0).any()
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-4)
+    # The torch-ops path, given the same values in NCHW, computes the same function.
+    x_nchw = x.detach().contiguous().requires_grad_()
+    assert not lrn_cpu.applies(x_nchw)
+    out_nchw = lrn(x_nchw, r, bias, alpha, beta, relu=relu)
+    (grad_nchw,) = torch.autograd.grad(out_nchw, x_nchw, g64.float())
+    torch.testing.assert_close(out, out_nchw)
+    torch.testing.assert_close(grad, grad_nchw)
+
+
+def test_fused_lrn_is_the_same_bits_on_any_thread_count_and_from_two_threads_at_once():
+    # Each pixel is computed alone, in a fixed order: splitting the rows over threads,
+    # or calls from several threads at once (the pool is shared), cannot change a bit.
+    import threading
+    from multitower.models import lrn_cpu
+    torch.manual_seed(0)
+    x = _channels_last(torch.randn(64, 64, 12, 12).relu())
+    g = _channels_last(torch.randn(64, 64, 12, 12))
+    args = (4, 1.0, 0.001 / 9.0, 0.75)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = lrn_cpu.forward(x, *args), lrn_cpu.backward(x, g, *args)
+        torch.set_num_threads(4)  # more chunks than this machine has cores
+        four = lrn_cpu.forward(x, *args), lrn_cpu.backward(x, g, *args)
+        results = [None] * 4
+
+        def call(i):
+            results[i] = lrn_cpu.forward(x, *args), lrn_cpu.backward(x, g, *args)
+        workers = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        torch.set_num_threads(threads)
+    for got in (four, *results):
+        assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1])
+
+
+def test_fused_lrn_takes_a_gradient_in_any_layout_and_leaves_other_tensors_to_torch_ops():
+    from multitower.models import lrn_cpu
+    torch.manual_seed(0)
+    x = _channels_last(torch.randn(4, 16, 5, 5)).requires_grad_()
+    g = torch.randn(4, 16, 5, 5)  # NCHW: the kernel takes a channels_last copy
+    (grad,) = torch.autograd.grad(lrn(x, 2, 1.0, 0.5, 0.75), x, g)
+    x_nchw = x.detach().contiguous().requires_grad_()
+    (expected,) = torch.autograd.grad(lrn(x_nchw, 2, 1.0, 0.5, 0.75), x_nchw, g)
+    torch.testing.assert_close(grad, expected)
+    assert not lrn_cpu.applies(x.detach().double())
+    assert not lrn_cpu.applies(x.detach().contiguous())
+    assert not lrn_cpu.applies(_channels_last(torch.randn(4, 16, 1, 1)))  # both layouts at once
+
+
 def test_lrn_rejects_non_nchw():
     with pytest.raises(UserError, match="NCHW"):
         lrn(torch.randn(3, 4))

@@ -36,12 +36,17 @@ LAYER_NAMES = (
 )
 
 
-class ConvReLU(Conv2dSame):
-    """conv1 / conv2: tf.nn.relu(conv2d(x, kernel, SAME) + biases)."""
+class ConvBeforeReLU(Conv2dSame):
+    """conv1 / conv2: conv2d(x, kernel, SAME) + biases. The tutorial's ReLU on it is
+    done by the next LRN (LRN(relu=True)): norm2 follows conv2, and pool1 between conv1
+    and norm1 commutes with it (max(relu(a), relu(b)) = relu(max(a, b)), the same values
+    and the same gradients), so the ReLU costs no pass over memory of its own, and
+    layer 1's runs on pool1's quarter of the pixels. summary_activation gives the
+    tutorial's conv1 / conv2 tensors for the activation summaries."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In place: the conv's output is not needed by its own backward.
-        return F.relu(super().forward(x), inplace=True)
+    @staticmethod
+    def summary_activation(output: torch.Tensor) -> torch.Tensor:
+        return F.relu(output)
 
 
 class Local(nn.Module):
@@ -120,12 +125,12 @@ class Cifar10TF(nn.Module):
         lrn = dict(depth_radius=4, bias=1.0, alpha=0.001 / 9.0, beta=0.75)
         hint = f" (this model takes {image_size}x{image_size} images: image_size={image_size})"
 
-        self.conv1 = ConvReLU(3, channels, 5, stddev=5e-2, bias_init=0.0)
+        self.conv1 = ConvBeforeReLU(3, channels, 5, stddev=5e-2, bias_init=0.0)
         self.pool1 = MaxPool2dSame(3, 2)
-        self.norm1 = LRN(**lrn)
-        self.conv2 = ConvReLU(channels, channels, 5, stddev=5e-2, bias_init=0.1)
+        self.norm1 = LRN(**lrn, relu=True)  # conv1's ReLU, after pool1 (ConvBeforeReLU)
+        self.conv2 = ConvBeforeReLU(channels, channels, 5, stddev=5e-2, bias_init=0.1)
         # Layer 2 normalises before pooling, unlike layer 1: the tutorial's order.
-        self.norm2 = LRN(**lrn)
+        self.norm2 = LRN(**lrn, relu=True)  # conv2's ReLU
         self.pool2 = MaxPool2dSame(3, 2)
         self.local3 = Local(side * side * channels, dim3, 0.04, 0.1, WEIGHT_DECAY, hint=hint)
         self.local4 = Local(dim3, dim4, 0.04, 0.1, WEIGHT_DECAY)

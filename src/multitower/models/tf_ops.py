@@ -135,6 +135,15 @@ def _pow_neg(d: torch.Tensor, beta: float) -> torch.Tensor:
     return d.pow(-beta)
 
 
+def _fused_kernels(x: torch.Tensor):
+    """models.lrn_cpu if its kernels take `x` (imported on first use: numba takes ~0.4 s
+    to load), else None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
+        return None
+    import multitower.models.lrn_cpu as lrn_cpu
+    return lrn_cpu if lrn_cpu.applies(x) else None
+
+
 class _LRN(torch.autograd.Function):
     # One function for forward and backward instead of autograd's pow/mul chain: fewer
     # passes over the activation (LRN is memory-bound; it was ~20% of the CPU step).
@@ -159,21 +168,44 @@ class _LRN(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+class _FusedLRN(torch.autograd.Function):
+    # lrn_cpu's kernels: the ReLU before the LRN, if any, folded in; only x is saved.
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernels, radius: int, bias: float, alpha: float, beta: float,
+                relu: bool) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.kernels, ctx.constants = kernels, (radius, bias, alpha, beta, relu)
+        return kernels.forward(x, *ctx.constants)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return ctx.kernels.backward(x, grad, *ctx.constants), None, None, None, None, None, None
+
+
 def lrn(
     x: torch.Tensor,
     depth_radius: int = 5,
     bias: float = 1.0,
     alpha: float = 1.0,
     beta: float = 0.5,
+    relu: bool = False,
 ) -> torch.Tensor:
-    """tf.nn.lrn over the channel axis of NCHW input (TF's defaults).
+    """tf.nn.lrn over the channel axis of NCHW input (TF's defaults); of tf.nn.relu(x)
+    with relu=True.
 
     sqr_sum[c] = sum of x[c']**2 for c' in [c - r, c + r] clipped to the channels;
     out = x / (bias + alpha * sqr_sum) ** beta. Alpha is not divided by the window
-    size (nn.LocalResponseNorm does divide).
+    size (nn.LocalResponseNorm does divide). A float32 channels_last CPU tensor (train's
+    default) takes lrn_cpu's fused kernels, anything else torch ops.
     """
     if x.dim() != 4:
         raise UserError(f"lrn expects NCHW input, got shape {tuple(x.shape)}")
+    kernels = _fused_kernels(x)
+    if kernels is not None:
+        return _FusedLRN.apply(x, kernels, depth_radius, bias, alpha, beta, relu)
+    if relu:
+        x = F.relu(x)
     return _LRN.apply(x, depth_radius, bias, alpha, beta)
 
 
@@ -235,10 +267,13 @@ class MaxPool2dSame(nn.Module):
 
 
 class LRN(nn.Module):
-    """tf.nn.lrn as a module (TF's argument names and defaults)."""
+    """tf.nn.lrn as a module (TF's argument names and defaults); relu=True normalises
+    tf.nn.relu(x), the ReLU done inside the LRN's own pass where the fused kernels run."""
 
-    def __init__(self, depth_radius: int = 5, bias: float = 1.0, alpha: float = 1.0, beta: float = 0.5):
+    def __init__(self, depth_radius: int = 5, bias: float = 1.0, alpha: float = 1.0, beta: float = 0.5,
+                 relu: bool = False):
         super().__init__()
+        self.relu = relu
         if not isinstance(depth_radius, int) or depth_radius < 0:
             raise UserError(f"LRN depth_radius must be an int >= 0, got {depth_radius!r}")
         self.depth_radius = depth_radius
@@ -247,10 +282,12 @@ class LRN(nn.Module):
         self.beta = beta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lrn(x, self.depth_radius, self.bias, self.alpha, self.beta)
+        return lrn(x, self.depth_radius, self.bias, self.alpha, self.beta, self.relu)
 
     def extra_repr(self) -> str:
-        return f"depth_radius={self.depth_radius}, bias={self.bias}, alpha={self.alpha:.6g}, beta={self.beta}"
+        relu = ", relu=True" if self.relu else ""
+        return (f"depth_radius={self.depth_radius}, bias={self.bias}, alpha={self.alpha:.6g}, "
+                f"beta={self.beta}{relu}")
 
 
 __all__ = [

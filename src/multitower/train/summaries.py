@@ -16,6 +16,7 @@ O(1) (TensorFlowBuckets), about 10 passes over memory for all of them, on torch'
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from pathlib import Path
 from typing import Iterator
@@ -201,13 +202,18 @@ class Summaries:
 
 @contextlib.contextmanager
 def capture_activations(model: nn.Module, layers=ACTIVATION_LAYERS) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the outputs of the named children during the forward passes inside the block."""
+    """Record the outputs of the named children during the forward passes inside the block;
+    a child with a summary_activation(output) records that instead (cifar10-tf's convs,
+    whose ReLU runs in the next layer)."""
     captured: dict[str, torch.Tensor] = {}
     handles = []
+
+    def record(child: nn.Module, _inputs, output: torch.Tensor, name: str) -> None:
+        activation = getattr(child, "summary_activation", None)
+        captured[name] = (activation(output) if activation is not None else output).detach()
     for name, child in model.named_children():
         if name in layers:
-            handles.append(child.register_forward_hook(
-                lambda _m, _inp, out, name=name: captured.__setitem__(name, out.detach())))
+            handles.append(child.register_forward_hook(functools.partial(record, name=name)))
     try:
         yield captured
     finally:
