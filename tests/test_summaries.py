@@ -86,3 +86,27 @@ def test_flat_values_are_views_where_the_memory_is_dense():
 def test_edges_too_close_together_are_refused():
     with pytest.raises(ValueError, match="closer than 1%"):
         TensorFlowBuckets([1.0005, 1.001, 2.0])  # both inside the float32 cell [1, 1 + 2**-7)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_activation_summaries_record_the_tutorials_relu_conv_outputs(channels_last):
+    # cifar10-tf's convs leave their ReLU to the next LRN (ConvBeforeReLU); the summaries
+    # must still see the tutorial's conv1 and conv2, relu(conv2d + biases): its
+    # histograms and sparsity (the zeros) are of those tensors.
+    from multitower.models import Cifar10TF
+    from multitower.train.summaries import capture_activations
+    torch.manual_seed(0)
+    model = Cifar10TF()
+    images = torch.randn(4, 3, 24, 24) * 2
+    if channels_last:
+        model, images = model.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
+    norm1 = {}
+    model.norm1.register_forward_hook(lambda _m, _i, out: norm1.setdefault("out", out))
+    with torch.no_grad(), capture_activations(model) as activations:
+        model(images)
+        conv1 = torch.relu(model.conv1(images))
+        conv2 = torch.relu(model.conv2(norm1["out"]))
+    assert set(activations) == {"conv1", "conv2", "local3", "local4", "softmax_linear"}
+    assert torch.equal(activations["conv1"], conv1) and torch.equal(activations["conv2"], conv2)
+    for name in ("conv1", "conv2"):
+        assert (activations[name] == 0).any() and (activations[name] > 0).any()
