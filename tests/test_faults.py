@@ -41,7 +41,14 @@ def test_a_killed_process_is_restarted_from_the_newest_checkpoint(synth_dir, tmp
     crashed = multitower(*train_args(synth_dir, tmp_path / "crashed", strategy, 20, "--max-restarts", "1"),
                          env={"MULTITOWER_FAULT": f"{rank}:{step}:kill"})
     assert crashed.returncode == 0, crashed.stderr
-    assert re.search(r"resumed .* at step (8|16) \(restart 1 after a worker failure\)", crashed.stdout), crashed.stdout
+    # The newest checkpoint before the fault or soon after it. Asynchronous workers do not wait
+    # for a dead peer: the survivors may finish (checkpoint 20) before the launcher, which looks
+    # every 0.5 s, sees the death; the restart then has nothing left to train, and says so.
+    resumed = re.search(r"resumed .* at step (\d+) \(restart 1 after a worker failure\)", crashed.stdout)
+    asynchronous = strategy in ("hogwild", "downpour") and rank == 1
+    assert resumed and int(resumed[1]) in ((8, 16, 20) if asynchronous else (8, 16)), crashed.stdout
+    if int(resumed[1]) == 20:
+        assert "done: step 20, no step left to train" in crashed.stdout, crashed.stdout
     assert status(tmp_path / "crashed")["state"] == "finished"
     final = CheckpointDir(tmp_path / "crashed" / "checkpoints").load()
     assert final["step"] == 20

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -297,8 +298,13 @@ def cmd_train(a: argparse.Namespace) -> None:
             kept = (f"the newest checkpoint is step {latest} in {cfg.run.run_dir}; --resume continues"
                     if latest is not None else "no checkpoint was written yet")
             raise Interrupted(f"{exc}; {kept}", exc.exit_status - 128) from None
-    print(f"done: step {result['step']}, loss {result['loss']:.3f}, {result['wall_time_s']:.1f} s, "
-          f"{result['examples_per_sec']:.1f} examples/sec")
+    if math.isnan(result["loss"]):
+        # No step ran: a restart found the run already at its last step (an asynchronous
+        # strategy's survivors finished before the launcher saw a worker die).
+        print(f"done: step {result['step']}, no step left to train, {result['wall_time_s']:.1f} s")
+    else:
+        print(f"done: step {result['step']}, loss {result['loss']:.3f}, {result['wall_time_s']:.1f} s, "
+              f"{result['examples_per_sec']:.1f} examples/sec")
 
 
 @contextlib.contextmanager
