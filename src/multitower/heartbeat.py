@@ -287,8 +287,9 @@ _guarded: list[subprocess.Popen] = []  # end_with_launcher's watcher (once per p
 # worker's parent from /proc/PID/stat (the fields after "(comm) ": state, ppid, ...); when
 # that is no longer the launcher, it waits the grace, says so on the worker's stderr and
 # SIGKILLs it. Its own output goes nowhere: it opens the worker's stderr only to say that
-# line, so it never holds a pipe whose reader waits for the job's end. setpriv's parent-death signal ends the watcher the moment the worker ends
-# (without setpriv, the check after the loop: it outlives the worker by <= 1 s).
+# line, so it never holds a pipe whose reader waits for the job's end. setpriv's
+# parent-death signal ends the watcher the moment the worker ends (without setpriv, the
+# check after the loop: it outlives the worker by <= 1 s).
 ORPHAN_WATCH = r"""
 trap '' PIPE
 worker=$PPID launcher=$1 grace=$2 rank=$3
