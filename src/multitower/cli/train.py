@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import signal
 from pathlib import Path
@@ -298,9 +297,9 @@ def cmd_train(a: argparse.Namespace) -> None:
             kept = (f"the newest checkpoint is step {latest} in {cfg.run.run_dir}; --resume continues"
                     if latest is not None else "no checkpoint was written yet")
             raise Interrupted(f"{exc}; {kept}", exc.exit_status - 128) from None
-    if math.isnan(result["loss"]):
-        # No step ran: a restart found the run already at its last step (an asynchronous
-        # strategy's survivors finished before the launcher saw a worker die).
+    if result["steps_trained"] == 0:
+        # A restart found the run already at its last step (an asynchronous strategy's
+        # survivors finished before the launcher saw a worker die).
         print(f"done: step {result['step']}, no step left to train, {result['wall_time_s']:.1f} s")
     else:
         print(f"done: step {result['step']}, loss {result['loss']:.3f}, {result['wall_time_s']:.1f} s, "

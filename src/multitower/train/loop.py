@@ -45,8 +45,12 @@ class TrainingDiverged(UserError):
 class TrainResult:
     step: int
     loss: float
+    """The last log window's mean loss; NaN when this process trained no step."""
     wall_time_s: float
     examples_per_sec: float
+    steps_trained: int = 0
+    """Steps this process ran: 0 for a parameter server, or for a restart that found the run
+    already at its last step."""
 
 
 def check_steps_ahead(cfg: Config, checkpoint_step: int | None, restarted: bool) -> None:
@@ -338,4 +342,5 @@ def _loop(run: Run, on_step, heartbeat: Heartbeat, directory: CheckpointDir) -> 
             summaries.close()
     wall = time.perf_counter() - start_time
     return TrainResult(step=step, loss=mean_loss, wall_time_s=wall,
-                       examples_per_sec=(step - start_step) * cfg.data.batch_size / max(wall, 1e-9))
+                       examples_per_sec=(step - start_step) * cfg.data.batch_size / max(wall, 1e-9),
+                       steps_trained=step - start_step)
