@@ -92,7 +92,7 @@ def run_matrix(args, data_dir: str) -> dict:
                     setup = Setup(strategy, nodes)
                     layout = strategy if strategy in layouts else "data"
                     guess = predict(setup, before[layout]["s_per_example"], measured_link, param_bytes,
-                                    activation_bytes, cut, rpc_link)
+                                    activation_bytes, cut, rpc_link, before[layout]["backward_share"])
                     period = LOCAL_SGD_PERIOD if strategy == "local-sgd" else 1
                     steps_run, log_every = cell_steps(guess.step_s, 2 if args.quick else 3, args.quick, period)
                     run_dir = Path(tmp, f"{strategy}-{nodes}-{link}")
@@ -101,11 +101,13 @@ def run_matrix(args, data_dir: str) -> dict:
                 after = {key: pinned_compute_s(setup, data_dir, steps, reps) for key, setup in layouts.items()}
                 for setup, layout, steps_run, log_every, measured in group:
                     compute_s = (before[layout]["s_per_example"] + after[layout]["s_per_example"]) / 2
-                    predicted = predict(setup, compute_s, measured_link, param_bytes, activation_bytes, cut, rpc_link)
+                    backward = (before[layout]["backward_share"] + after[layout]["backward_share"]) / 2
+                    predicted = predict(setup, compute_s, measured_link, param_bytes, activation_bytes, cut, rpc_link,
+                                        backward)
                     error = predicted.images_per_sec / measured.images_per_sec - 1
                     cells.append({"strategy": setup.strategy, "nodes": nodes, "cluster_nodes": setup.cluster_nodes,
                                   "link": link, "rate_bps": rate, "steps": steps_run, "log_every": log_every,
-                                  "compute_s_per_example": compute_s,
+                                  "compute_s_per_example": compute_s, "backward_share": backward,
                                   "compute": {"before": before[layout], "after": after[layout]},
                                   "predicted": asdict(predicted),
                                   "predicted_comm_fraction": predicted.exposed_comm_s / predicted.step_s,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from multitower.bench.cost_model import LINKS, STRATEGY_NAMES, Knobs, Link, Workload, scan
@@ -137,6 +137,36 @@ def model_bytes(model_name: str, width: int) -> tuple[int, float]:
     return param_bytes, (statistics.mean(boundary_bytes) if boundary_bytes else 0.0)
 
 
+# DDP's bucket sizes as train's sync strategy leaves them (DistributedDataParallel's defaults).
+DDP_FIRST_BUCKET_BYTES = 1024 * 1024  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
+DDP_BUCKET_BYTES = 25 * 1024 * 1024   # bucket_cap_mb=25
+
+
+def ddp_bucket_bytes(param_bytes_in_ready_order: list[int]) -> list[int]:
+    """The buckets DDP rebuilds after its first step, in the order their all-reduces start:
+    parameters taken in the order their gradients become ready, a bucket closed once it
+    holds DDP_FIRST_BUCKET_BYTES (the first) or DDP_BUCKET_BYTES (the others)."""
+    buckets, current = [], 0
+    for nbytes in param_bytes_in_ready_order:
+        current += nbytes
+        if current >= (DDP_FIRST_BUCKET_BYTES if not buckets else DDP_BUCKET_BYTES):
+            buckets.append(current)
+            current = 0
+    return buckets + [current] if current else buckets
+
+
+def ddp_last_bucket_share(model_name: str, width: int) -> float:
+    """Workload.last_bucket_share: the last DDP bucket's share of the parameter bytes,
+    gradients taken as ready in the reverse of the parameters' order (backward runs from
+    the last layer to the first). cifar10-tf: 429,312 of 4,273,192 bytes (conv1 and conv2;
+    DDP's rebuilt_bucket_sizes on 2 ranks: 3843880, 429312)."""
+    from multitower.models import build_model
+    sizes = [p.numel() * p.element_size() for p in build_model(model_name, width=width).parameters()
+             if p.requires_grad]
+    buckets = ddp_bucket_bytes(sizes[::-1])
+    return buckets[-1] / sum(buckets) if buckets else 0.0
+
+
 def input_bytes_per_example(model_name: str, width: int) -> float:
     """What one example's input weighs as the loader hands it over (3 x side x side float32
     images at the model's input size, an int64 label): what a pipeline rank all-gathers."""
@@ -181,6 +211,9 @@ class Profile:
     """Each repetition's figure, in the order they ran."""
     step: str
     """The step timed, in words: precision and memory format as train runs them."""
+    backward_share: float = 2 / 3
+    """The share of the step's time in backward (bench/step.timed_backward_share), timed over
+    one more repetition: Workload.backward_fraction."""
 
     @property
     def spread(self) -> float:
@@ -218,13 +251,14 @@ def profile_compute(model_name: str, width: int, batch_size: int, threads: int, 
                              split=split)
         try:
             rates = median_rate(step.run, repetitions=reps, warmup=warmup)["all"]
+            backward_share = step.backward_share()
         finally:
             step.close()
     finally:
         torch.set_num_threads(previous_threads)
     seconds = [1 / rate for rate in rates]
     layout = "channels_last" if step.fast.channels_last else "NCHW"
-    return Profile(statistics.median(seconds), seconds, f"train's step: {step.fast.precision}, {layout}")
+    return Profile(statistics.median(seconds), seconds, f"train's step: {step.fast.precision}, {layout}", backward_share)
 
 
 def keeps_nchw(strategy: str) -> bool:
@@ -252,9 +286,9 @@ def links_from(opts: PlanOptions) -> tuple[Link, Link]:
         from multitower.bench.calibrate import link_from_calibration
         inter = link_from_calibration(opts.calibration)
     if opts.bandwidth_gbps or opts.latency_us:
-        inter = Link(f"{inter.name}, measured",
-                     opts.bandwidth_gbps * 1e9 / 8 if opts.bandwidth_gbps else inter.bandwidth_Bps,
-                     opts.latency_us * 1e-6 if opts.latency_us else inter.latency_s, inter.cpu_s_per_byte)
+        inter = replace(inter, name=f"{inter.name}, measured",
+                        bandwidth_Bps=opts.bandwidth_gbps * 1e9 / 8 if opts.bandwidth_gbps else inter.bandwidth_Bps,
+                        latency_s=opts.latency_us * 1e-6 if opts.latency_us else inter.latency_s)
     return intra, inter
 
 
@@ -287,6 +321,7 @@ def make_plan(opts: PlanOptions) -> dict:
     param_bytes, activation_bytes = model_bytes(opts.model, opts.width)
     profile = nchw_profile = None
     by_strategy: tuple[tuple[str, float], ...] = ()
+    backward_fraction = Workload.backward_fraction  # the rule of thumb, unless a profile measures it
     if opts.compute_ms_per_example:
         compute_s, source = opts.compute_ms_per_example / 1e3, "given"
     elif opts.from_benchmark:
@@ -295,6 +330,7 @@ def make_plan(opts: PlanOptions) -> dict:
         profile = profile_compute(opts.model, opts.width, opts.batch_size, opts.threads, opts.profile_steps,
                                   reps=opts.profile_reps)
         compute_s, source = profile.s_per_example, f"measured, {profile.step}"
+        backward_fraction = profile.backward_share
         nchw = [name for name in STRATEGY_NAMES if keeps_nchw(name)]
         if nchw and "channels_last" in profile.step:  # those strategies run another step: time it
             nchw_profile = profile_compute(opts.model, opts.width, opts.batch_size, opts.threads,
@@ -303,6 +339,8 @@ def make_plan(opts: PlanOptions) -> dict:
             source += f"; {', '.join(nchw)}: {nchw_profile.s_per_example * 1e3:.3f} ms/example in NCHW"
     workload = Workload(compute_s, param_bytes, opts.batch_size, activation_bytes,
                         input_bytes_per_example=input_bytes_per_example(opts.model, opts.width),
+                        backward_fraction=backward_fraction,
+                        last_bucket_share=ddp_last_bucket_share(opts.model, opts.width),
                         compute_by_strategy=by_strategy, **pipeline_cut(opts.model, opts.width, opts.stages))
     intra, inter = links_from(opts)
     knobs = Knobs(opts.overlap, opts.sync_every, opts.ps, opts.ps_period, opts.stages, opts.microbatches)

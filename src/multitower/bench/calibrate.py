@@ -7,6 +7,9 @@ median time per call is then fitted to the ring model t = 2(n-1)/n * bytes/beta 
 alpha shows) weigh as much as 16 MB ones (where beta shows). The process's CPU time per
 call (all its threads: gloo's, and the kernel's TCP work done on its behalf) over the bytes
 it sends gives the link's cpu_s_per_byte: what communication takes from the compute cores.
+One message size (OVERLAP_BYTES) is all-reduced again with each rank's core idle and with
+it computing (a thread of matrix products beside the all-reduce, as backward runs beside
+DDP's), in turn: idle over busy time is the link's overlap_efficiency.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from multitower.errors import UserError
 
 MESSAGE_BYTES = [1024 * 4 ** k for k in range(8)]  # 1 KB ... 16 MB
 CPU_FIT_BYTES = 2 ** 20  # messages from 1 MiB up give cpu_s_per_byte (below, per-call costs weigh in)
+OVERLAP_BYTES = 4 * 2 ** 20  # the size overlap_efficiency is timed at: a gradient bucket's (cifar10-tf: 3.8 MB)
 
 
 def fit_alpha_beta(sizes_bytes: list[float], times_s: list[float], world_size: int = 2) -> tuple[float, float]:
@@ -63,6 +68,47 @@ def _calls_per_sample(nbytes: int) -> int:
     return max(2, min(100, 4 * 2 ** 20 // max(nbytes, 1)))
 
 
+class _BusyCore:
+    """A thread that computes (float32 matrix products on torch's threads) while `busy` is
+    set: the load backward puts on the cores beside an overlapped all-reduce."""
+
+    def __init__(self):
+        self.busy, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="busy-core", daemon=True)
+
+    def _run(self) -> None:
+        a = torch.randn(256, 256)
+        while not self._stop.is_set():
+            if not self.busy.wait(timeout=0.1):
+                continue
+            for _ in range(8):
+                torch.mm(a, a)
+
+    def __enter__(self) -> "_BusyCore":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()  # before the process group goes: no thread left in torch at exit
+
+
+def _time_overlap(tensor: torch.Tensor, samples: int) -> dict:
+    """Median seconds of one all-reduce of `tensor` with this rank's core idle and busy
+    (_BusyCore), the two alternating (both ranks in the same state, a barrier between)."""
+    idle, busy = [], []
+    with _BusyCore() as core:
+        for sample in range(samples):
+            for computing in ((False, True) if sample % 2 == 0 else (True, False)):
+                (core.busy.set if computing else core.busy.clear)()
+                dist.barrier()
+                start = time.perf_counter()
+                dist.all_reduce(tensor)
+                (busy if computing else idle).append(time.perf_counter() - start)
+        core.busy.clear()
+    return {"overlap_idle_s": statistics.median(idle), "overlap_busy_s": statistics.median(busy)}
+
+
 def _worker(rank: int, world_size: int, store_path: str, sizes: list[int], samples: int, out_path: str) -> None:
     torch.set_num_threads(1)  # gloo's own threads do the work; keep the ranks off each other's core
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world_size), rank=rank,
@@ -84,6 +130,10 @@ def _worker(rank: int, world_size: int, store_path: str, sizes: list[int], sampl
                 cpu_per_call.append((time.process_time() - cpu_start) / calls)
             medians[nbytes] = {"median_s": statistics.median(per_call), "all_s": per_call, "calls": calls,
                                "cpu_median_s": statistics.median(cpu_per_call)}
+        overlap_sizes = [m for m in sizes if CPU_FIT_BYTES <= m <= OVERLAP_BYTES]
+        if overlap_sizes:
+            nbytes = max(overlap_sizes)
+            medians[nbytes].update(_time_overlap(torch.ones(nbytes // 4, dtype=torch.float32), samples))
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump({str(k): v for k, v in medians.items()}, f)
@@ -97,6 +147,15 @@ def cpu_per_byte(timings: dict[int, dict], world_size: int = 2) -> float:
     rates = [t["cpu_median_s"] / ring_bytes_per_rank(m, world_size) for m, t in timings.items()
              if m >= CPU_FIT_BYTES and "cpu_median_s" in t]
     return statistics.median(rates) if rates else 0.0
+
+
+def overlap_efficiency(timings: dict[int, dict]) -> float:
+    """Link.overlap_efficiency from _time_overlap's figures (idle over busy seconds, at most
+    1); 1.0 where none were timed."""
+    timed = [t for t in timings.values() if "overlap_busy_s" in t]
+    if not timed:
+        return 1.0
+    return min(1.0, timed[0]["overlap_idle_s"] / timed[0]["overlap_busy_s"])
 
 
 def measure_allreduce(sizes: list[int] = MESSAGE_BYTES, samples: int = 5, world_size: int = 2) -> dict:
@@ -115,18 +174,20 @@ def measure_allreduce(sizes: list[int] = MESSAGE_BYTES, samples: int = 5, world_
     cpu_s_per_byte = cpu_per_byte(timings, world_size)
     return {"backend": "gloo", "transport": "loopback", "world_size": world_size,
             "alpha_s": alpha, "beta_Bps": beta, "cpu_s_per_byte": cpu_s_per_byte,
+            "overlap_efficiency": overlap_efficiency(timings),
             "latency_us": alpha * 1e6, "bandwidth_gbps": beta * 8 / 1e9, "cpu_ns_per_byte": cpu_s_per_byte * 1e9,
             "samples": [{"bytes": m, "median_s": timings[m]["median_s"], "fitted_s": f,
                          "cpu_median_s": timings[m]["cpu_median_s"],
-                         "calls_per_sample": timings[m]["calls"], "all_s": timings[m]["all_s"]}
+                         "calls_per_sample": timings[m]["calls"], "all_s": timings[m]["all_s"],
+                         **{k: v for k, v in timings[m].items() if k.startswith("overlap_")}}
                         for m, f in zip(sizes, fitted)]}
 
 
 def calibrated_link(name: str, calibration: dict) -> Link:
     """The Link a calibration (measure_allreduce's dict, or bench/interconnect's) measured.
-    cpu_s_per_byte: absent from calibration files written before it was measured."""
+    cpu_s_per_byte, overlap_efficiency: absent from files written before they were measured."""
     return Link(name, float(calibration["beta_Bps"]), float(calibration["alpha_s"]),
-                float(calibration.get("cpu_s_per_byte", 0.0)))
+                float(calibration.get("cpu_s_per_byte", 0.0)), float(calibration.get("overlap_efficiency", 1.0)))
 
 
 def link_from_calibration(path: str | Path) -> Link:

@@ -32,6 +32,12 @@ class Link:
     sums, the kernel's TCP): run on the cores that compute, so a CPU job cannot hide it behind
     its compute. Measured by a calibration; 0 where the transfer is offloaded (a GPU's copy
     engines, RDMA), as for the presets."""
+    overlap_efficiency: float = 1.0
+    """The share of its idle speed a transfer keeps while its rank's cores compute: each
+    step of gloo's ring waits for its thread to be scheduled on a core the compute holds, so
+    an all-reduce overlapped with backward progresses slower than one alone. Measured by a
+    calibration (the same all-reduce timed with the core idle and with it busy); 1 where
+    the transfer is offloaded, as for the presets."""
 
     @classmethod
     def from_gbps(cls, name: str, gbps: float, latency_us: float) -> "Link":
@@ -39,7 +45,8 @@ class Link:
 
     def describe(self) -> str:
         cpu = f", {self.cpu_s_per_byte * 1e9:.2g} ns CPU/byte" if self.cpu_s_per_byte else ""
-        return f"{self.name}: {self.bandwidth_Bps * 8 / 1e9:g} Gbit/s, {self.latency_s * 1e6:g} us{cpu}"
+        overlap = f", {self.overlap_efficiency:.2g} of its speed beside compute" if self.overlap_efficiency < 1 else ""
+        return f"{self.name}: {self.bandwidth_Bps * 8 / 1e9:g} Gbit/s, {self.latency_s * 1e6:g} us{cpu}{overlap}"
 
 
 # Bandwidth: each direction, from the public specifications named. Latency: the vendor's
@@ -84,6 +91,11 @@ class Workload:
     # Share of compute that is backward, which DDP overlaps with its all-reduce:
     # backward costs about twice forward (2 of the 6 FLOPs per parameter and example).
     backward_fraction: float = 2 / 3
+    # Share of param_bytes in DDP's last gradient bucket (plan.ddp_last_bucket_share): it holds
+    # the first layers' parameters, whose gradients come last, so its all-reduce starts when
+    # backward ends and hides behind nothing. 1 for a model in one bucket. cifar10-tf: 0.10
+    # (its convolutions; the dense layers' 3.8 MB go first). 0: every byte overlappable.
+    last_bucket_share: float = 0.0
     # Pipeline, as train would cut the model into S stages (plan.pipeline_cut); empty: S
     # equal stages sending activation_bytes_per_example at every boundary. cifar10-tf cut in
     # 2 by parameters puts 95% of the multiply-adds in stage 0 and sends pool2's 9,216 bytes
@@ -162,11 +174,13 @@ def ring_bytes_per_rank(nbytes: float, n: int) -> float:
     return 2 * (n - 1) / n * nbytes if n > 1 else 0.0
 
 
-def host_exposed_s(wire_s: float, cpu_s: float, hideable_s: float) -> float:
+def host_exposed_s(wire_s: float, cpu_s: float, hideable_s: float, unhideable_share: float = 0.0) -> float:
     """What a transfer taking `wire_s` adds to a step: its CPU part `cpu_s` in full (it runs on
-    the cores the compute needs), and of the rest what outlasts `hideable_s` of compute. With
-    cpu_s = 0 (offloaded transfers) it is the plain overlap max(0, wire - hideable)."""
-    return cpu_s + max(0.0, wire_s - cpu_s - hideable_s)
+    the cores the compute needs), and of the rest its `unhideable_share` in full (sent after
+    the compute ends) and what the remainder outlasts `hideable_s` of compute by. With cpu_s =
+    0 (offloaded transfers) and no unhideable share it is the plain overlap max(0, wire - hideable)."""
+    rest = max(0.0, wire_s - cpu_s)
+    return cpu_s + rest * unhideable_share + max(0.0, rest * (1 - unhideable_share) - hideable_s)
 
 
 def hierarchical_allreduce_s(nbytes: float, local: int, nodes: int, intra: Link, inter: Link,
@@ -212,16 +226,19 @@ def _prediction(strategy: str, w: Workload, devices: int, compute_s: float, expo
 
 
 def predict_sync(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> Prediction:
-    """Synchronous data parallelism: compute, plus the gradient all-reduce. Overlapped (DDP):
-    only the part longer than backward shows, and on a CPU its CPU part in full
-    (host_exposed_s: gloo's copies and sums take the cores backward needs; measured on 2
-    emulated nodes, an all-reduce was in flight 27% of the step where free overlap predicted
-    0% exposed); not overlapped: all of it."""
+    """Synchronous data parallelism: compute, plus the gradient all-reduce. Overlapped (DDP,
+    host_exposed_s): on a CPU its CPU part shows in full (gloo's copies and sums take the
+    cores backward needs; measured on 2 emulated nodes, an all-reduce was in flight 27% of
+    the step where free overlap predicted 0% exposed); the last bucket's bytes in full (its
+    gradients are backward's last); the rest where it outlasts backward, which it runs
+    beside at the link's overlap_efficiency (taken as free, 2 emulated nodes over 1 Gbit/s
+    were predicted at 1.23x their measured images/sec, 4 at 1.26x). Not overlapped: all of it."""
     compute_s = w.batch_per_device * w.compute_s("sync")
     wire_s = cluster_allreduce_s(w.param_bytes, cluster)
     cpu_s = cluster_allreduce_cpu_s(w.param_bytes, cluster)
-    hideable_s = w.backward_fraction * compute_s if knobs.overlap else 0.0
-    exposed = host_exposed_s(wire_s, cpu_s, hideable_s)
+    link = cluster.inter if cluster.nodes > 1 else cluster.intra
+    hideable_s = link.overlap_efficiency * w.backward_fraction * compute_s if knobs.overlap else 0.0
+    exposed = host_exposed_s(wire_s, cpu_s, hideable_s, w.last_bucket_share if knobs.overlap else 0.0)
     return _prediction("sync", w, cluster.devices, compute_s, exposed, max(wire_s, cpu_s))
 
 

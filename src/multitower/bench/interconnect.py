@@ -26,10 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from multitower.bench.calibrate import cpu_per_byte
+from multitower.bench.calibrate import cpu_per_byte, overlap_efficiency
 from multitower.bench.cost_model import Cluster, Knobs, Link, Prediction, Workload, predict_downpour, \
     predict_local_sgd, predict_pipeline, predict_sync
 from multitower.errors import UserError
@@ -125,6 +125,7 @@ def _pair_across_link(rate_bps: int | None, command: str, args_of, what: str) ->
 
 def _link_result(rate_bps: int | None, alpha: float, beta: float, cpu: float, timings: dict[int, dict]) -> dict:
     return {"rate_bps": rate_bps, "alpha_s": alpha, "beta_Bps": beta, "cpu_s_per_byte": cpu,
+            "overlap_efficiency": overlap_efficiency(timings),
             "latency_us": alpha * 1e6, "bandwidth_gbps": beta * 8 / 1e9, "cpu_ns_per_byte": cpu * 1e9,
             "samples": [{"bytes": m, **{k: v for k, v in timings[m].items() if k not in ("all_s", "calls")}}
                         for m in sorted(timings)]}
@@ -220,9 +221,9 @@ def _profile_copy(rank: int, barrier, cores: list[list[int]], threads: list[int]
     os.sched_setaffinity(0, cores[rank])
     split = open_dataset(data_dir).split("train")
     barrier.wait()  # the copies contend for the cores only if they run at the same time
-    seconds = profile_compute("cifar10-tf", 1, batch, threads[rank], steps, reps=reps, channels_last=channels_last,
-                              split=split).s_per_example
-    Path(out_dir, f"{rank}.json").write_text(json.dumps(seconds))
+    profile = profile_compute("cifar10-tf", 1, batch, threads[rank], steps, reps=reps, channels_last=channels_last,
+                              split=split)
+    Path(out_dir, f"{rank}.json").write_text(json.dumps([profile.s_per_example, profile.backward_share]))
 
 
 def node_layout(setup: Setup) -> tuple[list[list[int]], list[int]]:
@@ -244,7 +245,7 @@ def pinned_compute_s(setup: Setup, data_dir: str, steps: int = 10, reps: int = 3
     """Seconds per example of train's step at the worker's batch (profile_batch), in the
     strategy's memory format (plan.keeps_nchw), on batches from `data_dir`'s records through
     train's loader, one copy per worker process pinned as the job pins it, all at once: the
-    slowest copy's median."""
+    slowest copy's median; and the median copy's share of the step in backward."""
     import torch.multiprocessing as mp
     from multitower.plan import keeps_nchw
     cores, threads = node_layout(setup)
@@ -254,8 +255,9 @@ def pinned_compute_s(setup: Setup, data_dir: str, steps: int = 10, reps: int = 3
         mp.spawn(_profile_copy, nprocs=setup.workers, join=True,
                  args=(ctx.Barrier(setup.workers), cores, threads, setup.profile_batch(), steps, reps, tmp,
                        channels_last, str(data_dir)))
-        copies = [json.loads(Path(tmp, f"{rank}.json").read_text()) for rank in range(setup.workers)]
-    return {"s_per_example": max(copies), "copies_s_per_example": copies, "batch": setup.profile_batch(),
+        copies, shares = zip(*(json.loads(Path(tmp, f"{rank}.json").read_text()) for rank in range(setup.workers)))
+    return {"s_per_example": max(copies), "copies_s_per_example": list(copies),
+            "backward_share": statistics.median(shares), "batch": setup.profile_batch(),
             "cores": cores, "threads": threads, "layout": "channels_last" if channels_last else "NCHW",
             "loader": True}
 
@@ -263,24 +265,27 @@ def pinned_compute_s(setup: Setup, data_dir: str, steps: int = 10, reps: int = 3
 # -- the prediction -----------------------------------------------------------------------------
 
 def predict(setup: Setup, compute_s_per_example: float, link: Link, param_bytes: float,
-            activation_bytes_per_example: float, cut: dict, rpc_link: Link | None = None) -> Prediction:
+            activation_bytes_per_example: float, cut: dict, rpc_link: Link | None = None,
+            backward_fraction: float = Workload.backward_fraction) -> Prediction:
     """plan's cost model (bench/cost_model.py) for the setup, with plan's inputs (`cut`:
     plan.pipeline_cut at PIPELINE_STAGES): one device per node, every node on `link` (gloo's,
     as calibrated; downpour's exchange on `rpc_link`, its rpc calibrated across the same
-    link), the workers sharing cores as node_layout pins them. sync-bf16 is plan's sync with
+    link), the workers sharing cores as node_layout pins them, `backward_fraction` as the
+    profile measured it (pinned_compute_s). sync-bf16 is plan's sync with
     the gradient's bytes halved (what the bf16 hook sends); plan has no compression flag of
     its own."""
-    from multitower.plan import input_bytes_per_example
+    from multitower.plan import ddp_last_bucket_share, input_bytes_per_example
     workers = setup.workers
     shared = cores_shared_by(setup)
     cluster = Cluster(workers, 1, link, link, cores_shared_by=shared)
     work = Workload(compute_s_per_example, param_bytes, GLOBAL_BATCH / workers, activation_bytes_per_example,
-                    input_bytes_per_example=input_bytes_per_example("cifar10-tf", 1), **cut)
+                    input_bytes_per_example=input_bytes_per_example("cifar10-tf", 1),
+                    backward_fraction=backward_fraction, last_bucket_share=ddp_last_bucket_share("cifar10-tf", 1),
+                    **cut)
     if setup.strategy == "sync":
         return predict_sync(work, cluster, Knobs(overlap=True))
     if setup.strategy == "sync-bf16":
-        return predict_sync(Workload(compute_s_per_example, param_bytes / 2, GLOBAL_BATCH / workers), cluster,
-                            Knobs(overlap=True))
+        return predict_sync(replace(work, param_bytes=param_bytes / 2), cluster, Knobs(overlap=True))
     if setup.strategy == "local-sgd":
         return predict_local_sgd(work, cluster, Knobs(local_sgd_period=LOCAL_SGD_PERIOD))
     if setup.strategy == "downpour":

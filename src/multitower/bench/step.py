@@ -10,6 +10,7 @@ channels_last (issue 19, item 7).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +35,36 @@ class TrainingStep:
     """The fast path the step runs with, as train's Single strategy built it."""
     close: Callable[[], None]
     """Stops the input pipeline's thread, if any."""
+    backward_share: Callable[[], float]
+    """Runs the steps once more and returns the share of their time spent in backward."""
+
+
+def timed_backward_share(fast: FastPath, run: Callable[[], int], device: torch.device) -> float:
+    """The share of run()'s wall time spent in fast.backward (autograd from the loss back to
+    the first layer): what DDP can overlap its all-reduce with, where cost_model's
+    Workload.backward_fraction is otherwise a rule of thumb (2/3). cifar10-tf on a CPU
+    core measures about half: its LRN, pooling and the update do not scale as FLOPs do."""
+    backward, spent = fast.backward, []
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timed(loss: torch.Tensor) -> None:
+        start = time.perf_counter()
+        backward(loss)
+        synchronize()
+        spent.append(time.perf_counter() - start)
+    fast.backward = timed
+    try:
+        synchronize()
+        start = time.perf_counter()
+        run()
+        synchronize()
+        total = time.perf_counter() - start
+    finally:
+        del fast.backward  # the class's method again
+    return sum(spent) / total
 
 
 def training_step(batch_size: int, steps: int, device: torch.device, *, model: str = "cifar10-tf",
@@ -68,7 +99,7 @@ def training_step(batch_size: int, steps: int, device: torch.device, *, model: s
             state["step"] += 1
             ema.update(net, state["step"])
         return steps * batch_size
-    return TrainingStep(run, strategy.fast, close)
+    return TrainingStep(run, strategy.fast, close, lambda: timed_backward_share(strategy.fast, run, device))
 
 
 def recipe_step(cfg: Config, steps: int, warmup: int = 0) -> TrainingStep:
@@ -101,4 +132,5 @@ def recipe_step(cfg: Config, steps: int, warmup: int = 0) -> TrainingStep:
         batches.close()
         strategy.close()
     run_steps(warmup)
-    return TrainingStep(run_steps, strategy.fast, close)
+    return TrainingStep(run_steps, strategy.fast, close,
+                        lambda: timed_backward_share(strategy.fast, run_steps, strategy.device))

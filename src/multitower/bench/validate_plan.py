@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 
 from multitower.bench.cost_model import Cluster, Knobs, Workload, predict_sync
 from multitower.errors import UserError
-from multitower.plan import PlanOptions, model_bytes, profile_compute
+from multitower.plan import PlanOptions, ddp_last_bucket_share, model_bytes, profile_compute
 
 WARMUP_STEPS = 10  # metrics records at or before this step are dropped
 LOG_EVERY = 5
@@ -92,6 +92,7 @@ def validate(opts: PlanOptions, workers: tuple[int, ...] = (1, 2), steps: int = 
         calibration = measure_allreduce()
         link = calibrated_link("gloo loopback (calibrated)", calibration)
     param_bytes, _ = model_bytes(opts.model, opts.width)
+    last_bucket = ddp_last_bucket_share(opts.model, opts.width)
     # Profile as many steps as the measured window holds, so both sides average the machine's
     # other load over about the same time.
     profile_opts = dataclasses.replace(opts, profile_steps=max(opts.profile_steps, steps - WARMUP_STEPS))
@@ -110,7 +111,7 @@ def validate(opts: PlanOptions, workers: tuple[int, ...] = (1, 2), steps: int = 
         threads, batch = max(1, cores // n), opts.batch_size // n
         compute_s = statistics.median(samples[n]["compute"])
         measured_rate = statistics.median(samples[n]["measured"])
-        work = Workload(compute_s, param_bytes, batch)
+        work = Workload(compute_s, param_bytes, batch, last_bucket_share=last_bucket)
         cluster = Cluster(n, n, link, link)  # one node, every worker on loopback
         overlapped = predict_sync(work, cluster, Knobs(overlap=True))
         serial = predict_sync(work, cluster, Knobs(overlap=False))
