@@ -23,7 +23,9 @@ A job's rate is the examples trained between the metrics.jsonl records of step -
 their wall_time difference: the summaries at steps 101, 201, ..., the logs and the
 checkpoint of step 1000 are inside it, the final checkpoint after it. Its whole wall time,
 start-up included, is reported beside it. Repetitions interleave every case and baseline
-(the order reversed every other repetition), and each figure is the median over them.
+(the order reversed every other repetition), and each figure is the median over them;
+the scaling is also given repetition by repetition (the two jobs of one repetition run
+back to back), and the median of those ratios.
 Memory: the job's peak resident set (sum over its processes of their VmHWM, and the largest
 single process's), and torch.cuda.max_memory_allocated where it runs on a GPU.
 Writes JSON (bench-results/train_e2e.json) with the machine, torch version, git revision,
@@ -242,6 +244,11 @@ def main(argv=None) -> int:
     if "workers2" in results and "tutorial" in results:
         results["workers2"]["scaling_2x1_over_1x2"] = (results["workers2"]["job_images_per_sec"]["median"]
                                                       / results["tutorial"]["job_images_per_sec"]["median"])
+        # Each repetition's two jobs ran one after the other: their ratio is less moved by the
+        # machine's speed drifting over the run than the ratio of the two medians.
+        paired = [two["images_per_sec"] / one["images_per_sec"] for two, one in zip(jobs["workers2"], jobs["tutorial"])]
+        results["workers2"]["scaling_per_repetition"] = paired
+        results["workers2"]["scaling_paired_median"] = median(paired)
 
     rows = []
     for case, r in results.items():
@@ -266,6 +273,10 @@ def main(argv=None) -> int:
                    "quick": a.quick, "cases": cases, "threads": torch.get_num_threads(), "device": a.device},
         "load_average_1min": {"median": median(loads), "max": max(loads, default=float("nan"))},
         "targets": TARGETS, "results": results})
+    if "scaling_per_repetition" in results.get("workers2", {}):
+        paired = results["workers2"]["scaling_per_repetition"]
+        print(f"2x1 / 1x2 repetition by repetition: {', '.join(f'{r:.3f}' for r in paired)}; "
+              f"median {results['workers2']['scaling_paired_median']:.3f}")
     print(f"load average during the runs: median {median(loads):.2f}, max {max(loads, default=0):.2f}; "
           f"machine: {env['cpu']}, {env['cores']} cores; git {env['git']}")
     print(f"wrote {path}")

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from statistics import median
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,5 +24,9 @@ def test_quick_end_to_end_benchmark_writes_every_figure(tmp_path):
     for name in ("tutorial", "fast"):
         assert cases[name]["loop_efficiency"] > 0 and cases[name]["step_images_per_sec"]["median"] > 0, name
     assert cases["workers2"]["scaling_2x1_over_1x2"] > 0
+    paired = cases["workers2"]["scaling_per_repetition"]
+    assert len(paired) == result["config"]["reps"] and cases["workers2"]["scaling_paired_median"] == median(paired)
+    assert paired == [two / one for two, one in zip(cases["workers2"]["job_images_per_sec"]["all"],
+                                                     cases["tutorial"]["job_images_per_sec"]["all"])]
     for case in cases.values():
         assert case["job_images_per_sec"]["median"] > 0 and case["peak_rss_bytes"] > 50 * 2**20
