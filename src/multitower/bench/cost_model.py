@@ -33,11 +33,10 @@ class Link:
     its compute. Measured by a calibration; 0 where the transfer is offloaded (a GPU's copy
     engines, RDMA), as for the presets."""
     overlap_efficiency: float = 1.0
-    """The share of its idle speed a transfer keeps while its rank's cores compute: each
-    step of gloo's ring waits for its thread to be scheduled on a core the compute holds, so
-    an all-reduce overlapped with backward progresses slower than one alone. Measured by a
-    calibration (the same all-reduce timed with the core idle and with it busy); 1 where
-    the transfer is offloaded, as for the presets."""
+    """The share of its idle speed a transfer keeps while its rank's cores compute (gloo's
+    threads wait for cores the compute holds). Measured by a calibration, the same
+    all-reduce timed with the cores idle and busy: 0.91-1.00 for gloo between two emulated
+    nodes on one core each. 1 where the transfer is offloaded, as for the presets."""
 
     @classmethod
     def from_gbps(cls, name: str, gbps: float, latency_us: float) -> "Link":
@@ -88,8 +87,9 @@ class Workload:
     param_bytes: float                     # what an all-reduce, push or fetch moves
     batch_per_device: float                # examples per device per step
     activation_bytes_per_example: float = 0.0   # crossing one pipeline stage boundary
-    # Share of compute that is backward, which DDP overlaps with its all-reduce:
-    # backward costs about twice forward (2 of the 6 FLOPs per parameter and example).
+    # Share of compute that is backward, which DDP overlaps with its all-reduce. The default
+    # is the FLOPs' rule of thumb (backward costs twice forward); plan and the interconnect
+    # benchmark time it (bench/step.timed_backward_share).
     backward_fraction: float = 2 / 3
     # Share of param_bytes in DDP's last gradient bucket (plan.ddp_last_bucket_share): it holds
     # the first layers' parameters, whose gradients come last, so its all-reduce starts when
@@ -231,8 +231,9 @@ def predict_sync(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> Predi
     cores backward needs; measured on 2 emulated nodes, an all-reduce was in flight 27% of
     the step where free overlap predicted 0% exposed); the last bucket's bytes in full (its
     gradients are backward's last); the rest where it outlasts backward, which it runs
-    beside at the link's overlap_efficiency (taken as free, 2 emulated nodes over 1 Gbit/s
-    were predicted at 1.23x their measured images/sec, 4 at 1.26x). Not overlapped: all of it."""
+    beside at the link's overlap_efficiency. (With every byte hidden behind 2/3 of the step
+    at full speed, 2 emulated nodes over 1 Gbit/s were predicted at 1.23x their measured
+    images/sec, 4 at 1.26x.) Not overlapped: all of it."""
     compute_s = w.batch_per_device * w.compute_s("sync")
     wire_s = cluster_allreduce_s(w.param_bytes, cluster)
     cpu_s = cluster_allreduce_cpu_s(w.param_bytes, cluster)
