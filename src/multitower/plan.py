@@ -14,6 +14,7 @@ whole machine (all its cores); several workers sharing one machine's cores are w
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -155,6 +156,7 @@ def ddp_bucket_bytes(param_bytes_in_ready_order: list[int]) -> list[int]:
     return buckets + [current] if current else buckets
 
 
+@functools.lru_cache(maxsize=None)  # builds the model; the interconnect benchmark asks per cell
 def ddp_last_bucket_share(model_name: str, width: int) -> float:
     """Workload.last_bucket_share: the last DDP bucket's share of the parameter bytes,
     gradients taken as ready in the reverse of the parameters' order (backward runs from
@@ -167,6 +169,7 @@ def ddp_last_bucket_share(model_name: str, width: int) -> float:
     return buckets[-1] / sum(buckets) if buckets else 0.0
 
 
+@functools.lru_cache(maxsize=None)
 def input_bytes_per_example(model_name: str, width: int) -> float:
     """What one example's input weighs as the loader hands it over (3 x side x side float32
     images at the model's input size, an int64 label): what a pipeline rank all-gathers."""
@@ -211,7 +214,7 @@ class Profile:
     """Each repetition's figure, in the order they ran."""
     step: str
     """The step timed, in words: precision and memory format as train runs them."""
-    backward_share: float = 2 / 3
+    backward_share: float = Workload.backward_fraction
     """The share of the step's time in backward (bench/step.timed_backward_share), timed over
     one more repetition: Workload.backward_fraction."""
 
