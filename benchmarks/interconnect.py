@@ -2,6 +2,7 @@
 `multitower plan` predicts it.
 
     sudo .venv/bin/python benchmarks/interconnect.py [--quick] [--data DIR] [--out-dir bench-results]
+        [--strategies sync,sync-bf16] [--links unshaped,1gbit] [--nodes 2] [--accuracy-seconds 0]
 
 For 2 and 4 nodes and links unshaped / 1gbit / 200mbit / 50mbit (`multitower cluster`,
 one worker process per node, global batch 128 of cifar10-tf), each strategy's job
@@ -12,7 +13,8 @@ is run, and its images/sec, communication share of step time and bytes per step 
 worker are read from metrics.jsonl (the first log window, warm-up, dropped). Beside it,
 plan's cost model (bench/cost_model.py) predicts the same job from inputs measured here:
 the link's alpha, beta and CPU per byte calibrated across the emulated link (gloo
-all-reduce, 2 nodes; and downpour's rpc exchange), and the compute per example of train's
+all-reduce, 2 nodes; the same with the bf16 compression hook's casts, for sync-bf16; and
+downpour's rpc exchange), and the compute per example of train's
 step, in the strategy's memory format and fed by train's loader, with one copy per worker
 process pinned to its node's cores, all at once (bench/interconnect.py). Then, at 50 Mbit/s on 2 nodes, each
 strategy trains for the same wall time on the data set, and its validation precision @ 1
@@ -23,6 +25,8 @@ strategy, measured points over predicted lines) and prints the table. Each node 
 cells on a link are bracketed by profiles, before and after, whose mean the predictions
 use: other work on the machine then lands on both sides of a comparison.
 Needs root (network namespaces); --quick: 2 nodes, two links, short cells, ~10 min.
+--strategies, --links, --nodes run a part of the matrix (its winners then among those
+strategies only); --accuracy-seconds 0 skips the precision runs.
 """
 
 from __future__ import annotations
@@ -48,6 +52,16 @@ TARGET = 0.15  # the planner's error allowed in every cell (issue 17)
 WINDOW_S = 4.0  # a log window's wished length: three measured windows take ~12 s
 
 
+def choices(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    """A comma-separated flag's values, each one of `allowed`, in `allowed`'s order."""
+    given = [part.strip() for part in text.split(",") if part.strip()]
+    wrong = [part for part in given if part not in allowed]
+    if wrong or not given:
+        raise argparse.ArgumentTypeError(f"{flag} takes a comma-separated list of {', '.join(allowed)}; "
+                                         f"got {text!r}")
+    return tuple(a for a in allowed if a in given)
+
+
 def cell_steps(predicted_step_s: float, windows: int, quick: bool, period: int = 1) -> tuple[int, int]:
     """(steps, log_every) of a cell: one warm-up window and `windows` measured ones of
     3..10 steps each, sized by the predicted step time, and a multiple of `period` (local
@@ -67,9 +81,9 @@ def run_matrix(args, data_dir: str) -> dict:
     links and the mean of the two profiles."""
     param_bytes, activation_bytes = model_bytes("cifar10-tf", 1)
     cut = pipeline_cut("cifar10-tf", 1, PIPELINE_STAGES)
-    links = ("unshaped", "50mbit") if args.quick else LINKS
-    node_counts = (2,) if args.quick else (2, 4)
-    calibrations, rpc_calibrations, cells = {}, {}, []
+    links = args.links or (("unshaped", "50mbit") if args.quick else LINKS)
+    node_counts = args.nodes or ((2,) if args.quick else (2, 4))
+    calibrations, bf16_calibrations, rpc_calibrations, cells = {}, {}, {}, []
     steps, reps = (5, 3) if args.quick else (10, 5)
     with tempfile.TemporaryDirectory(prefix="multitower-interconnect-") as tmp:
         for link in links:
@@ -79,6 +93,13 @@ def run_matrix(args, data_dir: str) -> dict:
             calibrations[link], rpc_calibrations[link] = calibration, rpc_calibration
             measured_link = calibrated_link(f"{link}, calibrated", calibration)
             rpc_link = calibrated_link(f"{link}, rpc calibrated", rpc_calibration)
+            bf16_link = None
+            if "sync-bf16" in args.strategies:
+                bf16_calibrations[link] = calibrate_link(rate, samples=3 if args.quick else 5, hook="bf16")
+                bf16_link = calibrated_link(f"{link}, bf16 hook calibrated", bf16_calibrations[link])
+                print(f"{link}: the bf16 hook's all-reduce: alpha {bf16_calibrations[link]['latency_us']:.0f} us, "
+                      f"beta {bf16_calibrations[link]['bandwidth_gbps']:.3f} Gbit/s, "
+                      f"{bf16_calibrations[link]['cpu_ns_per_byte']:.2f} ns CPU per bf16 byte", flush=True)
             print(f"{link}: gloo alpha {calibration['latency_us']:.0f} us, beta {calibration['bandwidth_gbps']:.3f} "
                   f"Gbit/s, {calibration['cpu_ns_per_byte']:.2f} ns CPU/byte; rpc alpha "
                   f"{rpc_calibration['latency_us']:.0f} us, beta {rpc_calibration['bandwidth_gbps']:.3f} Gbit/s, "
@@ -88,11 +109,11 @@ def run_matrix(args, data_dir: str) -> dict:
                            "pipeline": Setup("pipeline", nodes)}
                 before = {key: pinned_compute_s(setup, data_dir, steps, reps) for key, setup in layouts.items()}
                 group = []
-                for strategy in STRATEGIES:
+                for strategy in args.strategies:
                     setup = Setup(strategy, nodes)
                     layout = strategy if strategy in layouts else "data"
                     guess = predict(setup, before[layout]["s_per_example"], measured_link, param_bytes,
-                                    activation_bytes, cut, rpc_link, before[layout]["backward_share"])
+                                    activation_bytes, cut, rpc_link, before[layout]["backward_share"], bf16_link)
                     period = LOCAL_SGD_PERIOD if strategy == "local-sgd" else 1
                     steps_run, log_every = cell_steps(guess.step_s, 2 if args.quick else 3, args.quick, period)
                     run_dir = Path(tmp, f"{strategy}-{nodes}-{link}")
@@ -103,7 +124,7 @@ def run_matrix(args, data_dir: str) -> dict:
                     compute_s = (before[layout]["s_per_example"] + after[layout]["s_per_example"]) / 2
                     backward = (before[layout]["backward_share"] + after[layout]["backward_share"]) / 2
                     predicted = predict(setup, compute_s, measured_link, param_bytes, activation_bytes, cut, rpc_link,
-                                        backward)
+                                        backward, bf16_link)
                     error = predicted.images_per_sec / measured.images_per_sec - 1
                     cells.append({"strategy": setup.strategy, "nodes": nodes, "cluster_nodes": setup.cluster_nodes,
                                   "link": link, "rate_bps": rate, "steps": steps_run, "log_every": log_every,
@@ -120,7 +141,8 @@ def run_matrix(args, data_dir: str) -> dict:
                           f"({before[layout]['s_per_example'] * 1e3:.2f} before, "
                           f"{after[layout]['s_per_example'] * 1e3:.2f} after); {measured.wall_s:.0f} s", flush=True)
     return {"param_bytes": param_bytes, "activation_bytes_per_example": activation_bytes, "pipeline_cut": cut,
-            "calibrations": calibrations, "rpc_calibrations": rpc_calibrations, "cells": cells}
+            "calibrations": calibrations, "bf16_calibrations": bf16_calibrations, "rpc_calibrations": rpc_calibrations,
+            "cells": cells}
 
 
 def winners(cells: list[dict]) -> list[dict]:
@@ -225,9 +247,17 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="data set (default: data/cifar10, else a generated one)")
     parser.add_argument("--out-dir", default="bench-results", help="where the JSON and PNG go (default: %(default)s)")
     parser.add_argument("--accuracy-seconds", type=float, default=None,
-                        help="training time of each strategy's precision run at 50 Mbit/s (default: 180, quick 30)")
+                        help="training time of each strategy's precision run at 50 Mbit/s (default: 180, quick 30; "
+                             "0: none)")
+    parser.add_argument("--strategies", type=lambda text: choices(text, STRATEGIES, "--strategies"),
+                        default=STRATEGIES, help=f"comma-separated, of {', '.join(STRATEGIES)} (default: all)")
+    parser.add_argument("--links", type=lambda text: choices(text, LINKS, "--links"), default=None,
+                        help=f"comma-separated, of {', '.join(LINKS)} (default: all; quick: unshaped,50mbit)")
+    parser.add_argument("--nodes", type=lambda text: tuple(int(n) for n in choices(text, ("2", "4"), "--nodes")),
+                        default=None, help="comma-separated node counts, of 2, 4 (default: both; quick: 2)")
     args = parser.parse_args()
-    args.accuracy_seconds = args.accuracy_seconds or (30.0 if args.quick else 180.0)
+    if args.accuracy_seconds is None:
+        args.accuracy_seconds = 30.0 if args.quick else 180.0
     check_rights()
     data_dir, generated = benchmark_data(args.data)
     out_dir = Path(args.out_dir)
@@ -237,8 +267,10 @@ def main() -> None:
               "command": " ".join(["benchmarks/interconnect.py", *sys.argv[1:]])}
     result.update(run_matrix(args, data_dir))
     result["winners"] = winners(result["cells"])
-    print("precision @ 1 at 50 Mbit/s, 2 nodes, the same training time each:", flush=True)
-    result["accuracy"] = accuracy_runs(args, data_dir, result["cells"])
+    result["accuracy"] = []
+    if args.accuracy_seconds > 0:
+        print("precision @ 1 at 50 Mbit/s, 2 nodes, the same training time each:", flush=True)
+        result["accuracy"] = accuracy_runs(args, data_dir, result["cells"])
     result.update({"load_average_before": load_before, "load_average_after": os.getloadavg(),
                    "wall_s": time.monotonic() - started})
     json_path = write_json(out_dir / "interconnect.json", result)

@@ -39,6 +39,13 @@ def test_each_strategy_is_predicted_on_its_own_transport(monkeypatch):
     assert slow["downpour"].step_s > fast["downpour"].step_s
     assert all(slow[s].step_s == fast[s].step_s for s in interconnect.STRATEGIES if s != "downpour")
     assert fast["sync-bf16"].comm_s < fast["sync"].comm_s
+    # sync-bf16 over the link calibrated with the hook's casts and bf16 sums, where given:
+    # 5 ns of CPU per byte, all of it on the cores, slows it alone.
+    costly = Link("bf16 hook", 1e8, 1e-3, 5e-9)
+    hooked = {s: predict(Setup(s, 2), 1e-3, gloo, param_bytes, activation_bytes, cut, gloo, bf16_link=costly)
+              for s in interconnect.STRATEGIES}
+    assert hooked["sync-bf16"].step_s > fast["sync-bf16"].step_s
+    assert all(hooked[s].step_s == fast[s].step_s for s in interconnect.STRATEGIES if s != "sync-bf16")
     # 2 x (1 ms + 4.27 MB / 50 MB/s), the request and its reply, nothing hidden: 4.27 MB x 1 ns of CPU is less.
     compute_s = 64 * 1e-3
     assert slow["downpour"].step_s == pytest.approx(compute_s + 2 * (1e-3 + param_bytes / 5e7))
@@ -46,9 +53,10 @@ def test_each_strategy_is_predicted_on_its_own_transport(monkeypatch):
 
 @pytest.mark.slow
 def test_both_calibrations_across_an_emulated_link(namespaces):  # noqa: F811 - the fixture
-    """gloo's all-reduce and downpour's rpc exchange between two emulated nodes, unshaped:
-    both give a latency, a bandwidth and some CPU per byte, no more CPU than wall time."""
-    for calibrate in (interconnect.calibrate_link, interconnect.calibrate_rpc):
+    """gloo's all-reduce (plain, and as the bf16 hook makes it) and downpour's rpc exchange
+    between two emulated nodes, unshaped: each gives a latency, a bandwidth and some CPU per byte, no more CPU than wall time."""
+    for calibrate in (interconnect.calibrate_link, interconnect.calibrate_rpc,
+                      lambda rate, samples: interconnect.calibrate_link(rate, samples, hook="bf16")):
         result = calibrate(None, samples=2)
         assert result["alpha_s"] > 0 and result["beta_Bps"] > 1e7
         assert 0 < result["cpu_s_per_byte"] < 1e-7

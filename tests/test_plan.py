@@ -362,6 +362,29 @@ def test_bad_input_is_one_line(capsys, tmp_path, argv, message):
     assert code == 2 and len(err) == 1 and message in err[0], err
 
 
+def test_the_bf16_calibration_sends_what_the_bf16_hook_sends(tmp_path):
+    """calibrate.py's hook="bf16" message: m bytes of bfloat16 on the wire from a 2m-byte
+    float32 bucket, which one call leaves as DDP's bf16_compress_hook leaves a bucket (cast,
+    divided by the ranks, summed, copied back: on one rank, the values rounded to bf16)."""
+    import torch
+    import torch.distributed as dist
+    from multitower.bench.calibrate import _Message
+    assert _Message(4096, "none", 2).bucket.numel() == 1024
+    assert _Message(4096, "bf16", 2).bucket.numel() == 2048  # 4096 bytes once cast
+    with pytest.raises(ValueError, match="hook"):
+        _Message(4096, "fp16", 2)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        message = _Message(4096, "bf16", 1)
+        values = torch.randn(message.bucket.numel(), generator=torch.Generator().manual_seed(0))
+        message.bucket.copy_(values)
+        message.all_reduce()
+        assert torch.equal(message.bucket, values.to(torch.bfloat16).float())
+        assert not torch.equal(message.bucket, values)  # rounded: the cast happened
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_calibration_on_loopback():
     result = measure_allreduce(sizes=[1024, 64 * 1024, 1024 * 1024], samples=2)

@@ -10,6 +10,12 @@ it sends gives the link's cpu_s_per_byte: what communication takes from the comp
 One message size (OVERLAP_BYTES) is all-reduced again with each rank's core idle and with
 it computing (a thread of matrix products beside the all-reduce, as backward runs beside
 DDP's), in turn: idle over busy time is the link's overlap_efficiency.
+
+With hook="bf16" each call is what DDP's bf16_compress_hook does to a gradient bucket (sync
+--grad-compression bf16): the float32 bucket cast to bfloat16 and divided by the ranks, that
+all-reduced (gloo sums bfloat16 element by element), the result copied back into the
+bucket. A message of m bytes is then the m bfloat16 bytes on the wire (a 2m-byte bucket),
+and the casts and the slower sums land in the CPU per byte: the link as that job sees it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,26 @@ from multitower.errors import UserError
 MESSAGE_BYTES = [1024 * 4 ** k for k in range(8)]  # 1 KB ... 16 MB
 CPU_FIT_BYTES = 2 ** 20  # messages from 1 MiB up give cpu_s_per_byte (below, per-call costs weigh in)
 OVERLAP_BYTES = 4 * 2 ** 20  # the size overlap_efficiency is timed at: a gradient bucket's (cifar10-tf: 3.8 MB)
+HOOKS = ("none", "bf16")  # what one call all-reduces: the float32 message, or the bf16 hook's (module docstring)
+
+
+class _Message:
+    """One calibration message of `nbytes` on the wire, and how one call all-reduces it."""
+
+    def __init__(self, nbytes: int, hook: str, world_size: int):
+        if hook not in HOOKS:
+            raise ValueError(f"hook must be one of {HOOKS}, got {hook!r}")
+        self.hook, self.world_size = hook, world_size
+        elements = max(1, nbytes // (2 if hook == "bf16" else 4))
+        self.bucket = torch.ones(elements, dtype=torch.float32)  # the bucket, float32 either way
+
+    def all_reduce(self) -> None:
+        if self.hook == "none":
+            dist.all_reduce(self.bucket)
+            return
+        compressed = self.bucket.to(torch.bfloat16).div_(self.world_size)  # as default_hooks._compress_hook
+        dist.all_reduce(compressed)
+        self.bucket.copy_(compressed)
 
 
 def fit_alpha_beta(sizes_bytes: list[float], times_s: list[float], world_size: int = 2) -> tuple[float, float]:
@@ -93,8 +119,8 @@ class _BusyCore:
         self._thread.join()  # before the process group goes: no thread left in torch at exit
 
 
-def _time_overlap(tensor: torch.Tensor, samples: int) -> dict:
-    """Median seconds of one all-reduce of `tensor` with this rank's core idle and busy
+def _time_overlap(message: _Message, samples: int) -> dict:
+    """Median seconds of one all-reduce of `message` with this rank's core idle and busy
     (_BusyCore), the two alternating (both ranks in the same state, a barrier between)."""
     idle, busy = [], []
     with _BusyCore() as core:
@@ -103,29 +129,30 @@ def _time_overlap(tensor: torch.Tensor, samples: int) -> dict:
                 (core.busy.set if computing else core.busy.clear)()
                 dist.barrier()
                 start = time.perf_counter()
-                dist.all_reduce(tensor)
+                message.all_reduce()
                 (busy if computing else idle).append(time.perf_counter() - start)
         core.busy.clear()
     return {"overlap_idle_s": statistics.median(idle), "overlap_busy_s": statistics.median(busy)}
 
 
-def _worker(rank: int, world_size: int, store_path: str, sizes: list[int], samples: int, out_path: str) -> None:
+def _worker(rank: int, world_size: int, store_path: str, sizes: list[int], samples: int, out_path: str,
+            hook: str = "none") -> None:
     torch.set_num_threads(1)  # gloo's own threads do the work; keep the ranks off each other's core
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world_size), rank=rank,
                             world_size=world_size)
     try:
         medians = {}
         for nbytes in sizes:
-            tensor = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
+            message = _Message(nbytes, hook, world_size)
             calls = _calls_per_sample(nbytes)
             for _ in range(2):  # warm-up: connections, buffers
-                dist.all_reduce(tensor)
+                message.all_reduce()
             per_call, cpu_per_call = [], []
             for _ in range(samples):
                 dist.barrier()
                 start, cpu_start = time.perf_counter(), time.process_time()
                 for _ in range(calls):
-                    dist.all_reduce(tensor)
+                    message.all_reduce()
                 per_call.append((time.perf_counter() - start) / calls)
                 cpu_per_call.append((time.process_time() - cpu_start) / calls)
             medians[nbytes] = {"median_s": statistics.median(per_call), "all_s": per_call, "calls": calls,
@@ -133,7 +160,7 @@ def _worker(rank: int, world_size: int, store_path: str, sizes: list[int], sampl
         overlap_sizes = [m for m in sizes if CPU_FIT_BYTES <= m <= OVERLAP_BYTES]
         if overlap_sizes:
             nbytes = max(overlap_sizes)
-            medians[nbytes].update(_time_overlap(torch.ones(nbytes // 4, dtype=torch.float32), samples))
+            medians[nbytes].update(_time_overlap(_Message(nbytes, hook, world_size), samples))
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump({str(k): v for k, v in medians.items()}, f)

@@ -94,11 +94,11 @@ class Setup:
 
 # -- the link -----------------------------------------------------------------------------
 
-def calibration_rank(rank: int, store_path: str, out_path: str, samples: int) -> None:
+def calibration_rank(rank: int, store_path: str, out_path: str, samples: int, hook: str = "none") -> None:
     """One side of calibrate_link, run inside a node's namespace (`python -m multitower.bench.
-    interconnect calibrate RANK STORE SAMPLES OUT`): calibrate.py's own timing loop."""
+    interconnect calibrate RANK STORE SAMPLES OUT HOOK`): calibrate.py's own timing loop."""
     from multitower.bench.calibrate import _worker
-    _worker(rank, 2, store_path, CALIBRATION_BYTES, samples, out_path)
+    _worker(rank, 2, store_path, CALIBRATION_BYTES, samples, out_path, hook)
 
 
 def _pair_across_link(rate_bps: int | None, command: str, args_of, what: str) -> dict[int, dict]:
@@ -123,22 +123,24 @@ def _pair_across_link(rate_bps: int | None, command: str, args_of, what: str) ->
         return {int(k): v for k, v in json.loads(Path(tmp, "timings.json").read_text()).items()}
 
 
-def _link_result(rate_bps: int | None, alpha: float, beta: float, cpu: float, timings: dict[int, dict]) -> dict:
-    return {"rate_bps": rate_bps, "alpha_s": alpha, "beta_Bps": beta, "cpu_s_per_byte": cpu,
+def _link_result(rate_bps: int | None, alpha: float, beta: float, cpu: float, timings: dict[int, dict],
+                 **more) -> dict:
+    return {"rate_bps": rate_bps, **more, "alpha_s": alpha, "beta_Bps": beta, "cpu_s_per_byte": cpu,
             "overlap_efficiency": overlap_efficiency(timings),
             "latency_us": alpha * 1e6, "bandwidth_gbps": beta * 8 / 1e9, "cpu_ns_per_byte": cpu * 1e9,
             "samples": [{"bytes": m, **{k: v for k, v in timings[m].items() if k not in ("all_s", "calls")}}
                         for m in sorted(timings)]}
 
 
-def calibrate_link(rate_bps: int | None, samples: int = 5) -> dict:
+def calibrate_link(rate_bps: int | None, samples: int = 5, hook: str = "none") -> dict:
     """gloo all-reduce alpha, beta and CPU per byte between two emulated nodes over a link of
     `rate_bps` (None: unshaped): the ring fit of bench/calibrate.py, as `plan --calibrate`
-    writes it."""
+    writes it. hook="bf16": of the bf16 compression hook's calls (calibrate.py), per byte
+    of bfloat16 on the wire: the link sync --grad-compression bf16 sees."""
     timings = _pair_across_link(rate_bps, "calibrate", lambda rank, nodes, tmp: (
-        str(Path(tmp, "store")), str(samples), str(Path(tmp, "timings.json"))), "link calibration")
+        str(Path(tmp, "store")), str(samples), str(Path(tmp, "timings.json")), hook), "link calibration")
     alpha, beta = fit_link({m: timings[m]["median_s"] for m in timings})
-    return _link_result(rate_bps, alpha, beta, cpu_per_byte(timings), timings)
+    return _link_result(rate_bps, alpha, beta, cpu_per_byte(timings), timings, hook=hook)
 
 
 # -- downpour's transport -------------------------------------------------------------------
@@ -266,14 +268,16 @@ def pinned_compute_s(setup: Setup, data_dir: str, steps: int = 10, reps: int = 3
 
 def predict(setup: Setup, compute_s_per_example: float, link: Link, param_bytes: float,
             activation_bytes_per_example: float, cut: dict, rpc_link: Link | None = None,
-            backward_fraction: float = Workload.backward_fraction) -> Prediction:
+            backward_fraction: float = Workload.backward_fraction, bf16_link: Link | None = None) -> Prediction:
     """plan's cost model (bench/cost_model.py) for the setup, with plan's inputs (`cut`:
     plan.pipeline_cut at PIPELINE_STAGES): one device per node, every node on `link` (gloo's,
     as calibrated; downpour's exchange on `rpc_link`, its rpc calibrated across the same
     link), the workers sharing cores as node_layout pins them, `backward_fraction` as the
     profile measured it (pinned_compute_s). sync-bf16 is plan's sync with
-    the gradient's bytes halved (what the bf16 hook sends); plan has no compression flag of
-    its own."""
+    the gradient's bytes halved (what the bf16 hook sends) over `bf16_link`, the link
+    calibrated with the hook's casts and bfloat16 sums (calibrate_link(hook="bf16"); else
+    `link`: the bytes halved alone predicted it 16-56% fast); plan has no compression flag
+    of its own."""
     from multitower.plan import ddp_last_bucket_share, input_bytes_per_example
     workers = setup.workers
     shared = cores_shared_by(setup)
@@ -285,7 +289,9 @@ def predict(setup: Setup, compute_s_per_example: float, link: Link, param_bytes:
     if setup.strategy == "sync":
         return predict_sync(work, cluster, Knobs(overlap=True))
     if setup.strategy == "sync-bf16":
-        return predict_sync(replace(work, param_bytes=param_bytes / 2), cluster, Knobs(overlap=True))
+        bf16_link = bf16_link or link
+        return predict_sync(replace(work, param_bytes=param_bytes / 2),
+                            Cluster(workers, 1, bf16_link, bf16_link, cores_shared_by=shared), Knobs(overlap=True))
     if setup.strategy == "local-sgd":
         return predict_local_sgd(work, cluster, Knobs(local_sgd_period=LOCAL_SGD_PERIOD))
     if setup.strategy == "downpour":
@@ -343,13 +349,13 @@ def trained_wall_s(stdout: str) -> float | None:
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["calibrate"]:
-        rank, store, samples, out = argv[1:]
-        calibration_rank(int(rank), store, out, int(samples))
+        rank, store, samples, out, hook = argv[1:]
+        calibration_rank(int(rank), store, out, int(samples), hook)
     elif argv[:1] == ["rpc"]:
         rank, address, port, samples, out = argv[1:]
         rpc_rank(int(rank), address, int(port), out, int(samples))
     else:
-        raise SystemExit("usage: python -m multitower.bench.interconnect calibrate RANK STORE SAMPLES OUT | "
+        raise SystemExit("usage: python -m multitower.bench.interconnect calibrate RANK STORE SAMPLES OUT HOOK | "
                          "rpc RANK ADDRESS PORT SAMPLES OUT")
 
 
