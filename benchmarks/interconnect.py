@@ -62,6 +62,12 @@ def choices(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
     return tuple(a for a in allowed if a in given)
 
 
+def layout_of(strategy: str) -> str:
+    """Which profile a strategy's cells are predicted from: its own step (downpour, pipeline:
+    NCHW), or the data-parallel step that sync, sync-bf16 and local-sgd share."""
+    return strategy if strategy in ("downpour", "pipeline") else "data"
+
+
 def cell_steps(predicted_step_s: float, windows: int, quick: bool, period: int = 1) -> tuple[int, int]:
     """(steps, log_every) of a cell: one warm-up window and `windows` measured ones of
     3..10 steps each, sized by the predicted step time, and a multiple of `period` (local
@@ -105,13 +111,15 @@ def run_matrix(args, data_dir: str) -> dict:
                   f"{rpc_calibration['latency_us']:.0f} us, beta {rpc_calibration['bandwidth_gbps']:.3f} Gbit/s, "
                   f"{rpc_calibration['cpu_ns_per_byte']:.2f} ns CPU/byte", flush=True)
             for nodes in node_counts:
-                layouts = {"data": Setup("sync", nodes), "downpour": Setup("downpour", nodes),
-                           "pipeline": Setup("pipeline", nodes)}
+                layouts = {key: setup for key, setup in (("data", Setup("sync", nodes)),
+                                                         ("downpour", Setup("downpour", nodes)),
+                                                         ("pipeline", Setup("pipeline", nodes)))
+                           if any(layout_of(strategy) == key for strategy in args.strategies)}
                 before = {key: pinned_compute_s(setup, data_dir, steps, reps) for key, setup in layouts.items()}
                 group = []
                 for strategy in args.strategies:
                     setup = Setup(strategy, nodes)
-                    layout = strategy if strategy in layouts else "data"
+                    layout = layout_of(strategy)
                     guess = predict(setup, before[layout]["s_per_example"], measured_link, param_bytes,
                                     activation_bytes, cut, rpc_link, before[layout]["backward_share"], bf16_link)
                     period = LOCAL_SGD_PERIOD if strategy == "local-sgd" else 1
