@@ -63,3 +63,24 @@ def test_both_calibrations_across_an_emulated_link(namespaces):  # noqa: F811 - 
         largest = result["samples"][-1]
         assert 0 < largest["cpu_median_s"] <= 2 * largest["median_s"]
     assert ours_left() == []
+
+
+def test_the_benchmark_runs_a_named_part_of_its_matrix_and_refuses_other_names():
+    """--strategies / --links / --nodes: the names given, in the matrix's order; a name
+    outside it stops the benchmark before anything is made (exit 2, the flag named)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "interconnect.py"
+    sys.path.insert(0, str(script.parent))
+    try:
+        from interconnect import LINKS, choices
+    finally:
+        sys.path.remove(str(script.parent))
+    assert choices("sync-bf16, sync", interconnect.STRATEGIES, "--strategies") == ("sync", "sync-bf16")
+    assert choices("50mbit,unshaped", LINKS, "--links") == ("unshaped", "50mbit")
+    done = subprocess.run([sys.executable, str(script), "--strategies", "sync,hogwild"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--strategies takes a comma-separated list of sync, sync-bf16, local-sgd, downpour, pipeline; got " \
+           "'sync,hogwild'" in done.stderr
