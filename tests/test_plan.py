@@ -369,13 +369,13 @@ def test_the_bf16_calibration_sends_what_the_bf16_hook_sends(tmp_path):
     import torch
     import torch.distributed as dist
     from multitower.bench.calibrate import _Message
-    assert _Message(4096, "none", 2).bucket.numel() == 1024
-    assert _Message(4096, "bf16", 2).bucket.numel() == 2048  # 4096 bytes once cast
+    assert _Message(4096, "none").bucket.numel() == 1024
+    assert _Message(4096, "bf16").bucket.numel() == 2048  # 4096 bytes once cast
     with pytest.raises(ValueError, match="hook"):
-        _Message(4096, "fp16", 2)
+        _Message(4096, "fp16")
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
-        message = _Message(4096, "bf16", 1)
+        message = _Message(4096, "bf16")
         values = torch.randn(message.bucket.numel(), generator=torch.Generator().manual_seed(0))
         message.bucket.copy_(values)
         message.all_reduce()

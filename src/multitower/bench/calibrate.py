@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from multitower.bench.cost_model import Link, ring_bytes_per_rank
 from multitower.errors import UserError
@@ -44,10 +45,10 @@ HOOKS = ("none", "bf16")  # what one call all-reduces: the float32 message, or t
 class _Message:
     """One calibration message of `nbytes` on the wire, and how one call all-reduces it."""
 
-    def __init__(self, nbytes: int, hook: str, world_size: int):
+    def __init__(self, nbytes: int, hook: str):
         if hook not in HOOKS:
             raise ValueError(f"hook must be one of {HOOKS}, got {hook!r}")
-        self.hook, self.world_size = hook, world_size
+        self.hook = hook
         elements = max(1, nbytes // (2 if hook == "bf16" else 4))
         self.bucket = torch.ones(elements, dtype=torch.float32)  # the bucket, float32 either way
 
@@ -55,9 +56,9 @@ class _Message:
         if self.hook == "none":
             dist.all_reduce(self.bucket)
             return
-        compressed = self.bucket.to(torch.bfloat16).div_(self.world_size)  # as default_hooks._compress_hook
-        dist.all_reduce(compressed)
-        self.bucket.copy_(compressed)
+        # DDP's own hook, the one sync --grad-compression bf16 registers; it takes a 1-tuple
+        # of the bucket's buffer where DDP passes a GradBucket.
+        default_hooks.bf16_compress_hook(None, (self.bucket,)).wait()
 
 
 def fit_alpha_beta(sizes_bytes: list[float], times_s: list[float], world_size: int = 2) -> tuple[float, float]:
@@ -143,7 +144,7 @@ def _worker(rank: int, world_size: int, store_path: str, sizes: list[int], sampl
     try:
         medians = {}
         for nbytes in sizes:
-            message = _Message(nbytes, hook, world_size)
+            message = _Message(nbytes, hook)
             calls = _calls_per_sample(nbytes)
             for _ in range(2):  # warm-up: connections, buffers
                 message.all_reduce()
@@ -160,7 +161,7 @@ def _worker(rank: int, world_size: int, store_path: str, sizes: list[int], sampl
         overlap_sizes = [m for m in sizes if CPU_FIT_BYTES <= m <= OVERLAP_BYTES]
         if overlap_sizes:
             nbytes = max(overlap_sizes)
-            medians[nbytes].update(_time_overlap(_Message(nbytes, hook, world_size), samples))
+            medians[nbytes].update(_time_overlap(_Message(nbytes, hook), samples))
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump({str(k): v for k, v in medians.items()}, f)
