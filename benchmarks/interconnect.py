@@ -26,12 +26,14 @@ cells on a link are bracketed by profiles, before and after, whose mean the pred
 use: other work on the machine then lands on both sides of a comparison.
 Needs root (network namespaces); --quick: 2 nodes, two links, short cells, ~10 min.
 --strategies, --links, --nodes run a part of the matrix (its winners then among those
-strategies only); --accuracy-seconds 0 skips the precision runs.
+strategies only); --accuracy-seconds 0 skips the precision runs. --repredict JSON runs
+nothing: a stored run's cells predicted again from its own measurements.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -111,10 +113,7 @@ def run_matrix(args, data_dir: str) -> dict:
                   f"{rpc_calibration['latency_us']:.0f} us, beta {rpc_calibration['bandwidth_gbps']:.3f} Gbit/s, "
                   f"{rpc_calibration['cpu_ns_per_byte']:.2f} ns CPU/byte", flush=True)
             for nodes in node_counts:
-                layouts = {key: setup for key, setup in (("data", Setup("sync", nodes)),
-                                                         ("downpour", Setup("downpour", nodes)),
-                                                         ("pipeline", Setup("pipeline", nodes)))
-                           if any(layout_of(strategy) == key for strategy in args.strategies)}
+                layouts = {layout_of(s): Setup("sync" if layout_of(s) == "data" else s, nodes) for s in args.strategies}
                 before = {key: pinned_compute_s(setup, data_dir, steps, reps) for key, setup in layouts.items()}
                 group = []
                 for strategy in args.strategies:
@@ -129,18 +128,20 @@ def run_matrix(args, data_dir: str) -> dict:
                     group.append((setup, layout, steps_run, log_every, measured))
                 after = {key: pinned_compute_s(setup, data_dir, steps, reps) for key, setup in layouts.items()}
                 for setup, layout, steps_run, log_every, measured in group:
-                    compute_s = (before[layout]["s_per_example"] + after[layout]["s_per_example"]) / 2
-                    backward = (before[layout]["backward_share"] + after[layout]["backward_share"]) / 2
-                    predicted = predict(setup, compute_s, measured_link, param_bytes, activation_bytes, cut, rpc_link,
-                                        backward, bf16_link)
-                    error = predicted.images_per_sec / measured.images_per_sec - 1
-                    cells.append({"strategy": setup.strategy, "nodes": nodes, "cluster_nodes": setup.cluster_nodes,
-                                  "link": link, "rate_bps": rate, "steps": steps_run, "log_every": log_every,
-                                  "compute_s_per_example": compute_s, "backward_share": backward,
-                                  "compute": {"before": before[layout], "after": after[layout]},
-                                  "predicted": asdict(predicted),
+                    cell = {"strategy": setup.strategy, "nodes": nodes, "cluster_nodes": setup.cluster_nodes,
+                            "link": link, "rate_bps": rate, "steps": steps_run, "log_every": log_every,
+                            "compute_s_per_example": (before[layout]["s_per_example"]
+                                                      + after[layout]["s_per_example"]) / 2,
+                            "backward_share": (before[layout]["backward_share"] + after[layout]["backward_share"]) / 2,
+                            "compute": {"before": before[layout], "after": after[layout]},
+                            "measured": asdict(measured)}
+                    predicted = predict_cell(cell, measured_link, rpc_link, bf16_link, param_bytes, activation_bytes,
+                                             cut)
+                    cells.append({**cell, "predicted": asdict(predicted),
                                   "predicted_comm_fraction": predicted.exposed_comm_s / predicted.step_s,
-                                  "measured": asdict(measured), "error": error})
+                                  "error": predicted.images_per_sec / measured.images_per_sec - 1})
+                    compute_s = cell["compute_s_per_example"]
+                    error = cells[-1]["error"]
                     print(f"  {nodes} nodes {setup.strategy:>9}: measured {measured.images_per_sec:7.1f} img/s, "
                           f"predicted {predicted.images_per_sec:7.1f} ({100 * error:+.0f}%), comm "
                           f"{100 * measured.comm_fraction:.0f}% (predicted exposed "
@@ -151,6 +152,45 @@ def run_matrix(args, data_dir: str) -> dict:
     return {"param_bytes": param_bytes, "activation_bytes_per_example": activation_bytes, "pipeline_cut": cut,
             "calibrations": calibrations, "bf16_calibrations": bf16_calibrations, "rpc_calibrations": rpc_calibrations,
             "cells": cells}
+
+
+def predict_cell(cell: dict, link, rpc_link, bf16_link, param_bytes: float, activation_bytes: float, cut: dict):
+    """A cell's prediction from what was measured for it: its compute and backward share
+    (the mean of the profiles around it) and its link's calibrations."""
+    return predict(Setup(cell["strategy"], cell["nodes"]), cell["compute_s_per_example"], link, param_bytes,
+                   activation_bytes, cut, rpc_link, cell["backward_share"], bf16_link)
+
+
+def repredict(path: Path) -> None:
+    """Predict every cell of a stored run again with this tree's cost model, from the run's
+    own measured inputs (calibrations, compute, backward share), next to its measured and
+    stored predicted images/sec; sync-bf16 also over the float32 link (the model before the
+    bf16 hook's link was calibrated). Cores are divided as on this machine, so the run must
+    come from a machine with as many."""
+    result = json.loads(path.read_text())
+    cores = len(os.sched_getaffinity(0))
+    if result["environment"]["cores"] != cores:
+        raise SystemExit(f"--repredict: {path} was measured on {result['environment']['cores']} cores, this "
+                         f"process has {cores}: the emulated nodes would share cores differently")
+    fixed = (result["param_bytes"], result["activation_bytes_per_example"], result["pipeline_cut"])
+    print(f"{'nodes':>5} {'link':>8} {'strategy':>9} {'measured':>9} {'stored':>9} {'now':>9} {'error':>6} "
+          f"{'bf16 over float32 link':>22}")
+    within = 0
+    for c in result["cells"]:
+        link = calibrated_link(c["link"], result["calibrations"][c["link"]])
+        rpc_link = calibrated_link(c["link"], result["rpc_calibrations"][c["link"]])
+        stored_bf16 = result.get("bf16_calibrations", {}).get(c["link"])
+        bf16_link = calibrated_link(c["link"], stored_bf16) if stored_bf16 else None
+        now = predict_cell(c, link, rpc_link, bf16_link, *fixed).images_per_sec
+        measured = c["measured"]["images_per_sec"]
+        within += abs(now / measured - 1) <= TARGET
+        old = ""
+        if c["strategy"] == "sync-bf16":
+            float32 = predict_cell(c, link, rpc_link, None, *fixed).images_per_sec
+            old = f"{float32:.1f} ({100 * (float32 / measured - 1):+.0f}%)"
+        print(f"{c['nodes']:>5} {c['link']:>8} {c['strategy']:>9} {measured:>9.1f} "
+              f"{c['predicted']['images_per_sec']:>9.1f} {now:>9.1f} {100 * (now / measured - 1):>+5.0f}% {old:>22}")
+    print(f"predicted now: within {100 * TARGET:.0f}% in {within} of {len(result['cells'])} cells")
 
 
 def winners(cells: list[dict]) -> list[dict]:
@@ -263,7 +303,13 @@ def main() -> None:
                         help=f"comma-separated, of {', '.join(LINKS)} (default: all; quick: unshaped,50mbit)")
     parser.add_argument("--nodes", type=lambda text: tuple(int(n) for n in choices(text, ("2", "4"), "--nodes")),
                         default=None, help="comma-separated node counts, of 2, 4 (default: both; quick: 2)")
+    parser.add_argument("--repredict", type=Path, default=None, metavar="JSON",
+                        help="run nothing: predict a stored run's cells again with this tree's model, from its own "
+                             "measurements (no root needed)")
     args = parser.parse_args()
+    if args.repredict is not None:
+        repredict(args.repredict)
+        return
     if args.accuracy_seconds is None:
         args.accuracy_seconds = 30.0 if args.quick else 180.0
     check_rights()

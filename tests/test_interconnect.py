@@ -84,3 +84,48 @@ def test_the_benchmark_runs_a_named_part_of_its_matrix_and_refuses_other_names()
     assert done.returncode == 2
     assert "--strategies takes a comma-separated list of sync, sync-bf16, local-sgd, downpour, pipeline; got " \
            "'sync,hogwild'" in done.stderr
+
+
+def test_a_stored_run_is_predicted_again_from_its_own_measurements(tmp_path, capsys, monkeypatch):
+    """--repredict: each cell from its stored calibrations and compute with the tree's model
+    (here what the run stored, so the same figures), sync-bf16 also over the float32 link;
+    refused in one line where this machine has another number of cores."""
+    import json
+    import sys
+    from pathlib import Path
+    from multitower.bench.calibrate import calibrated_link
+    monkeypatch.setattr(interconnect.os, "sched_getaffinity", lambda pid: {0, 1})
+    script_dir = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, script_dir)
+    try:
+        from interconnect import repredict
+    finally:
+        sys.path.remove(script_dir)
+    param_bytes, activation_bytes = model_bytes("cifar10-tf", 1)
+    cut = pipeline_cut("cifar10-tf", 1, 2)
+    fp32 = {"alpha_s": 1e-3, "beta_Bps": 1e8, "cpu_s_per_byte": 1e-9}
+    bf16 = {"alpha_s": 1e-3, "beta_Bps": 8e7, "cpu_s_per_byte": 3e-9}
+    cells = []
+    for strategy, measured in (("sync", 1000.0), ("sync-bf16", 1100.0)):
+        cell = {"strategy": strategy, "nodes": 2, "link": "1gbit", "compute_s_per_example": 1e-3,
+                "backward_share": 0.6, "measured": {"images_per_sec": measured}}
+        predicted = predict(Setup(strategy, 2), 1e-3, calibrated_link("l", fp32), param_bytes, activation_bytes, cut,
+                            calibrated_link("l", fp32), 0.6, calibrated_link("l", bf16))
+        cells.append({**cell, "predicted": {"images_per_sec": predicted.images_per_sec}})
+    old = predict(Setup("sync-bf16", 2), 1e-3, calibrated_link("l", fp32), param_bytes, activation_bytes, cut,
+                  calibrated_link("l", fp32), 0.6).images_per_sec
+    run = {"environment": {"cores": 2}, "param_bytes": param_bytes, "activation_bytes_per_example": activation_bytes,
+           "pipeline_cut": cut, "calibrations": {"1gbit": fp32}, "rpc_calibrations": {"1gbit": fp32},
+           "bf16_calibrations": {"1gbit": bf16}, "cells": cells}
+    path = tmp_path / "interconnect.json"
+    path.write_text(json.dumps(run))
+    repredict(path)
+    rows = capsys.readouterr().out.splitlines()
+    for cell, row in zip(cells, rows[1:3]):
+        assert row.split()[4] == row.split()[5] == f"{cell['predicted']['images_per_sec']:.1f}", row
+    assert f"{old:.1f} (" in rows[2] and "(" not in rows[1]
+    within = sum(abs(c["predicted"]["images_per_sec"] / c["measured"]["images_per_sec"] - 1) <= 0.15 for c in cells)
+    assert rows[-1] == f"predicted now: within 15% in {within} of 2 cells"
+    path.write_text(json.dumps({**run, "environment": {"cores": 8}}))
+    with pytest.raises(SystemExit, match="measured on 8 cores, this process has 2"):
+        repredict(path)

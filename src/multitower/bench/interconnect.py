@@ -290,8 +290,8 @@ def predict(setup: Setup, compute_s_per_example: float, link: Link, param_bytes:
         return predict_sync(work, cluster, Knobs(overlap=True))
     if setup.strategy == "sync-bf16":
         bf16_link = bf16_link or link
-        return predict_sync(replace(work, param_bytes=param_bytes / 2),
-                            Cluster(workers, 1, bf16_link, bf16_link, cores_shared_by=shared), Knobs(overlap=True))
+        return predict_sync(replace(work, param_bytes=param_bytes / 2), replace(cluster, intra=bf16_link, inter=bf16_link),
+                            Knobs(overlap=True))
     if setup.strategy == "local-sgd":
         return predict_local_sgd(work, cluster, Knobs(local_sgd_period=LOCAL_SGD_PERIOD))
     if setup.strategy == "downpour":
