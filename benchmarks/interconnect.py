@@ -12,18 +12,20 @@ one worker process per node, global batch 128 of cifar10-tf), each strategy's jo
 is run, and its images/sec, communication share of step time and bytes per step per
 worker are read from metrics.jsonl (the first log window, warm-up, dropped). Beside it,
 plan's cost model (bench/cost_model.py) predicts the same job from inputs measured here:
-the link's alpha, beta and CPU per byte calibrated across the emulated link (gloo
-all-reduce, 2 nodes; the same with the bf16 compression hook's casts, for sync-bf16; and
-downpour's rpc exchange), and the compute per example of train's
+the link's alpha, beta and CPU per byte calibrated across the emulated links (gloo's
+all-reduce among 2 nodes, and among 4 for the 4-node sync, sync-bf16 and local-sgd
+cells, whose ring spans them; the same with the bf16 compression hook's casts, for
+sync-bf16; downpour's rpc exchange), and the compute per example of train's
 step, in the strategy's memory format and fed by train's loader, with one copy per worker
 process pinned to its node's cores, all at once (bench/interconnect.py). Then, at 50 Mbit/s on 2 nodes, each
 strategy trains for the same wall time on the data set, and its validation precision @ 1
 is measured: throughput alone does not pick a strategy.
 
 Writes OUT_DIR/interconnect.json and interconnect.png (images/sec against bandwidth per
-strategy, measured points over predicted lines) and prints the table. Each node count's
-cells on a link are bracketed by profiles, before and after, whose mean the predictions
-use: other work on the machine then lands on both sides of a comparison.
+strategy, measured points over predicted lines) and prints the table. Each cell is
+bracketed by profiles of its compute, just before and just after it, whose mean predicts
+it: the machine's speed drifts over minutes, and other work on it then lands on both
+sides of a comparison.
 Needs root (network namespaces); --quick: 2 nodes, two links, short cells, ~10 min.
 --strategies, --links, --nodes run a part of the matrix (its winners then among those
 strategies only); --accuracy-seconds 0 skips the precision runs. --repredict JSON runs
@@ -82,81 +84,107 @@ def cell_steps(predicted_step_s: float, windows: int, quick: bool, period: int =
     return (windows + 1) * log_every, log_every
 
 
+def calibration_ranks(setup: Setup) -> int:
+    """Ranks of the gloo all-reduce a cell is predicted over: every worker's for sync, sync-bf16
+    and local SGD (their ring spans the nodes), 2 for the rest (a pipeline's sends go pairwise
+    and its 2 replicas all-reduce in pairs; downpour's rpc is calibrated on its own)."""
+    return setup.workers if setup.strategy in ("sync", "sync-bf16", "local-sgd") else 2
+
+
+def cell_links(cell: dict, result: dict):
+    """(gloo link, rpc link, bf16 hook's link or None) a cell is predicted over, from a run's
+    calibrations: the all-reduce's at the cell's calibration ranks (runs before those were
+    calibrated per rank count stored the 2-rank ones only, which they used)."""
+    link, ranks = cell["link"], str(cell.get("calibration_ranks", 2))
+    wide = result.get("ring_calibrations", {}).get(link, {}).get(ranks, {})
+    gloo = wide.get("none") or result["calibrations"][link]
+    bf16 = wide.get("bf16") or result.get("bf16_calibrations", {}).get(link)
+    return (calibrated_link(f"{link}, {ranks} ranks, calibrated", gloo),
+            calibrated_link(f"{link}, rpc calibrated", result["rpc_calibrations"][link]),
+            calibrated_link(f"{link}, {ranks} ranks, bf16 hook calibrated", bf16) if bf16 else None)
+
+
 def run_matrix(args, data_dir: str) -> dict:
-    """Per link: calibrate it (gloo, and downpour's rpc); per node count: profile the compute
-    (the data-parallel step in channels_last, downpour's in NCHW, and the pipeline's NCHW
-    micro-batches), run every strategy's cell, profile again, and predict each cell from the
-    links and the mean of the two profiles."""
+    """Per link: calibrate it (gloo's all-reduce among 2 ranks, and among as many as each node
+    count's all-reduce strategies span; the bf16 hook's the same way; downpour's rpc); per
+    node count, each strategy's cell, bracketed by profiles of its compute (the
+    data-parallel step in channels_last, downpour's in NCHW, the pipeline's NCHW
+    micro-batches) just before and just after it, whose mean predicts it: the machine's
+    speed drifts over minutes, and a profile next to its cell drifts with it. A cell's after
+    profile is the next cell's before where the two share a layout."""
     param_bytes, activation_bytes = model_bytes("cifar10-tf", 1)
     cut = pipeline_cut("cifar10-tf", 1, PIPELINE_STAGES)
     links = args.links or (("unshaped", "50mbit") if args.quick else LINKS)
     node_counts = args.nodes or ((2,) if args.quick else (2, 4))
-    calibrations, bf16_calibrations, rpc_calibrations, cells = {}, {}, {}, []
+    samples = 3 if args.quick else 5
+    result = {"param_bytes": param_bytes, "activation_bytes_per_example": activation_bytes, "pipeline_cut": cut,
+              "calibrations": {}, "bf16_calibrations": {}, "rpc_calibrations": {}, "ring_calibrations": {}, "cells": []}
+    hooks = ("none", "bf16") if "sync-bf16" in args.strategies else ("none",)
     steps, reps = (5, 3) if args.quick else (10, 5)
     with tempfile.TemporaryDirectory(prefix="multitower-interconnect-") as tmp:
         for link in links:
             rate = parse_rate(link)
-            calibration = calibrate_link(rate, samples=3 if args.quick else 5)
-            rpc_calibration = calibrate_rpc(rate, samples=3 if args.quick else 5)
-            calibrations[link], rpc_calibrations[link] = calibration, rpc_calibration
-            measured_link = calibrated_link(f"{link}, calibrated", calibration)
-            rpc_link = calibrated_link(f"{link}, rpc calibrated", rpc_calibration)
-            bf16_link = None
-            if "sync-bf16" in args.strategies:
-                bf16_calibrations[link] = calibrate_link(rate, samples=3 if args.quick else 5, hook="bf16")
-                bf16_link = calibrated_link(f"{link}, bf16 hook calibrated", bf16_calibrations[link])
-                print(f"{link}: the bf16 hook's all-reduce: alpha {bf16_calibrations[link]['latency_us']:.0f} us, "
-                      f"beta {bf16_calibrations[link]['bandwidth_gbps']:.3f} Gbit/s, "
-                      f"{bf16_calibrations[link]['cpu_ns_per_byte']:.2f} ns CPU per bf16 byte", flush=True)
-            print(f"{link}: gloo alpha {calibration['latency_us']:.0f} us, beta {calibration['bandwidth_gbps']:.3f} "
-                  f"Gbit/s, {calibration['cpu_ns_per_byte']:.2f} ns CPU/byte; rpc alpha "
-                  f"{rpc_calibration['latency_us']:.0f} us, beta {rpc_calibration['bandwidth_gbps']:.3f} Gbit/s, "
-                  f"{rpc_calibration['cpu_ns_per_byte']:.2f} ns CPU/byte", flush=True)
+            result["calibrations"][link] = calibrate_link(rate, samples)
+            result["rpc_calibrations"][link] = calibrate_rpc(rate, samples)
+            if "bf16" in hooks:
+                result["bf16_calibrations"][link] = calibrate_link(rate, samples, hook="bf16")
+            wider = sorted({calibration_ranks(Setup(s, n)) for s in args.strategies for n in node_counts} - {2})
+            result["ring_calibrations"][link] = {str(ranks): {hook: calibrate_link(rate, samples, hook, ranks)
+                                                             for hook in hooks} for ranks in wider}
+            say_calibrations(link, result)
             for nodes in node_counts:
-                layouts = {layout_of(s): Setup("sync" if layout_of(s) == "data" else s, nodes) for s in args.strategies}
-                before = {key: pinned_compute_s(setup, data_dir, steps, reps) for key, setup in layouts.items()}
-                group = []
+                last = {}  # layout -> its profile, while no cell has run since it was taken
                 for strategy in args.strategies:
-                    setup = Setup(strategy, nodes)
-                    layout = layout_of(strategy)
-                    guess = predict(setup, before[layout]["s_per_example"], measured_link, param_bytes,
-                                    activation_bytes, cut, rpc_link, before[layout]["backward_share"], bf16_link)
+                    setup, layout = Setup(strategy, nodes), layout_of(strategy)
+                    profiled = Setup("sync" if layout == "data" else strategy, nodes)
+                    before = last.get(layout) or pinned_compute_s(profiled, data_dir, steps, reps)
+                    cell = {"strategy": strategy, "nodes": nodes, "cluster_nodes": setup.cluster_nodes,
+                            "link": link, "rate_bps": rate, "calibration_ranks": calibration_ranks(setup)}
+                    gloo, rpc, bf16 = cell_links(cell, result)
+                    guess = predict(setup, before["s_per_example"], gloo, param_bytes, activation_bytes, cut, rpc,
+                                    before["backward_share"], bf16)
                     period = LOCAL_SGD_PERIOD if strategy == "local-sgd" else 1
                     steps_run, log_every = cell_steps(guess.step_s, 2 if args.quick else 3, args.quick, period)
-                    run_dir = Path(tmp, f"{strategy}-{nodes}-{link}")
-                    measured = run_cell(setup, link, data_dir, run_dir, steps_run, log_every, warmup_steps=log_every)
-                    group.append((setup, layout, steps_run, log_every, measured))
-                after = {key: pinned_compute_s(setup, data_dir, steps, reps) for key, setup in layouts.items()}
-                for setup, layout, steps_run, log_every, measured in group:
-                    cell = {"strategy": setup.strategy, "nodes": nodes, "cluster_nodes": setup.cluster_nodes,
-                            "link": link, "rate_bps": rate, "steps": steps_run, "log_every": log_every,
-                            "compute_s_per_example": (before[layout]["s_per_example"]
-                                                      + after[layout]["s_per_example"]) / 2,
-                            "backward_share": (before[layout]["backward_share"] + after[layout]["backward_share"]) / 2,
-                            "compute": {"before": before[layout], "after": after[layout]},
-                            "measured": asdict(measured)}
-                    predicted = predict_cell(cell, measured_link, rpc_link, bf16_link, param_bytes, activation_bytes,
-                                             cut)
-                    cells.append({**cell, "predicted": asdict(predicted),
-                                  "predicted_comm_fraction": predicted.exposed_comm_s / predicted.step_s,
-                                  "error": predicted.images_per_sec / measured.images_per_sec - 1})
-                    compute_s = cell["compute_s_per_example"]
-                    error = cells[-1]["error"]
-                    print(f"  {nodes} nodes {setup.strategy:>9}: measured {measured.images_per_sec:7.1f} img/s, "
-                          f"predicted {predicted.images_per_sec:7.1f} ({100 * error:+.0f}%), comm "
+                    measured = run_cell(setup, link, data_dir, Path(tmp, f"{strategy}-{nodes}-{link}"), steps_run,
+                                        log_every, warmup_steps=log_every)
+                    after = pinned_compute_s(profiled, data_dir, steps, reps)
+                    last = {layout: after}
+                    cell.update({"steps": steps_run, "log_every": log_every,
+                                 "compute_s_per_example": (before["s_per_example"] + after["s_per_example"]) / 2,
+                                 "backward_share": (before["backward_share"] + after["backward_share"]) / 2,
+                                 "compute": {"before": before, "after": after}, "measured": asdict(measured)})
+                    predicted = predict_cell(cell, gloo, rpc, bf16, param_bytes, activation_bytes, cut)
+                    cell.update({"predicted": asdict(predicted),
+                                 "predicted_comm_fraction": predicted.exposed_comm_s / predicted.step_s,
+                                 "error": predicted.images_per_sec / measured.images_per_sec - 1})
+                    result["cells"].append(cell)
+                    print(f"  {nodes} nodes {strategy:>9}: measured {measured.images_per_sec:7.1f} img/s, "
+                          f"predicted {predicted.images_per_sec:7.1f} ({100 * cell['error']:+.0f}%), comm "
                           f"{100 * measured.comm_fraction:.0f}% (predicted exposed "
-                          f"{100 * predicted.exposed_comm_s / predicted.step_s:.0f}%), "
-                          f"{measured.bytes_per_step / 1e6:.2f} MB/step/worker; {compute_s * 1e3:.2f} ms/example "
-                          f"({before[layout]['s_per_example'] * 1e3:.2f} before, "
-                          f"{after[layout]['s_per_example'] * 1e3:.2f} after); {measured.wall_s:.0f} s", flush=True)
-    return {"param_bytes": param_bytes, "activation_bytes_per_example": activation_bytes, "pipeline_cut": cut,
-            "calibrations": calibrations, "bf16_calibrations": bf16_calibrations, "rpc_calibrations": rpc_calibrations,
-            "cells": cells}
+                          f"{100 * cell['predicted_comm_fraction']:.0f}%), "
+                          f"{measured.bytes_per_step / 1e6:.2f} MB/step/worker; "
+                          f"{cell['compute_s_per_example'] * 1e3:.2f} ms/example "
+                          f"({before['s_per_example'] * 1e3:.2f} before, {after['s_per_example'] * 1e3:.2f} after); "
+                          f"{measured.wall_s:.0f} s", flush=True)
+    return result
+
+
+def say_calibrations(link: str, result: dict) -> None:
+    def line(c: dict) -> str:
+        return (f"alpha {c['latency_us']:.0f} us, beta {c['bandwidth_gbps']:.3f} Gbit/s, {c['cpu_ns_per_byte']:.2f} "
+                f"ns CPU/byte, overlap {c['overlap_efficiency']:.2f}")
+    print(f"{link}: gloo, 2 ranks: {line(result['calibrations'][link])}; rpc: "
+          f"{line(result['rpc_calibrations'][link])}", flush=True)
+    if link in result["bf16_calibrations"]:
+        print(f"{link}: the bf16 hook, 2 ranks (per bf16 byte): {line(result['bf16_calibrations'][link])}", flush=True)
+    for ranks, by_hook in result["ring_calibrations"][link].items():
+        for hook, c in by_hook.items():
+            print(f"{link}: {'the bf16 hook' if hook == 'bf16' else 'gloo'}, {ranks} ranks: {line(c)}", flush=True)
 
 
 def predict_cell(cell: dict, link, rpc_link, bf16_link, param_bytes: float, activation_bytes: float, cut: dict):
     """A cell's prediction from what was measured for it: its compute and backward share
-    (the mean of the profiles around it) and its link's calibrations."""
+    (the mean of the profiles around it) and its link's calibrations (cell_links)."""
     return predict(Setup(cell["strategy"], cell["nodes"]), cell["compute_s_per_example"], link, param_bytes,
                    activation_bytes, cut, rpc_link, cell["backward_share"], bf16_link)
 
@@ -177,10 +205,7 @@ def repredict(path: Path) -> None:
           f"{'bf16 over float32 link':>22}")
     within = 0
     for c in result["cells"]:
-        link = calibrated_link(c["link"], result["calibrations"][c["link"]])
-        rpc_link = calibrated_link(c["link"], result["rpc_calibrations"][c["link"]])
-        stored_bf16 = result.get("bf16_calibrations", {}).get(c["link"])
-        bf16_link = calibrated_link(c["link"], stored_bf16) if stored_bf16 else None
+        link, rpc_link, bf16_link = cell_links(c, result)
         now = predict_cell(c, link, rpc_link, bf16_link, *fixed).images_per_sec
         measured = c["measured"]["images_per_sec"]
         within += abs(now / measured - 1) <= TARGET

@@ -80,3 +80,13 @@ def build(data_dir, **settings):
     """The run train() would build in this process (multitower.train.build.build_run)."""
     from multitower.train.build import build_run
     return build_run(config(data_dir, **settings))
+
+
+def benchmark_script(name: str):
+    """benchmarks/NAME.py as a module, to test its functions (the scripts are no package)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -9,6 +9,7 @@ from multitower.bench import interconnect
 from multitower.bench.cost_model import Link
 from multitower.bench.interconnect import LATENCY_BYTES, Setup, cores_shared_by, fit_link, predict
 from multitower.plan import model_bytes, pipeline_cut
+from helpers import benchmark_script
 from test_cluster import namespaces, ours_left  # noqa: F401 - a fixture
 
 
@@ -16,6 +17,36 @@ def test_the_link_fit_takes_alpha_from_the_small_message_and_beta_from_the_large
     alpha, beta = 0.5e-3, 1e8
     times = {LATENCY_BYTES: 2 * alpha, **{m: 2 * alpha + m / beta for m in interconnect.BANDWIDTH_BYTES}}
     assert fit_link(times) == pytest.approx((alpha, beta))
+
+
+def test_the_link_fit_of_a_wider_ring_divides_by_its_hops():
+    """4 ranks: t = 6 alpha + 1.5 m / beta (cost_model.ring_allreduce_s), fitted back exactly."""
+    from multitower.bench.cost_model import ring_allreduce_s
+    alpha, beta = 0.7e-3, 1.2e8
+    link = Link("ring", beta, alpha)
+    times = {m: ring_allreduce_s(m, 4, link) for m in (LATENCY_BYTES, *interconnect.BANDWIDTH_BYTES)}
+    times[LATENCY_BYTES] = 6 * alpha  # the latency message: its hops alone
+    assert fit_link(times, ranks=4) == pytest.approx((alpha, beta))
+
+
+def test_the_all_reduce_strategies_are_predicted_over_a_calibration_as_wide_as_their_ring():
+    """sync, sync-bf16 and local SGD on 4 nodes over the 4-rank calibration; the pipeline (pairs)
+    and downpour (rpc) over the 2-rank one; a run stored before rank counts were calibrated
+    gives every cell its 2-rank calibrations."""
+    script = benchmark_script("interconnect")
+    assert [script.calibration_ranks(Setup(s, 4)) for s in interconnect.STRATEGIES] == [4, 4, 4, 2, 2]
+    assert [script.calibration_ranks(Setup(s, 2)) for s in interconnect.STRATEGIES] == [2] * 5
+    two, four = {"alpha_s": 1e-3, "beta_Bps": 1e8}, {"alpha_s": 2e-3, "beta_Bps": 5e7}
+    two_bf16, four_bf16 = {"alpha_s": 1e-3, "beta_Bps": 9e7}, {"alpha_s": 2e-3, "beta_Bps": 4e7}
+    run = {"calibrations": {"1gbit": two}, "bf16_calibrations": {"1gbit": two_bf16}, "rpc_calibrations": {"1gbit": two},
+           "ring_calibrations": {"1gbit": {"4": {"none": four, "bf16": four_bf16}}}}
+    gloo, _, bf16 = script.cell_links({"link": "1gbit", "calibration_ranks": 4}, run)
+    assert (gloo.latency_s, gloo.bandwidth_Bps, bf16.bandwidth_Bps) == (2e-3, 5e7, 4e7)
+    gloo, _, bf16 = script.cell_links({"link": "1gbit", "calibration_ranks": 2}, run)
+    assert (gloo.latency_s, gloo.bandwidth_Bps, bf16.bandwidth_Bps) == (1e-3, 1e8, 9e7)
+    older = {k: v for k, v in run.items() if k != "ring_calibrations"}
+    gloo, _, bf16 = script.cell_links({"link": "1gbit"}, older)
+    assert (gloo.bandwidth_Bps, bf16.bandwidth_Bps) == (1e8, 9e7)
 
 
 def test_four_nodes_on_two_cores_share_them_pairwise(monkeypatch):
@@ -53,10 +84,11 @@ def test_each_strategy_is_predicted_on_its_own_transport(monkeypatch):
 
 @pytest.mark.slow
 def test_both_calibrations_across_an_emulated_link(namespaces):  # noqa: F811 - the fixture
-    """gloo's all-reduce (plain, and as the bf16 hook makes it) and downpour's rpc exchange
-    between two emulated nodes, unshaped: each gives a latency, a bandwidth and some CPU per byte, no more CPU than wall time."""
+    """gloo's all-reduce (plain, as the bf16 hook makes it, and among 4 nodes) and downpour's
+    rpc exchange between two emulated nodes, unshaped: each gives a latency, a bandwidth and some CPU per byte, no more CPU than wall time."""
     for calibrate in (interconnect.calibrate_link, interconnect.calibrate_rpc,
-                      lambda rate, samples: interconnect.calibrate_link(rate, samples, hook="bf16")):
+                      lambda rate, samples: interconnect.calibrate_link(rate, samples, hook="bf16"),
+                      lambda rate, samples: interconnect.calibrate_link(rate, samples, ranks=4)):
         result = calibrate(None, samples=2)
         assert result["alpha_s"] > 0 and result["beta_Bps"] > 1e7
         assert 0 < result["cpu_s_per_byte"] < 1e-7
@@ -72,11 +104,8 @@ def test_the_benchmark_runs_a_named_part_of_its_matrix_and_refuses_other_names()
     import sys
     from pathlib import Path
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "interconnect.py"
-    sys.path.insert(0, str(script.parent))
-    try:
-        from interconnect import LINKS, choices
-    finally:
-        sys.path.remove(str(script.parent))
+    bench = benchmark_script("interconnect")
+    LINKS, choices = bench.LINKS, bench.choices
     assert choices("sync-bf16, sync", interconnect.STRATEGIES, "--strategies") == ("sync", "sync-bf16")
     assert choices("50mbit,unshaped", LINKS, "--links") == ("unshaped", "50mbit")
     done = subprocess.run([sys.executable, str(script), "--strategies", "sync,hogwild"], capture_output=True,
@@ -91,16 +120,9 @@ def test_a_stored_run_is_predicted_again_from_its_own_measurements(tmp_path, cap
     (here what the run stored, so the same figures), sync-bf16 also over the float32 link;
     refused in one line where this machine has another number of cores."""
     import json
-    import sys
-    from pathlib import Path
     from multitower.bench.calibrate import calibrated_link
     monkeypatch.setattr(interconnect.os, "sched_getaffinity", lambda pid: {0, 1})
-    script_dir = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    sys.path.insert(0, script_dir)
-    try:
-        from interconnect import repredict
-    finally:
-        sys.path.remove(script_dir)
+    repredict = benchmark_script("interconnect").repredict
     param_bytes, activation_bytes = model_bytes("cifar10-tf", 1)
     cut = pipeline_cut("cifar10-tf", 1, 2)
     fp32 = {"alpha_s": 1e-3, "beta_Bps": 1e8, "cpu_s_per_byte": 1e-9}
