@@ -49,6 +49,18 @@ def test_the_all_reduce_strategies_are_predicted_over_a_calibration_as_wide_as_t
     assert (gloo.bandwidth_Bps, bf16.bandwidth_Bps) == (1e8, 9e7)
 
 
+def test_a_cells_log_windows_last_about_four_seconds_within_their_step_bounds():
+    """Fast steps fill a window to its most steps, slow ones keep the fewest; local SGD's
+    windows hold whole averaging periods; a warm-up window comes first."""
+    script = benchmark_script("interconnect")
+    fewest, most = script.WINDOW_STEPS
+    assert script.cell_steps(0.06, 3, quick=False) == (4 * most, most)
+    assert script.cell_steps(0.3, 3, quick=False) == (4 * 13, 13)
+    assert script.cell_steps(0.3, 3, quick=False, period=4) == (4 * 12, 12)
+    assert script.cell_steps(3.0, 3, quick=False) == (4 * fewest, fewest)
+    assert script.cell_steps(0.06, 2, quick=True, period=4) == (3 * 4, 4)
+
+
 def test_four_nodes_on_two_cores_share_them_pairwise(monkeypatch):
     monkeypatch.setattr(interconnect.os, "sched_getaffinity", lambda pid: {0, 1})
     assert cores_shared_by(Setup("sync", 2)) == 1
