@@ -12,10 +12,9 @@ one worker process per node, global batch 128 of cifar10-tf), each strategy's jo
 is run, and its images/sec, communication share of step time and bytes per step per
 worker are read from metrics.jsonl (the first log window, warm-up, dropped). Beside it,
 plan's cost model (bench/cost_model.py) predicts the same job from inputs measured here:
-the link's alpha, beta and CPU per byte calibrated across the emulated links (gloo's
-all-reduce among 2 nodes, and among 4 for the 4-node sync, sync-bf16 and local-sgd
-cells, whose ring spans them; the same with the bf16 compression hook's casts, for
-sync-bf16; downpour's rpc exchange), and the compute per example of train's
+the link's alpha, beta and CPU per byte calibrated across the emulated link (gloo
+all-reduce, 2 nodes; the same with the bf16 compression hook's casts, for sync-bf16; and
+downpour's rpc exchange), and the compute per example of train's
 step, in the strategy's memory format and fed by train's loader, with one copy per worker
 process pinned to its node's cores, all at once (bench/interconnect.py). Then, at 50 Mbit/s on 2 nodes, each
 strategy trains for the same wall time on the data set, and its validation precision @ 1
@@ -88,63 +87,36 @@ def cell_steps(predicted_step_s: float, windows: int, quick: bool, period: int =
     return (windows + 1) * log_every, log_every
 
 
-def calibration_ranks(setup: Setup) -> int:
-    """Ranks of the gloo all-reduce a cell is predicted over: every worker's for sync, sync-bf16
-    and local SGD (their ring spans the nodes), 2 for the rest (a pipeline's sends go pairwise
-    and its 2 replicas all-reduce in pairs; downpour's rpc is calibrated on its own)."""
-    return setup.workers if setup.strategy in ("sync", "sync-bf16", "local-sgd") else 2
-
-
-def cell_links(cell: dict, result: dict):
-    """(gloo link, rpc link, bf16 hook's link or None) a cell is predicted over, from a run's
-    calibrations: the all-reduce's at the cell's calibration ranks (runs before those were
-    calibrated per rank count stored the 2-rank ones only, which they used)."""
-    link, ranks = cell["link"], str(cell.get("calibration_ranks", 2))
-    wide = result.get("ring_calibrations", {}).get(link, {}).get(ranks, {})
-    gloo = wide.get("none") or result["calibrations"][link]
-    bf16 = wide.get("bf16") or result.get("bf16_calibrations", {}).get(link)
-    return (calibrated_link(f"{link}, {ranks} ranks, calibrated", gloo),
-            calibrated_link(f"{link}, rpc calibrated", result["rpc_calibrations"][link]),
-            calibrated_link(f"{link}, {ranks} ranks, bf16 hook calibrated", bf16) if bf16 else None)
-
-
 def run_matrix(args, data_dir: str) -> dict:
-    """Per link: calibrate it (gloo's all-reduce among 2 ranks, and among as many as each node
-    count's all-reduce strategies span; the bf16 hook's the same way; downpour's rpc); per
-    node count, each strategy's cell, bracketed by profiles of its compute (the
-    data-parallel step in channels_last, downpour's in NCHW, the pipeline's NCHW
-    micro-batches) just before and just after it, whose mean predicts it: the machine's
-    speed drifts over minutes, and a profile next to its cell drifts with it. A cell's after
-    profile is the next cell's before where the two share a layout."""
+    """Per link: calibrate it (gloo's all-reduce, the bf16 hook's, downpour's rpc); per node
+    count, each strategy's cell, bracketed by profiles of its compute (the data-parallel
+    step in channels_last, downpour's in NCHW, the pipeline's NCHW micro-batches) just
+    before and just after it, whose mean predicts it: the machine's speed drifts over
+    minutes, and a profile next to its cell drifts with it. A cell's after profile is the
+    next cell's before where the two share a layout."""
     param_bytes, activation_bytes = model_bytes("cifar10-tf", 1)
     cut = pipeline_cut("cifar10-tf", 1, PIPELINE_STAGES)
     links = args.links or (("unshaped", "50mbit") if args.quick else LINKS)
     node_counts = args.nodes or ((2,) if args.quick else (2, 4))
     samples = 3 if args.quick else 5
     result = {"param_bytes": param_bytes, "activation_bytes_per_example": activation_bytes, "pipeline_cut": cut,
-              "calibrations": {}, "bf16_calibrations": {}, "rpc_calibrations": {}, "ring_calibrations": {}, "cells": []}
-    hooks = ("none", "bf16") if "sync-bf16" in args.strategies else ("none",)
+              "calibrations": {}, "bf16_calibrations": {}, "rpc_calibrations": {}, "cells": []}
     steps, reps = (5, 3) if args.quick else (10, 5)
     with tempfile.TemporaryDirectory(prefix="multitower-interconnect-") as tmp:
         for link in links:
             rate = parse_rate(link)
             result["calibrations"][link] = calibrate_link(rate, samples)
             result["rpc_calibrations"][link] = calibrate_rpc(rate, samples)
-            if "bf16" in hooks:
+            if "sync-bf16" in args.strategies:
                 result["bf16_calibrations"][link] = calibrate_link(rate, samples, hook="bf16")
-            wider = sorted({calibration_ranks(Setup(s, n)) for s in args.strategies for n in node_counts} - {2})
-            result["ring_calibrations"][link] = {str(ranks): {hook: calibrate_link(rate, samples, hook, ranks)
-                                                             for hook in hooks} for ranks in wider}
             say_calibrations(link, result)
+            gloo, rpc, bf16 = cell_links(link, result)
             for nodes in node_counts:
                 last = {}  # layout -> its profile, while no cell has run since it was taken
                 for strategy in args.strategies:
                     setup, layout = Setup(strategy, nodes), layout_of(strategy)
                     profiled = Setup("sync" if layout == "data" else strategy, nodes)
                     before = last.get(layout) or pinned_compute_s(profiled, data_dir, steps, reps)
-                    cell = {"strategy": strategy, "nodes": nodes, "cluster_nodes": setup.cluster_nodes,
-                            "link": link, "rate_bps": rate, "calibration_ranks": calibration_ranks(setup)}
-                    gloo, rpc, bf16 = cell_links(cell, result)
                     guess = predict(setup, before["s_per_example"], gloo, param_bytes, activation_bytes, cut, rpc,
                                     before["backward_share"], bf16)
                     period = LOCAL_SGD_PERIOD if strategy == "local-sgd" else 1
@@ -153,10 +125,11 @@ def run_matrix(args, data_dir: str) -> dict:
                                         log_every, warmup_steps=log_every)
                     after = pinned_compute_s(profiled, data_dir, steps, reps)
                     last = {layout: after}
-                    cell.update({"steps": steps_run, "log_every": log_every,
-                                 "compute_s_per_example": (before["s_per_example"] + after["s_per_example"]) / 2,
-                                 "backward_share": (before["backward_share"] + after["backward_share"]) / 2,
-                                 "compute": {"before": before, "after": after}, "measured": asdict(measured)})
+                    cell = {"strategy": strategy, "nodes": nodes, "cluster_nodes": setup.cluster_nodes,
+                            "link": link, "rate_bps": rate, "steps": steps_run, "log_every": log_every,
+                            "compute_s_per_example": (before["s_per_example"] + after["s_per_example"]) / 2,
+                            "backward_share": (before["backward_share"] + after["backward_share"]) / 2,
+                            "compute": {"before": before, "after": after}, "measured": asdict(measured)}
                     predicted = predict_cell(cell, gloo, rpc, bf16, param_bytes, activation_bytes, cut)
                     cell.update({"predicted": asdict(predicted),
                                  "predicted_comm_fraction": predicted.exposed_comm_s / predicted.step_s,
@@ -173,22 +146,27 @@ def run_matrix(args, data_dir: str) -> dict:
     return result
 
 
+def cell_links(link: str, result: dict):
+    """(gloo link, rpc link, bf16 hook's link or None) of `link`'s cells, from a run's calibrations."""
+    bf16 = result.get("bf16_calibrations", {}).get(link)
+    return (calibrated_link(f"{link}, calibrated", result["calibrations"][link]),
+            calibrated_link(f"{link}, rpc calibrated", result["rpc_calibrations"][link]),
+            calibrated_link(f"{link}, bf16 hook calibrated", bf16) if bf16 else None)
+
+
 def say_calibrations(link: str, result: dict) -> None:
     def line(c: dict) -> str:
         return (f"alpha {c['latency_us']:.0f} us, beta {c['bandwidth_gbps']:.3f} Gbit/s, {c['cpu_ns_per_byte']:.2f} "
                 f"ns CPU/byte, overlap {c['overlap_efficiency']:.2f}")
-    print(f"{link}: gloo, 2 ranks: {line(result['calibrations'][link])}; rpc: "
+    print(f"{link}: gloo: {line(result['calibrations'][link])}; rpc: "
           f"{line(result['rpc_calibrations'][link])}", flush=True)
     if link in result["bf16_calibrations"]:
-        print(f"{link}: the bf16 hook, 2 ranks (per bf16 byte): {line(result['bf16_calibrations'][link])}", flush=True)
-    for ranks, by_hook in result["ring_calibrations"][link].items():
-        for hook, c in by_hook.items():
-            print(f"{link}: {'the bf16 hook' if hook == 'bf16' else 'gloo'}, {ranks} ranks: {line(c)}", flush=True)
+        print(f"{link}: the bf16 hook (per bf16 byte): {line(result['bf16_calibrations'][link])}", flush=True)
 
 
 def predict_cell(cell: dict, link, rpc_link, bf16_link, param_bytes: float, activation_bytes: float, cut: dict):
     """A cell's prediction from what was measured for it: its compute and backward share
-    (the mean of the profiles around it) and its link's calibrations (cell_links)."""
+    (the mean of the profiles around it) and its link's calibrations."""
     return predict(Setup(cell["strategy"], cell["nodes"]), cell["compute_s_per_example"], link, param_bytes,
                    activation_bytes, cut, rpc_link, cell["backward_share"], bf16_link)
 
@@ -209,7 +187,7 @@ def repredict(path: Path) -> None:
           f"{'bf16 over float32 link':>22}")
     within = 0
     for c in result["cells"]:
-        link, rpc_link, bf16_link = cell_links(c, result)
+        link, rpc_link, bf16_link = cell_links(c["link"], result)
         now = predict_cell(c, link, rpc_link, bf16_link, *fixed).images_per_sec
         measured = c["measured"]["images_per_sec"]
         within += abs(now / measured - 1) <= TARGET

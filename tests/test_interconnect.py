@@ -19,36 +19,6 @@ def test_the_link_fit_takes_alpha_from_the_small_message_and_beta_from_the_large
     assert fit_link(times) == pytest.approx((alpha, beta))
 
 
-def test_the_link_fit_of_a_wider_ring_divides_by_its_hops():
-    """4 ranks: t = 6 alpha + 1.5 m / beta (cost_model.ring_allreduce_s), fitted back exactly."""
-    from multitower.bench.cost_model import ring_allreduce_s
-    alpha, beta = 0.7e-3, 1.2e8
-    link = Link("ring", beta, alpha)
-    times = {m: ring_allreduce_s(m, 4, link) for m in (LATENCY_BYTES, *interconnect.BANDWIDTH_BYTES)}
-    times[LATENCY_BYTES] = 6 * alpha  # the latency message: its hops alone
-    assert fit_link(times, ranks=4) == pytest.approx((alpha, beta))
-
-
-def test_the_all_reduce_strategies_are_predicted_over_a_calibration_as_wide_as_their_ring():
-    """sync, sync-bf16 and local SGD on 4 nodes over the 4-rank calibration; the pipeline (pairs)
-    and downpour (rpc) over the 2-rank one; a run stored before rank counts were calibrated
-    gives every cell its 2-rank calibrations."""
-    script = benchmark_script("interconnect")
-    assert [script.calibration_ranks(Setup(s, 4)) for s in interconnect.STRATEGIES] == [4, 4, 4, 2, 2]
-    assert [script.calibration_ranks(Setup(s, 2)) for s in interconnect.STRATEGIES] == [2] * 5
-    two, four = {"alpha_s": 1e-3, "beta_Bps": 1e8}, {"alpha_s": 2e-3, "beta_Bps": 5e7}
-    two_bf16, four_bf16 = {"alpha_s": 1e-3, "beta_Bps": 9e7}, {"alpha_s": 2e-3, "beta_Bps": 4e7}
-    run = {"calibrations": {"1gbit": two}, "bf16_calibrations": {"1gbit": two_bf16}, "rpc_calibrations": {"1gbit": two},
-           "ring_calibrations": {"1gbit": {"4": {"none": four, "bf16": four_bf16}}}}
-    gloo, _, bf16 = script.cell_links({"link": "1gbit", "calibration_ranks": 4}, run)
-    assert (gloo.latency_s, gloo.bandwidth_Bps, bf16.bandwidth_Bps) == (2e-3, 5e7, 4e7)
-    gloo, _, bf16 = script.cell_links({"link": "1gbit", "calibration_ranks": 2}, run)
-    assert (gloo.latency_s, gloo.bandwidth_Bps, bf16.bandwidth_Bps) == (1e-3, 1e8, 9e7)
-    older = {k: v for k, v in run.items() if k != "ring_calibrations"}
-    gloo, _, bf16 = script.cell_links({"link": "1gbit"}, older)
-    assert (gloo.bandwidth_Bps, bf16.bandwidth_Bps) == (1e8, 9e7)
-
-
 def test_a_cells_log_windows_last_about_four_seconds_within_their_step_bounds():
     """Fast steps fill a window to its most steps, slow ones keep the fewest; local SGD's
     windows hold whole averaging periods; a warm-up window comes first."""
@@ -96,11 +66,10 @@ def test_each_strategy_is_predicted_on_its_own_transport(monkeypatch):
 
 @pytest.mark.slow
 def test_both_calibrations_across_an_emulated_link(namespaces):  # noqa: F811 - the fixture
-    """gloo's all-reduce (plain, as the bf16 hook makes it, and among 4 nodes) and downpour's
-    rpc exchange between two emulated nodes, unshaped: each gives a latency, a bandwidth and some CPU per byte, no more CPU than wall time."""
+    """gloo's all-reduce (plain, and as the bf16 hook makes it) and downpour's rpc exchange
+    between two emulated nodes, unshaped: each gives a latency, a bandwidth and some CPU per byte, no more CPU than wall time."""
     for calibrate in (interconnect.calibrate_link, interconnect.calibrate_rpc,
-                      lambda rate, samples: interconnect.calibrate_link(rate, samples, hook="bf16"),
-                      lambda rate, samples: interconnect.calibrate_link(rate, samples, ranks=4)):
+                      lambda rate, samples: interconnect.calibrate_link(rate, samples, hook="bf16")):
         result = calibrate(None, samples=2)
         assert result["alpha_s"] > 0 and result["beta_Bps"] > 1e7
         assert 0 < result["cpu_s_per_byte"] < 1e-7

@@ -94,24 +94,22 @@ class Setup:
 
 # -- the link -----------------------------------------------------------------------------
 
-def calibration_rank(rank: int, ranks: int, store_path: str, out_path: str, samples: int,
-                     hook: str = "none") -> None:
-    """One rank of calibrate_link, run inside a node's namespace (`python -m multitower.bench.
-    interconnect calibrate RANK RANKS STORE SAMPLES OUT HOOK`): calibrate.py's own timing loop."""
+def calibration_rank(rank: int, store_path: str, out_path: str, samples: int, hook: str = "none") -> None:
+    """One side of calibrate_link, run inside a node's namespace (`python -m multitower.bench.
+    interconnect calibrate RANK STORE SAMPLES OUT HOOK`): calibrate.py's own timing loop."""
     from multitower.bench.calibrate import _worker
-    _worker(rank, ranks, store_path, CALIBRATION_BYTES, samples, out_path, hook)
+    _worker(rank, 2, store_path, CALIBRATION_BYTES, samples, out_path, hook)
 
 
-def _across_links(rate_bps: int | None, command: str, args_of, what: str, nodes: int = 2) -> dict[int, dict]:
-    """`nodes` emulated nodes, each on a link of `rate_bps` (None: unshaped) to the switch,
-    each running `python -m multitower.bench.interconnect COMMAND RANK *args_of(rank, nodes,
-    tmp)` in its namespace, pinned to its cores as `multitower cluster` pins a node (4 nodes
-    on 2 cores: two to a core); the timings per message size that rank 0 wrote to
-    tmp/timings.json (args_of's last argument)."""
+def _pair_across_link(rate_bps: int | None, command: str, args_of, what: str) -> dict[int, dict]:
+    """Two emulated nodes joined by a link of `rate_bps` (None: unshaped), each running
+    `python -m multitower.bench.interconnect COMMAND RANK *args_of(rank, nodes, tmp)` in its
+    namespace, pinned to its core as `multitower cluster` pins a node; the timings per
+    message size that rank 0 wrote to tmp/timings.json (args_of's last argument)."""
     from multitower.cluster.job import divide_cores
     from multitower.cluster.network import Network
-    cores = divide_cores(nodes, 0, sorted(os.sched_getaffinity(0)))
-    with tempfile.TemporaryDirectory(prefix="multitower-link-") as tmp, Network(nodes, rate_bps) as net:
+    cores = divide_cores(2, 0, sorted(os.sched_getaffinity(0)))
+    with tempfile.TemporaryDirectory(prefix="multitower-link-") as tmp, Network(2, rate_bps) as net:
         ranks = [subprocess.Popen(
             ["ip", "netns", "exec", node.namespace, sys.executable, "-m", "multitower.bench.interconnect",
              command, str(rank), *args_of(rank, net.nodes, tmp)],
@@ -134,19 +132,15 @@ def _link_result(rate_bps: int | None, alpha: float, beta: float, cpu: float, ti
                         for m in sorted(timings)]}
 
 
-def calibrate_link(rate_bps: int | None, samples: int = 5, hook: str = "none", ranks: int = 2) -> dict:
-    """gloo all-reduce alpha, beta and CPU per byte among `ranks` emulated nodes, each on a
-    link of `rate_bps` (None: unshaped): the ring fit of bench/calibrate.py, as `plan
-    --calibrate` writes it. As many ranks as a job all-reduces over, pinned as its workers
-    are: on 2 cores, 4 ranks' ring hops wait for ranks that share a core (and, beside
-    compute, for two compute threads a core), which a 2-rank calibration never sees.
-    hook="bf16": of the bf16 compression hook's calls (calibrate.py), per byte of bfloat16
-    on the wire: the link sync --grad-compression bf16 sees."""
-    timings = _across_links(rate_bps, "calibrate", lambda rank, nodes, tmp: (
-        str(ranks), str(Path(tmp, "store")), str(samples), str(Path(tmp, "timings.json")), hook),
-        "link calibration", nodes=ranks)
-    alpha, beta = fit_link({m: timings[m]["median_s"] for m in timings}, ranks)
-    return _link_result(rate_bps, alpha, beta, cpu_per_byte(timings, ranks), timings, hook=hook, ranks=ranks)
+def calibrate_link(rate_bps: int | None, samples: int = 5, hook: str = "none") -> dict:
+    """gloo all-reduce alpha, beta and CPU per byte between two emulated nodes over a link of
+    `rate_bps` (None: unshaped): the ring fit of bench/calibrate.py, as `plan --calibrate`
+    writes it. hook="bf16": of the bf16 compression hook's calls (calibrate.py), per byte
+    of bfloat16 on the wire: the link sync --grad-compression bf16 sees."""
+    timings = _pair_across_link(rate_bps, "calibrate", lambda rank, nodes, tmp: (
+        str(Path(tmp, "store")), str(samples), str(Path(tmp, "timings.json")), hook), "link calibration")
+    alpha, beta = fit_link({m: timings[m]["median_s"] for m in timings})
+    return _link_result(rate_bps, alpha, beta, cpu_per_byte(timings), timings, hook=hook)
 
 
 # -- downpour's transport -------------------------------------------------------------------
@@ -202,21 +196,18 @@ def calibrate_rpc(rate_bps: int | None, samples: int = 5) -> dict:
     nodes: a request of m bytes answered by m bytes, over rpc as downpour runs it. Fitted as
     a link crossed twice (t = 2 alpha + 2 m / beta: fit_link on t / 2), its cpu_s_per_byte
     the requesting side's CPU per byte sent (receiving as many)."""
-    timings = _across_links(rate_bps, "rpc", lambda rank, nodes, tmp: (
+    timings = _pair_across_link(rate_bps, "rpc", lambda rank, nodes, tmp: (
         nodes[0].address, "29511", str(samples), str(Path(tmp, "timings.json"))), "rpc calibration")
     alpha, beta = fit_link({m: t["median_s"] / 2 for m, t in timings.items()})
     return _link_result(rate_bps, alpha, beta, cpu_per_byte(timings), timings)
 
 
-def fit_link(median_s: dict[int, float], ranks: int = 2) -> tuple[float, float]:
-    """(alpha s, beta bytes/s) of a ring all-reduce over `ranks`, t = 2(n-1) alpha + 2(n-1)/n
-    m / beta (cost_model.ring_allreduce_s), from median times per message size: alpha the
-    LATENCY_BYTES time over its 2(n-1) hops, beta the median over the BANDWIDTH_BYTES of
-    2(n-1)/n m / (t - 2(n-1) alpha) (see CALIBRATION_BYTES)."""
-    hops = 2 * (ranks - 1)
-    alpha = median_s[LATENCY_BYTES] / hops
-    rates = [hops / ranks * m / (median_s[m] - hops * alpha) for m in BANDWIDTH_BYTES
-             if median_s[m] > hops * alpha]
+def fit_link(median_s: dict[int, float]) -> tuple[float, float]:
+    """(alpha s, beta bytes/s) of a 2-rank ring all-reduce, t = 2 alpha + m / beta, from median
+    times per message size: alpha half the LATENCY_BYTES time, beta the median over the
+    BANDWIDTH_BYTES of m / (t - 2 alpha) (see CALIBRATION_BYTES)."""
+    alpha = median_s[LATENCY_BYTES] / 2
+    rates = [m / (median_s[m] - 2 * alpha) for m in BANDWIDTH_BYTES if median_s[m] > 2 * alpha]
     if not rates:
         raise UserError(f"the link calibration's large messages took no longer than its {LATENCY_BYTES}-byte one: "
                         f"{median_s}; the machine is too busy to calibrate now")
@@ -358,13 +349,13 @@ def trained_wall_s(stdout: str) -> float | None:
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["calibrate"]:
-        rank, ranks, store, samples, out, hook = argv[1:]
-        calibration_rank(int(rank), int(ranks), store, out, int(samples), hook)
+        rank, store, samples, out, hook = argv[1:]
+        calibration_rank(int(rank), store, out, int(samples), hook)
     elif argv[:1] == ["rpc"]:
         rank, address, port, samples, out = argv[1:]
         rpc_rank(int(rank), address, int(port), out, int(samples))
     else:
-        raise SystemExit("usage: python -m multitower.bench.interconnect calibrate RANK RANKS STORE SAMPLES OUT HOOK | "
+        raise SystemExit("usage: python -m multitower.bench.interconnect calibrate RANK STORE SAMPLES OUT HOOK | "
                          "rpc RANK ADDRESS PORT SAMPLES OUT")
 
 
