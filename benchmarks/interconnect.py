@@ -185,10 +185,11 @@ def repredict(path: Path) -> None:
     fixed = (result["param_bytes"], result["activation_bytes_per_example"], result["pipeline_cut"])
     print(f"{'nodes':>5} {'link':>8} {'strategy':>9} {'measured':>9} {'stored':>9} {'now':>9} {'error':>6} "
           f"{'bf16 over float32 link':>22}")
-    within = 0
+    within, again = 0, []
     for c in result["cells"]:
         link, rpc_link, bf16_link = cell_links(c["link"], result)
         now = predict_cell(c, link, rpc_link, bf16_link, *fixed).images_per_sec
+        again.append({**c, "predicted": {"images_per_sec": now}})
         measured = c["measured"]["images_per_sec"]
         within += abs(now / measured - 1) <= TARGET
         old = ""
@@ -197,7 +198,11 @@ def repredict(path: Path) -> None:
             old = f"{float32:.1f} ({100 * (float32 / measured - 1):+.0f}%)"
         print(f"{c['nodes']:>5} {c['link']:>8} {c['strategy']:>9} {measured:>9.1f} "
               f"{c['predicted']['images_per_sec']:>9.1f} {now:>9.1f} {100 * (now / measured - 1):>+5.0f}% {old:>22}")
-    print(f"predicted now: within {100 * TARGET:.0f}% in {within} of {len(result['cells'])} cells")
+    agree = winners(again)
+    print(f"predicted now: within {100 * TARGET:.0f}% in {within} of {len(result['cells'])} cells; the measured "
+          f"winner predicted in {sum(w['agree'] for w in agree)} of {len(agree)} settings"
+          + "".join(f"\n  {w['nodes']} nodes, {w['link']}: measured winner {w['measured']}, predicted {w['predicted']}"
+                    for w in agree if not w["agree"]))
 
 
 def winners(cells: list[dict]) -> list[dict]:

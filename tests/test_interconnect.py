@@ -98,7 +98,8 @@ def test_the_benchmark_runs_a_named_part_of_its_matrix_and_refuses_other_names()
 
 def test_a_stored_run_is_predicted_again_from_its_own_measurements(tmp_path, capsys, monkeypatch):
     """--repredict: each cell from its stored calibrations and compute with the tree's model
-    (here what the run stored, so the same figures), sync-bf16 also over the float32 link;
+    (here what the run stored, so the same figures), sync-bf16 also over the float32 link,
+    and the winners it picks against the measured ones;
     refused in one line where this machine has another number of cores."""
     import json
     from multitower.bench.calibrate import calibrated_link
@@ -128,7 +129,13 @@ def test_a_stored_run_is_predicted_again_from_its_own_measurements(tmp_path, cap
         assert row.split()[4] == row.split()[5] == f"{cell['predicted']['images_per_sec']:.1f}", row
     assert f"{old:.1f} (" in rows[2] and "(" not in rows[1]
     within = sum(abs(c["predicted"]["images_per_sec"] / c["measured"]["images_per_sec"] - 1) <= 0.15 for c in cells)
-    assert rows[-1] == f"predicted now: within 15% in {within} of 2 cells"
+    summary = next(i for i, row in enumerate(rows) if row.startswith("predicted now"))
+    predicted_winner = max(cells, key=lambda c: c["predicted"]["images_per_sec"])["strategy"]
+    agree = predicted_winner == "sync-bf16"  # measured 1100 against sync's 1000
+    assert rows[summary] == (f"predicted now: within 15% in {within} of 2 cells; the measured winner predicted in "
+                             f"{int(agree)} of 1 settings")
+    assert rows[summary + 1:] == ([] if agree else
+                                  [f"  2 nodes, 1gbit: measured winner sync-bf16, predicted {predicted_winner}"])
     path.write_text(json.dumps({**run, "environment": {"cores": 8}}))
     with pytest.raises(SystemExit, match="measured on 8 cores, this process has 2"):
         repredict(path)
