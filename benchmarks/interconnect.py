@@ -110,7 +110,7 @@ def run_matrix(args, data_dir: str) -> dict:
             if "sync-bf16" in args.strategies:
                 result["bf16_calibrations"][link] = calibrate_link(rate, samples, hook="bf16")
             say_calibrations(link, result)
-            gloo, rpc, bf16 = cell_links(link, result)
+            gloo, rpc, bf16 = links_of(link, result)
             for nodes in node_counts:
                 last = {}  # layout -> its profile, while no cell has run since it was taken
                 for strategy in args.strategies:
@@ -146,8 +146,9 @@ def run_matrix(args, data_dir: str) -> dict:
     return result
 
 
-def cell_links(link: str, result: dict):
-    """(gloo link, rpc link, bf16 hook's link or None) of `link`'s cells, from a run's calibrations."""
+def links_of(link: str, result: dict):
+    """(gloo link, rpc link, bf16 hook's link or None) that `link`'s cells are predicted over,
+    from a run's calibrations."""
     bf16 = result.get("bf16_calibrations", {}).get(link)
     return (calibrated_link(f"{link}, calibrated", result["calibrations"][link]),
             calibrated_link(f"{link}, rpc calibrated", result["rpc_calibrations"][link]),
@@ -155,11 +156,12 @@ def cell_links(link: str, result: dict):
 
 
 def say_calibrations(link: str, result: dict) -> None:
-    def line(c: dict) -> str:
+    """Print `link`'s calibrations as the run measured them."""
+    def line(c: dict, overlap: bool = True) -> str:
         return (f"alpha {c['latency_us']:.0f} us, beta {c['bandwidth_gbps']:.3f} Gbit/s, {c['cpu_ns_per_byte']:.2f} "
-                f"ns CPU/byte, overlap {c['overlap_efficiency']:.2f}")
-    print(f"{link}: gloo: {line(result['calibrations'][link])}; rpc: "
-          f"{line(result['rpc_calibrations'][link])}", flush=True)
+                f"ns CPU/byte" + (f", overlap {c['overlap_efficiency']:.2f}" if overlap else ""))
+    print(f"{link}: gloo: {line(result['calibrations'][link])}; rpc (no overlap timed): "
+          f"{line(result['rpc_calibrations'][link], overlap=False)}", flush=True)
     if link in result["bf16_calibrations"]:
         print(f"{link}: the bf16 hook (per bf16 byte): {line(result['bf16_calibrations'][link])}", flush=True)
 
@@ -187,7 +189,7 @@ def repredict(path: Path) -> None:
           f"{'bf16 over float32 link':>22}")
     within, again = 0, []
     for c in result["cells"]:
-        link, rpc_link, bf16_link = cell_links(c["link"], result)
+        link, rpc_link, bf16_link = links_of(c["link"], result)
         now = predict_cell(c, link, rpc_link, bf16_link, *fixed).images_per_sec
         again.append({**c, "predicted": {"images_per_sec": now}})
         measured = c["measured"]["images_per_sec"]
@@ -201,8 +203,7 @@ def repredict(path: Path) -> None:
     agree = winners(again)
     print(f"predicted now: within {100 * TARGET:.0f}% in {within} of {len(result['cells'])} cells; the measured "
           f"winner predicted in {sum(w['agree'] for w in agree)} of {len(agree)} settings"
-          + "".join(f"\n  {w['nodes']} nodes, {w['link']}: measured winner {w['measured']}, predicted {w['predicted']}"
-                    for w in agree if not w["agree"]))
+          + "".join(f"\n  {winner_line(w)}" for w in agree if not w["agree"]))
 
 
 def winners(cells: list[dict]) -> list[dict]:
@@ -215,6 +216,11 @@ def winners(cells: list[dict]) -> list[dict]:
         rows.append({"nodes": key[0], "link": key[1], "measured": measured, "predicted": predicted,
                      "agree": measured == predicted})
     return rows
+
+
+def winner_line(w: dict) -> str:
+    """One winners() row as the table and --repredict print it."""
+    return f"{w['nodes']} nodes, {w['link']}: measured winner {w['measured']}, predicted {w['predicted']}"
 
 
 def accuracy_runs(args, data_dir: str, cells: list[dict]) -> list[dict]:
@@ -258,9 +264,7 @@ def table(result: dict) -> str:
     within = sum(abs(c["error"]) <= TARGET for c in result["cells"])
     lines.append(f"images/sec of all workers; planner within {100 * TARGET:.0f}% in {within} of "
                  f"{len(result['cells'])} cells")
-    for w in result["winners"]:
-        lines.append(f"{w['nodes']} nodes, {w['link']}: measured winner {w['measured']}, predicted {w['predicted']}"
-                     f"{'' if w['agree'] else '  (DIFFERENT)'}")
+    lines += [winner_line(w) + ("" if w["agree"] else "  (DIFFERENT)") for w in result["winners"]]
     return "\n".join(lines)
 
 
