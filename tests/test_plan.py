@@ -9,7 +9,8 @@ from PIL import Image
 
 from multitower.bench.calibrate import calibrated_link, fit_alpha_beta, measure_allreduce, overlap_efficiency
 from multitower.bench.cost_model import (LINKS, Cluster, Knobs, Link, Workload, bubble_fraction,
-                                         hierarchical_allreduce_s, predict_downpour, predict_local_sgd,
+                                         closed_network_cycle_s, hierarchical_allreduce_s, predict_downpour,
+                                         predict_local_sgd,
                                          predict_pipeline, predict_sync, ring_allreduce_s, scan, winner)
 from multitower.cli import main
 from multitower.errors import UserError
@@ -86,16 +87,30 @@ def test_local_sgd_pays_one_allreduce_per_period():
     assert p.exposed_comm_s == pytest.approx(0.05002 / 5)
 
 
-def test_downpour_servers_are_the_bottleneck():
-    # Each worker moves 2 x 1 MB per exchange (2 ms on its own link); 8 workers on 2 servers
-    # keep each server link busy 1 MB * 8 / 2 / 1 GB/s = 4 ms per step in each direction
-    # (pushes in, fetches out: full duplex).
+def test_a_closed_network_cycles_in_its_parts_alone_and_at_its_busiest_queues_bound_when_crowded():
+    assert closed_network_cycle_s(1, 2.0, [1.0, 0.5]) == pytest.approx(3.5)
+    # Two customers: the second finds the first's share of its cycle at each queue
+    # (1 / 3.5 and 0.5 / 3.5), and waits for it on average.
+    assert closed_network_cycle_s(2, 2.0, [1.0, 0.5]) == pytest.approx(2.0 + 1.0 * (1 + 1 / 3.5) + 0.5 * (1 + 0.5 / 3.5))
+    crowded = closed_network_cycle_s(100, 2.0, [1.0, 0.5])
+    assert crowded >= 100 * 1.0 and crowded == pytest.approx(100 * 1.0, rel=0.01)
+
+
+def test_downpour_workers_queue_for_the_servers_links():
+    # Each worker moves 1 MB each way per exchange, 1 ms on its own link. One worker waits
+    # for no one: 1 ms of compute and 2 ms of exchange.
     work, link = Workload(1e-3, 1e6, 1), Link("no latency", 1e9, 0.0)
-    knobs = Knobs(overlap=False, ps=2)
-    assert predict_downpour(work, flat(8, link), knobs).step_s == pytest.approx(4e-3)
-    assert predict_downpour(work, flat(16, link), knobs).step_s == pytest.approx(8e-3)
-    assert predict_downpour(work, flat(8, link), Knobs(overlap=False, ps=8)).step_s == pytest.approx(3e-3)
-    assert predict_downpour(work, flat(8, link), Knobs(overlap=False, ps=8, ps_period=4)).step_s == pytest.approx(1.5e-3)
+    assert predict_downpour(work, flat(1, link), Knobs(ps=1)).step_s == pytest.approx(3e-3)
+    # Two on one server: the second's request and reply wait behind the first's for a third of
+    # their 1 ms on average (the first holds each server link 1 ms of its 3 ms cycle).
+    assert predict_downpour(work, flat(2, link), Knobs(ps=1)).step_s == pytest.approx((1 + 2 * (1 + 1 / 3)) * 1e-3)
+    # 64 workers on 2 servers keep each server link busy 1 MB * 64 / 2 / 1 GB/s = 32 ms a
+    # round in each direction (pushes in, fetches out: full duplex): the step's bound.
+    crowded = predict_downpour(work, flat(64, link), Knobs(ps=2)).step_s
+    assert 32e-3 < crowded < 32e-3 * 1.05
+    # Exchanging every 4 steps: a round is 4 steps' compute and one exchange.
+    rare = predict_downpour(work, flat(1, link), Knobs(ps=1, ps_period=4)).step_s
+    assert rare == pytest.approx((4 * 1e-3 + 2e-3) / 4)
 
 
 def test_pipeline_bubble():
@@ -156,8 +171,10 @@ def test_winner_switches_from_sync_as_latency_grows():
     assert at_8["sync"].step_s == pytest.approx(1e-3 + (2 * 7 / 8 * 1e-4 + 14 * 1e-4) - 2e-3 / 3)
     assert at_8["local-sgd"].step_s == pytest.approx(1e-3 + (2 * 7 / 8 * 1e-4 + 14 * 1e-4) / 2)
     # Downpour pays one request and its reply a step (2 latencies), not the ring's 2(N-1):
-    # 1.4 ms, its server's link (100 KB x 8 workers each way, 0.8 ms) not yet the bottleneck.
-    assert at_8["downpour"].step_s == pytest.approx(1e-3 + 2 * (1e5 / 1e9 + 1e-4))
+    # 1.4 ms alone, and the 8 workers' waits for each other on its server's link (100 KB x 8
+    # each way, 0.8 ms a round: not yet the bottleneck).
+    assert at_8["downpour"].step_s == pytest.approx(closed_network_cycle_s(8, 1e-3 + 2e-4, [1e-4, 1e-4]))
+    assert 1e-3 + 2 * (1e5 / 1e9 + 1e-4) < at_8["downpour"].step_s < 1e-3 + 8 * 2 * (1e5 / 1e9)
     assert at_8["downpour"].step_s < at_8["local-sgd"].step_s < at_8["sync"].step_s
 
 
@@ -176,9 +193,10 @@ def test_sync_hides_what_backward_covers_at_the_links_overlap_efficiency():
     # Beside compute the transfer keeps half its speed: 66.7 ms of backward cover 33.3 ms of it.
     half = Link("half speed beside compute", 1e9, 10e-6, overlap_efficiency=0.5)
     assert predict_sync(work, flat(2, half)).exposed_comm_s == pytest.approx(0.05002 - 0.5 * 0.1 * 2 / 3)
-    # The last bucket's 20% go after backward, whatever it covers.
+    # The last bucket's 20% go after backward, whatever it covers, an all-reduce of their own
+    # that pays the link's latency (2 x 10 us on 2 ranks) again.
     tail = Workload(1e-3, 50e6, 100, last_bucket_share=0.2)
-    assert predict_sync(tail, flat(2)).exposed_comm_s == pytest.approx(0.2 * 0.05002)
+    assert predict_sync(tail, flat(2)).exposed_comm_s == pytest.approx(0.2 * 0.05002 + 2 * 10e-6)
     # A model in one bucket hides nothing: the whole all-reduce after backward.
     one_bucket = Workload(1e-3, 50e6, 100, last_bucket_share=1.0)
     assert predict_sync(one_bucket, flat(2)).exposed_comm_s == pytest.approx(0.05002)

@@ -233,13 +233,19 @@ def predict_sync(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> Predi
     gradients are backward's last); the rest where it outlasts backward, which it runs
     beside at the link's overlap_efficiency. (With every byte hidden behind 2/3 of the step
     at full speed, 2 emulated nodes over 1 Gbit/s were predicted at 1.23x their measured
-    images/sec, 4 at 1.26x.) Not overlapped: all of it."""
+    images/sec, 4 at 1.26x.) Not overlapped: all of it. The last bucket is an all-reduce of
+    its own, so it pays the link's latency again, after backward: on 2 emulated nodes at 1
+    Gbit/s its 0.43 MB took 8.6 ms from DDP's handing it over to its completion (a timeline of
+    DDP's hooks), where its bytes alone take 2.9."""
     compute_s = w.batch_per_device * w.compute_s("sync")
-    wire_s = cluster_allreduce_s(w.param_bytes, cluster)
+    buckets = 2 if knobs.overlap and 0 < w.last_bucket_share < 1 else 1
+    latency_s = cluster_allreduce_s(0.0, cluster)  # an all-reduce's latency terms alone
+    wire_s = cluster_allreduce_s(w.param_bytes, cluster) + (buckets - 1) * latency_s
     cpu_s = cluster_allreduce_cpu_s(w.param_bytes, cluster)
     link = cluster.inter if cluster.nodes > 1 else cluster.intra
     hideable_s = link.overlap_efficiency * w.backward_fraction * compute_s if knobs.overlap else 0.0
-    exposed = host_exposed_s(wire_s, cpu_s, hideable_s, w.last_bucket_share if knobs.overlap else 0.0)
+    exposed = host_exposed_s(wire_s - (buckets - 1) * latency_s, cpu_s, hideable_s,
+                             w.last_bucket_share if knobs.overlap else 0.0) + (buckets - 1) * latency_s
     return _prediction("sync", w, cluster.devices, compute_s, exposed, max(wire_s, cpu_s))
 
 
@@ -253,6 +259,24 @@ def predict_local_sgd(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> 
     return _prediction("local-sgd", w, cluster.devices, compute_s, comm_s, comm_s)
 
 
+def closed_network_cycle_s(customers: int, think_s: float, demands_s: list[float]) -> float:
+    """Mean cycle time of `customers` that each spend `think_s` on their own (a delay: no one
+    waits for anyone) and then visit, one after the other, queues shared by all of them,
+    needing `demands_s[k]` of the k-th queue's server per visit: exact mean value analysis
+    of a closed queueing network (Reiser and Lavenberg, 1980). A customer arriving at a
+    queue with n customers in the system finds there, on average, what the system with n - 1
+    holds (the arrival theorem), so its residence is demand x (1 + that queue length). One
+    customer waits for no one: think_s + sum(demands_s). Many: the busiest queue's bound,
+    customers x max(demands_s), from above."""
+    queued = [0.0] * len(demands_s)
+    cycle_s = think_s + sum(demands_s)
+    for n in range(1, customers + 1):
+        residence = [demand * (1 + q) for demand, q in zip(demands_s, queued)]
+        cycle_s = think_s + sum(residence)
+        queued = [n / cycle_s * r for r in residence]
+    return cycle_s
+
+
 def predict_downpour(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> Prediction:
     """Downpour: every `ps_period` steps each worker sends its summed gradients (param_bytes,
     spread over P servers) and gets the parameters back in the same message
@@ -260,20 +284,29 @@ def predict_downpour(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> P
     before the next step), so the exchange is a request then a reply, 2 x (alpha + bytes /
     beta), hidden behind nothing; on a CPU its CPU part (host_exposed_s) queues on the cores
     with that of the workers sharing them. (Counted as a push hidden behind the next step,
-    2 emulated nodes over 1 Gbit/s were predicted at 1.9x their measured images/sec.) The
-    servers' links take in N requests and send N replies, full duplex (Ethernet, and the
-    emulated cluster's links, shaped in each direction): each server link is busy N x bytes
-    / (P x beta) a round in each direction, a bound on the step that caps throughput once N
-    outgrows P. Servers are P extra processes, not counted as devices, reached over the
-    intra link when the job fits one node of several devices, else over the inter-node link."""
+    2 emulated nodes over 1 Gbit/s were predicted at 1.9x their measured images/sec.)
+
+    The servers' links are shared: each takes in N requests and sends N replies a round,
+    full duplex (Ethernet, and the emulated cluster's links, shaped in each direction). The
+    workers run asynchronously, so nothing spaces their requests out: one arriving while
+    another's is on the link waits behind it. So a round is a closed queueing network
+    (closed_network_cycle_s): N workers, each computing on its own cores (with its own
+    link's time beyond a server link's share), then queueing for the servers' incoming and
+    outgoing directions, bytes / (P x beta) each. One worker waits for no one: compute +
+    exchange. Many: each server link busy N x bytes / (P x beta) a round, the bound that
+    caps throughput once N outgrows P. (Taken as perfectly spaced, compute + exchange up to
+    that bound, 2 and 4 emulated nodes at 1 Gbit/s and 200 Mbit/s were predicted 24-49%
+    fast.) Servers are P extra processes, not counted as devices, reached over the intra
+    link when the job fits one node of several devices, else over the inter-node link."""
     n, period = cluster.devices, knobs.ps_period
     link = cluster.intra if cluster.nodes == 1 and cluster.devices_per_node > 1 else cluster.inter
     compute_s = w.batch_per_device * w.compute_s("downpour")
     one_way_s = w.param_bytes / link.bandwidth_Bps + link.latency_s
     cpu_s = w.param_bytes * link.cpu_s_per_byte * cluster.cores_shared_by
     exchange_s = host_exposed_s(2 * one_way_s, cpu_s, 0.0)
-    server_busy_s = w.param_bytes * n / (knobs.ps * link.bandwidth_Bps) / period
-    step_s = max(compute_s + exchange_s / period, server_busy_s)
+    server_link_s = w.param_bytes / (knobs.ps * link.bandwidth_Bps)
+    own_s = period * compute_s + exchange_s - 2 * server_link_s
+    step_s = closed_network_cycle_s(n, own_s, [server_link_s, server_link_s]) / period
     return _prediction("downpour", w, n, compute_s, step_s - compute_s, max(2 * one_way_s, cpu_s) / period)
 
 
