@@ -233,20 +233,21 @@ def predict_sync(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> Predi
     gradients are backward's last); the rest where it outlasts backward, which it runs
     beside at the link's overlap_efficiency. (With every byte hidden behind 2/3 of the step
     at full speed, 2 emulated nodes over 1 Gbit/s were predicted at 1.23x their measured
-    images/sec, 4 at 1.26x.) Not overlapped: all of it. The last bucket is an all-reduce of
-    its own, so it pays the link's latency again, after backward: on 2 emulated nodes at 1
-    Gbit/s its 0.43 MB took 8.6 ms from DDP's handing it over to its completion (a timeline of
-    DDP's hooks), where its bytes alone take 2.9."""
+    images/sec, 4 at 1.26x.) Not overlapped: all of it. Where the gradients fill more than
+    one bucket, the last is an all-reduce of its own after backward, so it pays the link's
+    latency once more, in full (2 emulated nodes at 1 Gbit/s: its 0.43 MB took 8.6 ms from
+    DDP's handing it over to its completion, where its bytes take 2.9; a throwaway timeline
+    of DDP's hooks, not a command of the repository)."""
     compute_s = w.batch_per_device * w.compute_s("sync")
-    buckets = 2 if knobs.overlap and 0 < w.last_bucket_share < 1 else 1
-    latency_s = cluster_allreduce_s(0.0, cluster)  # an all-reduce's latency terms alone
-    wire_s = cluster_allreduce_s(w.param_bytes, cluster) + (buckets - 1) * latency_s
+    wire_s = cluster_allreduce_s(w.param_bytes, cluster)
     cpu_s = cluster_allreduce_cpu_s(w.param_bytes, cluster)
     link = cluster.inter if cluster.nodes > 1 else cluster.intra
     hideable_s = link.overlap_efficiency * w.backward_fraction * compute_s if knobs.overlap else 0.0
-    exposed = host_exposed_s(wire_s - (buckets - 1) * latency_s, cpu_s, hideable_s,
-                             w.last_bucket_share if knobs.overlap else 0.0) + (buckets - 1) * latency_s
-    return _prediction("sync", w, cluster.devices, compute_s, exposed, max(wire_s, cpu_s))
+    split = knobs.overlap and 0 < w.last_bucket_share < 1
+    last_bucket_latency_s = cluster_allreduce_s(0.0, cluster) if split else 0.0  # latency terms alone
+    exposed = host_exposed_s(wire_s, cpu_s, hideable_s, w.last_bucket_share if knobs.overlap else 0.0)
+    return _prediction("sync", w, cluster.devices, compute_s, exposed + last_bucket_latency_s,
+                       max(wire_s + last_bucket_latency_s, cpu_s))
 
 
 def predict_local_sgd(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> Prediction:
@@ -296,7 +297,9 @@ def predict_downpour(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> P
     exchange. Many: each server link busy N x bytes / (P x beta) a round, the bound that
     caps throughput once N outgrows P. (Taken as perfectly spaced, compute + exchange up to
     that bound, 2 and 4 emulated nodes at 1 Gbit/s and 200 Mbit/s were predicted 24-49%
-    fast.) Servers are P extra processes, not counted as devices, reached over the intra
+    fast: benchmarks/interconnect.py, docs/interconnect.md.) Where a slow link keeps the
+    server busy most of a round, two workers alternate without waiting, which these
+    queues do not see: 2 nodes at 50 Mbit/s are predicted ~30% slow. Servers are P extra processes, not counted as devices, reached over the intra
     link when the job fits one node of several devices, else over the inter-node link."""
     n, period = cluster.devices, knobs.ps_period
     link = cluster.intra if cluster.nodes == 1 and cluster.devices_per_node > 1 else cluster.inter
@@ -305,8 +308,8 @@ def predict_downpour(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> P
     cpu_s = w.param_bytes * link.cpu_s_per_byte * cluster.cores_shared_by
     exchange_s = host_exposed_s(2 * one_way_s, cpu_s, 0.0)
     server_link_s = w.param_bytes / (knobs.ps * link.bandwidth_Bps)
-    own_s = period * compute_s + exchange_s - 2 * server_link_s
-    step_s = closed_network_cycle_s(n, own_s, [server_link_s, server_link_s]) / period
+    think_s = period * compute_s + exchange_s - 2 * server_link_s  # a round beside the shared links
+    step_s = closed_network_cycle_s(n, think_s, [server_link_s, server_link_s]) / period
     return _prediction("downpour", w, n, compute_s, step_s - compute_s, max(2 * one_way_s, cpu_s) / period)
 
 
