@@ -287,8 +287,9 @@ def test_a_shaped_link_carries_its_rate_and_an_unshaped_one_far_more(namespaces)
 
 KILLED_OWNER = """
 import os, signal, subprocess, sys
-from multitower.cluster.network import Network
+from multitower.cluster.network import Network, agent_log_dir
 net = Network(2, None, run_id=sys.argv[1]).create()
+(agent_log_dir(net.run_id) / "node0" / "attempt_0").mkdir(parents=True)  # as its launchers would have
 subprocess.Popen(["ip", "netns", "exec", net.nodes[0].namespace, "sleep", "300"], start_new_session=True,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 print(net.nodes[0].namespace, flush=True)
@@ -313,6 +314,7 @@ def test_leftovers_of_a_killed_run_are_removed_and_live_clusters_kept(namespaces
         assert not any(_running(pid) for pid in sleeper)
         assert set(live.namespaces) <= set(network._namespaces())
         assert not [name for name in ours_left() if "deadbeef" in name]
+        assert not network.agent_log_dir("deadbeef").exists()
     finally:
         live.teardown()
     assert not [name for name in ours_left() if live.run_id in name]
@@ -388,16 +390,20 @@ def test_two_nodes_over_a_shaped_link_end_bitwise_equal_to_one_node_two_workers(
     """The emulated 2-node x 1-worker sync job and `train --workers 2` on this host compute
     the same thing: every model and moving-average tensor of the final checkpoints is
     equal, and so are both replicas of the cluster job (their digests, in the checkpoint). Meanwhile no process of the job listens in the host's network namespace
-    (the stores and gloo listen inside the nodes), and rank 0 (node 0) alone writes."""
+    (the stores and gloo listen inside the nodes), rank 0 (node 0) alone writes, and neither
+    job leaves a launcher's folder in the temporary folder."""
     host_netns = os.readlink("/proc/self/ns/net")
     common = ["--data", str(synth_dir), "--workers", "2", *TRAIN_FLAGS]
+    temp = tmp_path / "tmp"  # both jobs' temporary folder: torch's launcher leaves nothing in it
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
     started = time.monotonic()
     job = subprocess.Popen([sys.executable, "-m", "multitower", "cluster", "--nodes", "2", "--link", "1gbit", "--",
                             "train", "--run-dir", str(tmp_path / "nodes"), *common],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     # The control at the same time: both mostly wait for imports, and run 1 thread per worker either way.
     control = subprocess.Popen([sys.executable, "-m", "multitower", "train", "--run-dir", str(tmp_path / "one"),
-                                *common], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                *common], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     in_host, in_nodes = 0, 0  # most listening sockets seen at once, in the host's namespace and in the nodes'
     while job.poll() is None:
         seen = [_listening(pid) for pid in _process_tree(job.pid)]
@@ -429,6 +435,8 @@ def test_two_nodes_over_a_shaped_link_end_bitwise_equal_to_one_node_two_workers(
     records = [json.loads(line) for line in (tmp_path / "nodes" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6] and records[-1]["world_size"] == 2
     assert not ours_left()
+    left = [p.name for p in temp.iterdir() if "torchelastic" in p.name or p.name.startswith("multitower-")]
+    assert not left, f"the launchers left {left} in the temporary folder"
 
 
 @pytest.mark.slow

@@ -11,16 +11,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import threading
 import socket
 import sys
+import tempfile
 import traceback
 import uuid
 from pathlib import Path
 
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing import SignalException
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.elastic.rendezvous import RendezvousParameters, rendezvous_handler_registry
 from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import create_backend
@@ -190,13 +192,17 @@ def _launch(cfg: Config, given: dict | None) -> dict:
     # (Registering the same creator again is a no-op.)
     rendezvous_handler_registry.register(LOOPBACK_C10D, _loopback_c10d_handler)
     _worker_stores.clear()  # a previous launch's stores (and their listening sockets) go
+    # The agent's per-attempt directories (the workers' error.json files, read into
+    # ChildFailedError): left alone, torch makes a /tmp/torchelastic_* for every job and
+    # never removes it; ours goes when the job is over.
+    log_dir = tempfile.mkdtemp(prefix="multitower-launch-")
     launch_config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=processes(cfg.parallel),
         run_id=f"multitower-{uuid.uuid4().hex[:8]}",
         rdzv_backend=LOOPBACK_C10D, rdzv_endpoint=f"127.0.0.1:{rendezvous_store.port}",
         rdzv_configs={"timeout": 120}, local_addr="127.0.0.1",
         max_restarts=cfg.parallel.max_restarts, monitor_interval=0.5, start_method="spawn",
-        shutdown_timeout=SHUTDOWN_S)
+        shutdown_timeout=SHUTDOWN_S, logs_specs=DefaultLogsSpecs(log_dir=log_dir))
     reaper = FrozenWorkerReaper(processes(cfg.parallel), cfg.parallel.max_restarts)
     try:
         results = elastic_launch(launch_config, worker_main)(cfg.to_json(), given)
@@ -212,6 +218,7 @@ def _launch(cfg: Config, given: dict | None) -> dict:
                           f"({cfg.run.run_dir})", int(exc.sigval)) from None
     finally:
         reaper.close()
+        shutil.rmtree(log_dir, ignore_errors=True)
     return results[0]
 
 

@@ -6,7 +6,7 @@ a real machine (cluster/agent.py: torchrun whose c10d rendezvous also numbers th
     ip netns exec mt-RID-nI  python -m multitower.cluster.agent --nnodes N[MIN:N] --nproc-per-node P_I
         --rdzv-backend multitower-rounds --rdzv-endpoint 198.18.0.100:29400 --rdzv-id RID
         --rdzv-conf is_host=1|0,join_timeout=120 --local-addr 198.18.0.(100+I)
-        -m multitower train <the user's flags>
+        --log-dir $TMPDIR/multitower-cluster-RID/nodeI -m multitower train <the user's flags>
 
 - --local-addr: the namespaces share the host's name (one UTS namespace), so without it every
   agent would call itself by the host's name, which resolves to no address of the cluster.
@@ -19,6 +19,8 @@ a real machine (cluster/agent.py: torchrun whose c10d rendezvous also numbers th
   with the host's name and addresses, which in a namespace match nothing; node 0 is told.
 - GLOO_SOCKET_IFNAME / TP_SOCKET_IFNAME = eth0: gloo and TensorPipe (downpour's rpc) pick
   their address from the host name as well; named, they take the node's own interface.
+- --log-dir: the launchers' per-attempt folders (the workers' error.json), removed with the
+  network; torch's default is a new /tmp/torchelastic_* per launcher, never removed.
 - The user's --workers stays the job's total (as for `multitower train`): the strategies
   check it against WORLD_SIZE (downpour splits roles by it); hogwild never spans nodes.
 - --min-nodes MIN: torchrun's elastic range --nnodes MIN:N; a lost node (not node 0, whose
@@ -43,8 +45,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from multitower.cluster.network import (MAX_NODES, Network, Node, check_rights, describe_rate, namespace_pids,
-                                        remove_stale, stop_processes)
+from multitower.cluster.network import (MAX_NODES, Network, Node, agent_log_dir, check_rights, describe_rate,
+                                        namespace_pids, remove_stale, stop_processes)
 from multitower.errors import SIGNAL_CAUSES, UserError
 from multitower.procs import process_state
 
@@ -165,6 +167,7 @@ def plan_launches(network: Network, train_flags: list[str], per_node: list[int],
                 "--nproc-per-node", str(processes), "--rdzv-backend", AGENT_BACKEND, "--rdzv-endpoint", endpoint,
                 "--rdzv-id", network.run_id, "--rdzv-conf", conf,
                 "--local-addr", node.address, "--max-restarts", str(max_restarts), "--monitor-interval", "0.5",
+                "--log-dir", str(agent_log_dir(network.run_id) / f"node{node.index}"),
                 "-m", "multitower", "train", *train_flags]
         env = {"GLOO_SOCKET_IFNAME": node.interface, "TP_SOCKET_IFNAME": node.interface,
                # TensorPipe (downpour's rpc) over TCP only: the nodes share a kernel (downpour.py)

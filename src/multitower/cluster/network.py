@@ -34,6 +34,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,13 @@ def _lock_path(run_id: str) -> Path:
     return LOCK_DIR / f"cluster-{run_id}.lock"
 
 
+def agent_log_dir(run_id: str) -> Path:
+    """Where the nodes' launchers keep their per-attempt folders (torchrun's --log-dir: the
+    workers' error.json files). Without one, torch makes a /tmp/torchelastic_* for every
+    launcher and never removes it; this one goes with the cluster's namespaces."""
+    return Path(tempfile.gettempdir()) / f"multitower-cluster-{run_id}"
+
+
 def _owner_is_gone(run_id: str) -> tuple[bool, int | None]:
     """(whether nobody holds run_id's lock, the fd now holding it for us, if we took it)."""
     try:
@@ -244,6 +252,7 @@ def remove_stale() -> list[str]:
             continue
         try:
             _delete_namespaces(namespaces, grace_s=0.0)  # a dead run's processes have nobody to report to
+            shutil.rmtree(agent_log_dir(run_id), ignore_errors=True)
             removed += namespaces
             _lock_path(run_id).unlink(missing_ok=True)
         finally:
@@ -347,12 +356,14 @@ class Network:
 
     def teardown(self, grace_s: float = 10.0) -> None:
         """Stop every process in the cluster's namespaces (SIGTERM; SIGKILL after grace_s:
-        time for a launcher to stop its workers), delete them, release the lock."""
+        time for a launcher to stop its workers), delete them and the launchers' log folder,
+        release the lock."""
         if self._lock_fd is None:
             return
         try:
             existing = set(_namespaces())
             _delete_namespaces([ns for ns in self.namespaces if ns in existing], grace_s)
+            shutil.rmtree(agent_log_dir(self.run_id), ignore_errors=True)
             _lock_path(self.run_id).unlink(missing_ok=True)
         finally:
             os.close(self._lock_fd)
