@@ -2,7 +2,7 @@
 `multitower plan` predicts it.
 
     sudo .venv/bin/python benchmarks/interconnect.py [--quick] [--data DIR] [--out-dir bench-results]
-        [--strategies sync,sync-bf16] [--links unshaped,1gbit] [--nodes 2] [--accuracy-seconds 0]
+        [--strategies sync,sync-bf16] [--links unshaped,1gbit] [--nodes 2] [--reps 3] [--accuracy-seconds 0]
 
 For 2 and 4 nodes and links unshaped / 1gbit / 200mbit / 50mbit (`multitower cluster`,
 one worker process per node, global batch 128 of cifar10-tf), each strategy's job
@@ -24,8 +24,12 @@ Writes OUT_DIR/interconnect.json and interconnect.png (images/sec against bandwi
 strategy, measured points over predicted lines) and prints the table. Each cell is
 bracketed by profiles of its compute, just before and just after it, whose mean predicts
 it: the machine's speed drifts over minutes, and other work on it then lands on both
-sides of a comparison.
-Needs root (network namespaces); --quick: 2 nodes, two links, short cells, ~10 min.
+sides of a comparison. Each cell runs --reps times (default 3), interleaved: a node count's
+strategies once each, then again. A cell reports the median of its repetitions' images/sec,
+is predicted from the median of their profiles, and keeps their spread (max / min - 1):
+how far the machine moved it between repetitions, the noise its error is read against.
+Needs root (network namespaces); --quick: 2 nodes, two links, short cells, one
+repetition, ~10 min; the whole matrix with 3 repetitions ~2 h.
 --strategies, --links, --nodes run a part of the matrix (its winners then among those
 strategies only); --accuracy-seconds 0 skips the precision runs. --repredict JSON runs
 nothing: a stored run's cells predicted again from its own measurements.
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,37 +118,65 @@ def run_matrix(args, data_dir: str) -> dict:
             gloo, rpc, bf16 = links_of(link, result)
             for nodes in node_counts:
                 last = {}  # layout -> its profile, while no cell has run since it was taken
+                runs: dict[str, list[dict]] = {strategy: [] for strategy in args.strategies}
+                for rep in range(args.reps):  # interleaved: every strategy once, then again
+                    for strategy in args.strategies:
+                        setup, layout = Setup(strategy, nodes), layout_of(strategy)
+                        profiled = Setup("sync" if layout == "data" else strategy, nodes)
+                        before = last.get(layout) or pinned_compute_s(profiled, data_dir, steps, reps)
+                        guess = predict(setup, before["s_per_example"], gloo, param_bytes, activation_bytes, cut,
+                                        rpc, before["backward_share"], bf16)
+                        period = LOCAL_SGD_PERIOD if strategy == "local-sgd" else 1
+                        steps_run, log_every = cell_steps(guess.step_s, 2 if args.quick else 3, args.quick, period)
+                        measured = run_cell(setup, link, data_dir, Path(tmp, f"{strategy}-{nodes}-{link}-{rep}"),
+                                            steps_run, log_every, warmup_steps=log_every)
+                        after = pinned_compute_s(profiled, data_dir, steps, reps)
+                        last = {layout: after}
+                        run = {"strategy": strategy, "nodes": nodes, "cluster_nodes": setup.cluster_nodes,
+                               "link": link, "rate_bps": rate, "rep": rep, "steps": steps_run,
+                               "log_every": log_every,
+                               "compute_s_per_example": (before["s_per_example"] + after["s_per_example"]) / 2,
+                               "backward_share": (before["backward_share"] + after["backward_share"]) / 2,
+                               "compute": {"before": before, "after": after}, "measured": asdict(measured)}
+                        run["error"] = predict_cell(run, gloo, rpc, bf16, param_bytes, activation_bytes,
+                                                    cut).images_per_sec / measured.images_per_sec - 1
+                        runs[strategy].append(run)
+                        print(f"  {nodes} nodes {strategy:>9} (repetition {rep + 1} of {args.reps}): measured "
+                              f"{measured.images_per_sec:7.1f} img/s ({100 * run['error']:+.0f}% predicted), comm "
+                              f"{100 * measured.comm_fraction:.0f}%, {measured.bytes_per_step / 1e6:.2f} "
+                              f"MB/step/worker; {run['compute_s_per_example'] * 1e3:.2f} ms/example "
+                              f"({before['s_per_example'] * 1e3:.2f} before, {after['s_per_example'] * 1e3:.2f} "
+                              f"after); {measured.wall_s:.0f} s", flush=True)
                 for strategy in args.strategies:
-                    setup, layout = Setup(strategy, nodes), layout_of(strategy)
-                    profiled = Setup("sync" if layout == "data" else strategy, nodes)
-                    before = last.get(layout) or pinned_compute_s(profiled, data_dir, steps, reps)
-                    guess = predict(setup, before["s_per_example"], gloo, param_bytes, activation_bytes, cut, rpc,
-                                    before["backward_share"], bf16)
-                    period = LOCAL_SGD_PERIOD if strategy == "local-sgd" else 1
-                    steps_run, log_every = cell_steps(guess.step_s, 2 if args.quick else 3, args.quick, period)
-                    measured = run_cell(setup, link, data_dir, Path(tmp, f"{strategy}-{nodes}-{link}"), steps_run,
-                                        log_every, warmup_steps=log_every)
-                    after = pinned_compute_s(profiled, data_dir, steps, reps)
-                    last = {layout: after}
-                    cell = {"strategy": strategy, "nodes": nodes, "cluster_nodes": setup.cluster_nodes,
-                            "link": link, "rate_bps": rate, "steps": steps_run, "log_every": log_every,
-                            "compute_s_per_example": (before["s_per_example"] + after["s_per_example"]) / 2,
-                            "backward_share": (before["backward_share"] + after["backward_share"]) / 2,
-                            "compute": {"before": before, "after": after}, "measured": asdict(measured)}
+                    cell = median_cell(runs[strategy])
                     predicted = predict_cell(cell, gloo, rpc, bf16, param_bytes, activation_bytes, cut)
                     cell.update({"predicted": asdict(predicted),
                                  "predicted_comm_fraction": predicted.exposed_comm_s / predicted.step_s,
-                                 "error": predicted.images_per_sec / measured.images_per_sec - 1})
+                                 "error": predicted.images_per_sec / cell["measured"]["images_per_sec"] - 1})
                     result["cells"].append(cell)
-                    print(f"  {nodes} nodes {strategy:>9}: measured {measured.images_per_sec:7.1f} img/s, "
-                          f"predicted {predicted.images_per_sec:7.1f} ({100 * cell['error']:+.0f}%), comm "
-                          f"{100 * measured.comm_fraction:.0f}% (predicted exposed "
-                          f"{100 * cell['predicted_comm_fraction']:.0f}%), "
-                          f"{measured.bytes_per_step / 1e6:.2f} MB/step/worker; "
-                          f"{cell['compute_s_per_example'] * 1e3:.2f} ms/example "
-                          f"({before['s_per_example'] * 1e3:.2f} before, {after['s_per_example'] * 1e3:.2f} after); "
-                          f"{measured.wall_s:.0f} s", flush=True)
+                    print(f"  {nodes} nodes {strategy:>9}: measured {cell['measured']['images_per_sec']:7.1f} "
+                          f"img/s (median of {args.reps}, spread {100 * cell['spread']:.0f}%), predicted "
+                          f"{predicted.images_per_sec:7.1f} ({100 * cell['error']:+.0f}%), comm "
+                          f"{100 * cell['measured']['comm_fraction']:.0f}% (predicted exposed "
+                          f"{100 * cell['predicted_comm_fraction']:.0f}%)", flush=True)
     return result
+
+
+def median_cell(runs: list[dict]) -> dict:
+    """One cell from its repetitions: the median of each measured rate and of the compute
+    profiled around them (what the cell is predicted from), the repetitions kept, and the
+    spread, max / min - 1 of the measured images/sec: how far the machine moved the cell
+    between repetitions, to read its error against."""
+    rates = [r["measured"]["images_per_sec"] for r in runs]
+    first = runs[0]
+    return {**{k: first[k] for k in ("strategy", "nodes", "cluster_nodes", "link", "rate_bps", "steps", "log_every")},
+            "compute_s_per_example": statistics.median(r["compute_s_per_example"] for r in runs),
+            "backward_share": statistics.median(r["backward_share"] for r in runs),
+            "measured": {"images_per_sec": statistics.median(rates),
+                         "comm_fraction": statistics.median(r["measured"]["comm_fraction"] for r in runs),
+                         "bytes_per_step": statistics.mean(r["measured"]["bytes_per_step"] for r in runs),
+                         "wall_s": sum(r["measured"]["wall_s"] for r in runs)},
+            "spread": max(rates) / min(rates) - 1, "repetitions": runs}
 
 
 def links_of(link: str, result: dict):
@@ -254,16 +287,19 @@ def accuracy_runs(args, data_dir: str, cells: list[dict]) -> list[dict]:
 
 
 def table(result: dict) -> str:
-    lines = [f"{'nodes':>5} {'link':>8} {'strategy':>9} {'measured':>9} {'predicted':>9} {'error':>6} "
+    lines = [f"{'nodes':>5} {'link':>8} {'strategy':>9} {'measured':>9} {'spread':>6} {'predicted':>9} {'error':>6} "
              f"{'comm% meas':>10} {'comm% pred':>10} {'MB/step':>8}"]
     for c in result["cells"]:
+        spread = f"{100 * c['spread']:.0f}%" if "spread" in c else "-"
         lines.append(f"{c['nodes']:>5} {c['link']:>8} {c['strategy']:>9} {c['measured']['images_per_sec']:>9.1f} "
-                     f"{c['predicted']['images_per_sec']:>9.1f} {100 * c['error']:>+5.0f}% "
+                     f"{spread:>6} {c['predicted']['images_per_sec']:>9.1f} {100 * c['error']:>+5.0f}% "
                      f"{100 * c['measured']['comm_fraction']:>10.0f} {100 * c['predicted_comm_fraction']:>10.0f} "
                      f"{c['measured']['bytes_per_step'] / 1e6:>8.2f}")
     within = sum(abs(c["error"]) <= TARGET for c in result["cells"])
-    lines.append(f"images/sec of all workers; planner within {100 * TARGET:.0f}% in {within} of "
-                 f"{len(result['cells'])} cells")
+    noisy = sum(c.get("spread", 0.0) > TARGET for c in result["cells"])
+    lines.append(f"images/sec of all workers (median of {result.get('reps', 1)} interleaved repetitions; spread: "
+                 f"their max / min - 1); planner within {100 * TARGET:.0f}% in {within} of {len(result['cells'])} "
+                 f"cells; {noisy} cells spread more than {100 * TARGET:.0f}% between repetitions")
     lines += [winner_line(w) + ("" if w["agree"] else "  (DIFFERENT)") for w in result["winners"]]
     return "\n".join(lines)
 
@@ -319,6 +355,8 @@ def main() -> None:
                         help=f"comma-separated, of {', '.join(LINKS)} (default: all; quick: unshaped,50mbit)")
     parser.add_argument("--nodes", type=lambda text: tuple(int(n) for n in choices(text, ("2", "4"), "--nodes")),
                         default=None, help="comma-separated node counts, of 2, 4 (default: both; quick: 2)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="interleaved repetitions of each cell, whose median it reports (default: 3; quick: 1)")
     parser.add_argument("--repredict", type=Path, default=None, metavar="JSON",
                         help="run nothing: predict a stored run's cells again with this tree's model, from its own "
                              "measurements (no root needed)")
@@ -328,12 +366,16 @@ def main() -> None:
         return
     if args.accuracy_seconds is None:
         args.accuracy_seconds = 30.0 if args.quick else 180.0
+    if args.reps is None:
+        args.reps = 1 if args.quick else 3
+    if args.reps < 1:
+        parser.error(f"--reps must be 1 or more, got {args.reps}")
     check_rights()
     data_dir, generated = benchmark_data(args.data)
     out_dir = Path(args.out_dir)
     load_before, started = os.getloadavg(), time.monotonic()
     result = {"benchmark": "interconnect", "environment": environment(), "quick": args.quick, "data": data_dir,
-              "generated_data": generated, "global_batch": GLOBAL_BATCH, "target_error": TARGET,
+              "generated_data": generated, "global_batch": GLOBAL_BATCH, "target_error": TARGET, "reps": args.reps,
               "command": " ".join(["benchmarks/interconnect.py", *sys.argv[1:]])}
     result.update(run_matrix(args, data_dir))
     result["winners"] = winners(result["cells"])

@@ -143,3 +143,32 @@ def test_a_stored_run_is_predicted_again_from_its_own_measurements(tmp_path, cap
     path.write_text(json.dumps({**run, "environment": {"cores": 8}}))
     with pytest.raises(SystemExit, match="measured on 8 cores, this process has 2"):
         repredict(path)
+
+
+def test_a_cell_is_the_median_of_its_repetitions_with_their_spread():
+    """--reps: a cell's measured rates and the compute it is predicted from are the medians
+    of its repetitions (each kept), its spread max / min - 1 of their images/sec, and the
+    table counts the cells whose spread exceeds the planner's allowed error."""
+    bench = benchmark_script("interconnect")
+
+    def rep(i, rate, compute, comm):
+        return {"strategy": "sync", "nodes": 2, "cluster_nodes": 2, "link": "1gbit", "rate_bps": 10 ** 9, "rep": i,
+                "steps": 40, "log_every": 10, "compute_s_per_example": compute, "backward_share": 0.6 + i / 100,
+                "measured": {"images_per_sec": rate, "comm_fraction": comm, "bytes_per_step": 4e6 + i,
+                             "wall_s": 20.0}}
+    runs = [rep(0, 1200.0, 7e-4, 0.5), rep(1, 1000.0, 9e-4, 0.4), rep(2, 1500.0, 8e-4, 0.6)]
+    cell = bench.median_cell(runs)
+    assert cell["measured"]["images_per_sec"] == 1200.0
+    assert cell["measured"]["comm_fraction"] == 0.5
+    assert cell["measured"]["bytes_per_step"] == 4e6 + 1
+    assert cell["measured"]["wall_s"] == 60.0
+    assert cell["compute_s_per_example"] == 8e-4 and cell["backward_share"] == 0.61
+    assert cell["spread"] == 0.5 and cell["repetitions"] == runs
+    assert (cell["strategy"], cell["nodes"], cell["link"]) == ("sync", 2, "1gbit")
+    quiet = {**cell, "spread": 0.1}
+    for c, error in ((cell, 0.2), (quiet, 0.05)):
+        c.update({"error": error, "predicted": {"images_per_sec": 1200.0 * (1 + error)},
+                  "predicted_comm_fraction": 0.3})
+    text = bench.table({"cells": [cell, quiet], "winners": [], "reps": 3})
+    assert "median of 3 interleaved repetitions" in text
+    assert "planner within 15% in 1 of 2 cells; 1 cells spread more than 15% between repetitions" in text
