@@ -49,8 +49,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from multitower.bench.calibrate import calibrated_link
-from multitower.bench.interconnect import GLOBAL_BATCH, LOCAL_SGD_PERIOD, PIPELINE_STAGES, STRATEGIES, Setup, \
-    calibrate_link, calibrate_rpc, pinned_compute_s, predict, run_cell, trained_wall_s
+from multitower.bench.interconnect import GLOBAL_BATCH, LOCAL_SGD_PERIOD, PIPELINE_STAGES, STRATEGIES, CellFailed, \
+    Setup, calibrate_link, calibrate_rpc, pinned_compute_s, predict, run_cell, trained_wall_s
 from multitower.bench.measure import benchmark_data, environment, write_json
 from multitower.cluster.network import check_rights, parse_rate
 from multitower.plan import model_bytes, pipeline_cut
@@ -105,7 +105,7 @@ def run_matrix(args, data_dir: str) -> dict:
     node_counts = args.nodes or ((2,) if args.quick else (2, 4))
     samples = 3 if args.quick else 5
     result = {"param_bytes": param_bytes, "activation_bytes_per_example": activation_bytes, "pipeline_cut": cut,
-              "calibrations": {}, "bf16_calibrations": {}, "rpc_calibrations": {}, "cells": []}
+              "calibrations": {}, "bf16_calibrations": {}, "rpc_calibrations": {}, "cells": [], "failures": []}
     steps, reps = (5, 3) if args.quick else (10, 5)
     with tempfile.TemporaryDirectory(prefix="multitower-interconnect-") as tmp:
         for link in links:
@@ -128,8 +128,10 @@ def run_matrix(args, data_dir: str) -> dict:
                                         rpc, before["backward_share"], bf16)
                         period = LOCAL_SGD_PERIOD if strategy == "local-sgd" else 1
                         steps_run, log_every = cell_steps(guess.step_s, 2 if args.quick else 3, args.quick, period)
-                        measured = run_cell(setup, link, data_dir, Path(tmp, f"{strategy}-{nodes}-{link}-{rep}"),
-                                            steps_run, log_every, warmup_steps=log_every)
+                        name = f"{strategy}-{nodes}-{link}-{rep}"
+                        measured = cell_run(result, args.out_dir, name, lambda run_dir: run_cell(
+                            setup, link, data_dir, run_dir, steps_run, log_every, warmup_steps=log_every),
+                            Path(tmp, name))
                         after = pinned_compute_s(profiled, data_dir, steps, reps)
                         last = {layout: after}
                         run = {"strategy": strategy, "nodes": nodes, "cluster_nodes": setup.cluster_nodes,
@@ -160,6 +162,25 @@ def run_matrix(args, data_dir: str) -> dict:
                           f"{100 * cell['measured']['comm_fraction']:.0f}% (predicted exposed "
                           f"{100 * cell['predicted_comm_fraction']:.0f}%)", flush=True)
     return result
+
+
+def cell_run(result: dict, out_dir: str, name: str, run, run_dir: Path):
+    """run(run_dir), and once more in a new run dir should the job fail: a cell that fails
+    now and then would otherwise end an hour's run. Each failure's whole output is kept
+    (OUT_DIR/failed-NAME-K.log) and listed in the result's "failures"; a second one ends the
+    benchmark."""
+    for attempt in range(2):
+        try:
+            return run(run_dir.with_name(f"{run_dir.name}-again") if attempt else run_dir)
+        except CellFailed as failure:
+            log = Path(out_dir, f"failed-{name}-{attempt}.log")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(failure.output)
+            result.setdefault("failures", []).append({"cell": name, "attempt": attempt, "line": str(failure),
+                                                       "log": str(log)})
+            print(f"  {failure} (its output: {log}){'; once more' if not attempt else ''}", flush=True)
+            if attempt:
+                raise
 
 
 def median_cell(runs: list[dict]) -> dict:
@@ -301,6 +322,7 @@ def table(result: dict) -> str:
                  f"their max / min - 1); planner within {100 * TARGET:.0f}% in {within} of {len(result['cells'])} "
                  f"cells; {noisy} cells spread more than {100 * TARGET:.0f}% between repetitions")
     lines += [winner_line(w) + ("" if w["agree"] else "  (DIFFERENT)") for w in result["winners"]]
+    lines += [f"failed, then run again: {f['cell']}: {f['line']} ({f['log']})" for f in result.get("failures", [])]
     return "\n".join(lines)
 
 

@@ -172,3 +172,31 @@ def test_a_cell_is_the_median_of_its_repetitions_with_their_spread():
     text = bench.table({"cells": [cell, quiet], "winners": [], "reps": 3})
     assert "median of 3 interleaved repetitions" in text
     assert "planner within 15% in 1 of 2 cells; 1 cells spread more than 15% between repetitions" in text
+
+
+def test_a_failed_cell_is_kept_and_run_once_more_and_a_second_failure_ends_the_run(tmp_path):
+    """A cell's failing job: its whole output is written beside the JSON and listed in the
+    result's failures, the cell runs once more in a new run dir; failing again ends it."""
+    import pytest
+    from multitower.bench.interconnect import CellFailed
+    bench = benchmark_script("interconnect")
+    dirs = []
+
+    def flaky(run_dir):
+        dirs.append(run_dir.name)
+        if len(dirs) == 1:
+            raise CellFailed("sync on 2 nodes over 1gbit failed: RendezvousConnectionError", "the job's output\n")
+        return "measured"
+    result = {"failures": []}
+    assert bench.cell_run(result, str(tmp_path), "sync-2-1gbit-0", flaky, tmp_path / "run") == "measured"
+    assert dirs == ["run", "run-again"]
+    [failure] = result["failures"]
+    assert failure["cell"] == "sync-2-1gbit-0" and failure["attempt"] == 0
+    assert "RendezvousConnectionError" in failure["line"]
+    assert (tmp_path / "failed-sync-2-1gbit-0-0.log").read_text() == "the job's output\n"
+
+    def broken(run_dir):
+        raise CellFailed("pipeline on 2 nodes over 50mbit failed: boom", "out")
+    with pytest.raises(CellFailed, match="boom"):
+        bench.cell_run(result, str(tmp_path), "pipeline-2-50mbit-1", broken, tmp_path / "p")
+    assert [f["attempt"] for f in result["failures"]] == [0, 0, 1]

@@ -317,6 +317,14 @@ class Measured:
     """The whole command's seconds, start-up and teardown included."""
 
 
+class CellFailed(UserError):
+    """A cell's job failed: its one line, and the job's whole output to keep."""
+
+    def __init__(self, line: str, output: str):
+        super().__init__(line)
+        self.output = output
+
+
 def run_cell(setup: Setup, link: str, data_dir: str, run_dir: Path, steps: int, log_every: int,
              warmup_steps: int, extra: tuple[str, ...] = ()) -> Measured:
     """`multitower cluster` for the setup on `link`; the log windows after warmup_steps."""
@@ -329,7 +337,8 @@ def run_cell(setup: Setup, link: str, data_dir: str, run_dir: Path, steps: int, 
     wall_s = time.monotonic() - start
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        raise UserError(f"{setup.strategy} on {setup.cluster_nodes} nodes over {link} failed: {last}")
+        raise CellFailed(f"{setup.strategy} on {setup.cluster_nodes} nodes over {link} failed: {last}",
+                         done.stdout + done.stderr)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     kept = [r for r in records if r["step"] > warmup_steps] or records[-1:]
     return Measured(images_per_sec=statistics.median(sum(r["rank_examples_per_sec"]) for r in kept),
