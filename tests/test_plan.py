@@ -121,19 +121,41 @@ def test_pipeline_bubble():
     p = predict_pipeline(work, Cluster(4, 4, free, free), Knobs(stages=4, micro_batches=16))
     assert p.efficiency == pytest.approx(1 - 3 / 19)
     assert predict_pipeline(work, Cluster(6, 8, free, free), Knobs(stages=4)) is None  # 4 stages do not divide 6
-    # Activations of 8 examples x 1 KB: 18 us a boundary, shorter than a stage's forward (0.67
-    # ms), so sends hide behind the next micro-batch's compute: only the first micro-batch's 3
-    # boundaries show, forward and backward; and the input all-gather's 3 latencies (no bytes here).
+    # Activations of 8 examples x 1 KB: 18 us a boundary. A send overlaps its sender's next
+    # micro-batch, not its receiver's (gloo moves the bytes once the receive is posted), so
+    # each receiving stage's pace is a forward (0.67 ms) plus its incoming boundary: the first
+    # micro-batch's 3 boundaries and 15 more, forward and backward; and the input all-gather's
+    # 3 latencies (no bytes here).
     hop = 10e-6 + 8e3 / 1e9
     slow = predict_pipeline(Workload(1e-3, 0.0, 32, 1e3), Cluster(4, 4, GBPS_1, GBPS_1),
                             Knobs(stages=4, micro_batches=16))
-    assert slow.exposed_comm_s == pytest.approx(2 * 3 * hop + 3 * 10e-6)
-    # 100 KB an example: 0.81 ms a boundary, longer than a forward: the link sets the forward's pace.
+    assert slow.exposed_comm_s == pytest.approx(2 * (3 + 15) * hop + 3 * 10e-6)
+    # 100 KB an example: 0.81 ms a boundary; every stage but the first (the last, backward)
+    # receives, so the pace is a boundary plus a stage's compute, each way.
     link_bound = predict_pipeline(Workload(1e-3, 0.0, 32, 1e5), Cluster(4, 4, GBPS_1, GBPS_1),
                                   Knobs(stages=4, micro_batches=16))
     hop, forward, backward = 10e-6 + 8e5 / 1e9, 8e-3 / 4 / 3, 8e-3 / 4 * 2 / 3
-    assert link_bound.step_s == pytest.approx((4 * forward + 3 * hop + 15 * hop) + (4 * backward + 3 * hop + 15 * backward)
-                                              + 3 * 10e-6)
+    assert link_bound.step_s == pytest.approx((4 * forward + 3 * hop + 15 * (hop + forward))
+                                              + (4 * backward + 3 * hop + 15 * (hop + backward)) + 3 * 10e-6)
+
+
+def test_a_pipelines_transfers_hide_behind_the_sender_not_the_receiver():
+    """Stages cut as train cuts cifar10-tf (nearly all compute in stage 0): forward, stage 1
+    receives and its pace is the boundary plus its small forward, under stage 0's own;
+    backward, stage 0 receives, so its pace is the boundary plus its large backward: the
+    transfers of the 3 micro-batches after the first show in full, backward only."""
+    shares, boundary = (0.9, 0.1), 1e5  # bytes an example: 0.81 ms a boundary of 8 examples
+    work = Workload(1e-3, 0.0, 16, stage_compute_shares=shares, stage_param_shares=(0.5, 0.5),
+                    boundary_bytes_per_example=(boundary,))
+    p = predict_pipeline(work, Cluster(2, 1, GBPS_1, GBPS_1), Knobs(stages=2, micro_batches=4))
+    micro = 8 * 1e-3  # 2 stages x 16 examples / 4 micro-batches, at 1 ms an example
+    f0, f1 = (micro * share * (1 - work.backward_fraction) for share in shares)
+    b0, b1 = (micro * share * work.backward_fraction for share in shares)
+    hop = 10e-6 + 8 * boundary / 1e9
+    forward = f0 + hop + f1 + 3 * max(f0, hop + f1)
+    backward = b1 + hop + b0 + 3 * max(b1, hop + b0)
+    assert max(f0, hop + f1) == f0 and max(b1, hop + b0) == hop + b0
+    assert p.step_s == pytest.approx(10e-6 + forward + backward)  # the input all-gather: its latency
 
 
 def test_pipeline_takes_the_stages_train_cuts():
