@@ -176,8 +176,7 @@ def cell_run(result: dict, out_dir: str, name: str, run, run_dir: Path):
             log = Path(out_dir, f"failed-{name}-{attempt}.log")
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text(failure.output)
-            result.setdefault("failures", []).append({"cell": name, "attempt": attempt, "line": str(failure),
-                                                       "log": str(log)})
+            result["failures"].append({"cell": name, "attempt": attempt, "line": str(failure), "log": str(log)})
             print(f"  {failure} (its output: {log}){'; once more' if not attempt else ''}", flush=True)
             if attempt:
                 raise

@@ -363,8 +363,10 @@ def predict_pipeline(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> P
         return host_exposed_s(wire, nbytes * act_link.cpu_s_per_byte * cluster.cores_shared_by, 0.0)
     hops = [transfer_s(b * examples_per_micro) for b in boundaries]
     gather_s = (s - 1) * transfer_s(w.input_bytes_per_example * w.batch_per_device)  # ring all-gather
-    compute_s = _chain_s(forward_s, [0.0] * (s - 1), m) + _chain_s(backward_s, [0.0] * (s - 1), m)
-    pipe_s = _chain_s(forward_s, hops, m) + _chain_s(backward_s[::-1], hops[::-1], m)  # backward: S-1 .. 0
+    def phases_s(transfers: list[float]) -> float:  # forward 0 .. S-1, then backward S-1 .. 0
+        return _chain_s(forward_s, transfers, m) + _chain_s(backward_s[::-1], transfers[::-1], m)
+    compute_s = phases_s([0.0] * (s - 1))
+    pipe_s = phases_s(hops)
     # One stage's replicas: devices_per_node // S of them share a node (1 when a replica spans nodes).
     local = max(1, min(replicas, cluster.devices_per_node // s))
     nodes = math.ceil(replicas / local)
