@@ -77,6 +77,7 @@ def torchrun_run(synth_dir, tmp_path_factory) -> Path:
     """8 steps under torchrun with 2 processes: config.json says --workers 1, WORLD_SIZE was 2."""
     run_dir = tmp_path_factory.mktemp("runs") / "torchrun"
     trained = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              "--log-dir", str(run_dir.parent / "torchrun-logs"),  # else a /tmp/torchelastic_*
                               "-m", "multitower", "train", "--data", str(synth_dir), "--run-dir", str(run_dir),
                               "--steps", "8", "--batch-size", "32", "--log-every", "2", "--summary-every", "0",
                               "--progress", "off"], capture_output=True, text=True, timeout=300)

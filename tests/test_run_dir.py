@@ -4,12 +4,16 @@ leaves behind is cleaned up: the lock, the resume rules, leftovers, early refusa
 import json
 import os
 import signal
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
 from helpers import (children_of, error_lines, metrics, multitower, start_multitower, status, still_running,
                      wait_for_step)
 from multitower.cli import main
+from multitower.launch import AgentLogDir
 from multitower.train.checkpoint import CheckpointDir
 from multitower.train.run_dir import RunDirLock, is_locked, run_state
 
@@ -22,10 +26,14 @@ def train_args(synth_dir, run_dir, steps, *extra):
 
 def test_a_second_train_on_a_busy_run_directory_is_refused(synth_dir, tmp_path):
     run_dir = tmp_path / "run"
-    first = start_multitower(*train_args(synth_dir, run_dir, 2000, "--workers", "2", "--summary-every", "0"))
+    temp = tmp_path / "tmp"  # the launchers' temporary folder, to see what they leave there
+    temp.mkdir()
+    env = {"TMPDIR": str(temp)}
+    first = start_multitower(*train_args(synth_dir, run_dir, 2000, "--workers", "2", "--summary-every", "0"),
+                             env=env)
     try:
         wait_for_step(first, run_dir, 10)
-        second = multitower(*train_args(synth_dir, run_dir, 3000, "--resume"))
+        second = multitower(*train_args(synth_dir, run_dir, 3000, "--resume"), env=env)
         lines = error_lines(second.stderr)
         assert second.returncode == 2 and len(lines) == 1, second.stderr
         assert lines[0].startswith(f"multitower: error: {run_dir} is in use by another multitower train "
@@ -43,9 +51,16 @@ def test_a_second_train_on_a_busy_run_directory_is_refused(synth_dir, tmp_path):
     # The workers die with their launcher (torch sets their parent-death signal, SIGINT):
     # rank 0 says "interrupted" if it could, else a "running" that nobody holds reads "stopped".
     assert run_state(run_dir) in ("interrupted", "stopped")
+    # The killed launcher could not remove its agent's folder; the next launch does, once
+    # it is older than a live launcher's unlocked first moments.
+    [left] = [p for p in temp.iterdir()]
+    assert left.name.startswith(AgentLogDir.PREFIX), left
+    old = time.time() - AgentLogDir.MIN_AGE_S - 1
+    os.utime(left, (old, old))
     end = CheckpointDir(run_dir / "checkpoints").latest_step() + 20
-    resumed = multitower(*train_args(synth_dir, run_dir, end, "--resume", "--workers", "2"))
+    resumed = multitower(*train_args(synth_dir, run_dir, end, "--resume", "--workers", "2"), env=env)
     assert resumed.returncode == 0, resumed.stderr
+    assert not list(temp.iterdir()), "the launchers left folders behind"
     # One writer at a time: the records rise, drop once where the resume went back to the
     # newest checkpoint, and rise again to the end.
     steps = [r["step"] for r in metrics(run_dir)]
@@ -55,7 +70,6 @@ def test_a_second_train_on_a_busy_run_directory_is_refused(synth_dir, tmp_path):
 
 
 def wait_until_unlocked(run_dir, timeout_s=30):
-    import time
     deadline = time.monotonic() + timeout_s
     while is_locked(run_dir):
         assert time.monotonic() < deadline, "the killed job's lock was never released"
@@ -131,3 +145,25 @@ def test_a_batch_larger_than_the_data_set_is_refused_before_the_run_directory_is
             f"multitower: error: --batch-size 4096 is more than the 2048 training examples of "
             f"{synth_dir.resolve()}; use --batch-size 2048 or less")
         assert not run_dir.exists()
+
+
+def test_a_launch_removes_the_agent_folders_of_launchers_that_are_gone_and_no_others(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    old = time.time() - AgentLogDir.MIN_AGE_S - 1
+    dead = tmp_path / f"{AgentLogDir.PREFIX}dead"  # its launcher was SIGKILLed: nobody holds it
+    (dead / "run-id" / "attempt_0" / "0").mkdir(parents=True)
+    young = tmp_path / f"{AgentLogDir.PREFIX}young"  # made, not yet locked, by a launcher starting
+    young.mkdir()
+    live = AgentLogDir()  # a launcher running: its folder is locked
+    other = tmp_path / "torchelastic_abc"  # not ours
+    other.mkdir()
+    for path in (dead, Path(live.path), other):
+        os.utime(path, (old, old))
+    try:
+        mine = AgentLogDir()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [young.name, Path(live.path).name, Path(mine.path).name, other.name])
+        mine.remove()
+    finally:
+        live.remove()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([young.name, other.name])

@@ -165,8 +165,9 @@ def test_two_nodes_through_torchrun(synth_dir, tmp_path):
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
          "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
-         "--local-addr", "127.0.0.1", "-m", "multitower", *train_args(synth_dir, run_dir, 10)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+         "--local-addr", "127.0.0.1", "--log-dir", str(tmp_path / f"torchrun-{node}"),  # else /tmp/torchelastic_*
+         "-m", "multitower", *train_args(synth_dir, run_dir, 10)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in range(2)]
     outputs = [node.communicate(timeout=300) for node in nodes]
     for node, (out, err) in zip(nodes, outputs):
         assert node.returncode == 0, err

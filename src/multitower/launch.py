@@ -9,6 +9,7 @@ the launcher's environment (RANK, WORLD_SIZE, ...) and runs as one worker direct
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ import threading
 import socket
 import sys
 import tempfile
+import time
 import traceback
 import uuid
 from pathlib import Path
@@ -192,17 +194,14 @@ def _launch(cfg: Config, given: dict | None) -> dict:
     # (Registering the same creator again is a no-op.)
     rendezvous_handler_registry.register(LOOPBACK_C10D, _loopback_c10d_handler)
     _worker_stores.clear()  # a previous launch's stores (and their listening sockets) go
-    # The agent's per-attempt directories (the workers' error.json files, read into
-    # ChildFailedError): left alone, torch makes a /tmp/torchelastic_* for every job and
-    # never removes it; ours goes when the job is over.
-    log_dir = tempfile.mkdtemp(prefix="multitower-launch-")
+    log_dir = AgentLogDir()
     launch_config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=processes(cfg.parallel),
         run_id=f"multitower-{uuid.uuid4().hex[:8]}",
         rdzv_backend=LOOPBACK_C10D, rdzv_endpoint=f"127.0.0.1:{rendezvous_store.port}",
         rdzv_configs={"timeout": 120}, local_addr="127.0.0.1",
         max_restarts=cfg.parallel.max_restarts, monitor_interval=0.5, start_method="spawn",
-        shutdown_timeout=SHUTDOWN_S, logs_specs=DefaultLogsSpecs(log_dir=log_dir))
+        shutdown_timeout=SHUTDOWN_S, logs_specs=DefaultLogsSpecs(log_dir=log_dir.path))
     reaper = FrozenWorkerReaper(processes(cfg.parallel), cfg.parallel.max_restarts)
     try:
         results = elastic_launch(launch_config, worker_main)(cfg.to_json(), given)
@@ -218,8 +217,53 @@ def _launch(cfg: Config, given: dict | None) -> dict:
                           f"({cfg.run.run_dir})", int(exc.sigval)) from None
     finally:
         reaper.close()
-        shutil.rmtree(log_dir, ignore_errors=True)
+        log_dir.remove()
     return results[0]
+
+
+class AgentLogDir:
+    """The agent's per-attempt folders (the workers' error.json files, read into
+    ChildFailedError). Left alone, torch makes a /tmp/torchelastic_* for every job and
+    never removes it. Ours is removed when the job ends; a launcher killed with SIGKILL
+    cannot, so each launch first removes the folders of launchers that are gone. Owning
+    launchers hold an flock on their folder, which the kernel drops when they die."""
+
+    PREFIX = "multitower-launch-"
+    # mkdtemp and flock are two calls: a folder this young may be a live launcher's
+    # that has not locked it yet.
+    MIN_AGE_S = 60.0
+
+    def __init__(self) -> None:
+        self.remove_stale()
+        self.path = tempfile.mkdtemp(prefix=self.PREFIX)
+        self._fd = os.open(self.path, os.O_RDONLY)  # not inherited by the workers (PEP 446)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._fd)
+
+    @classmethod
+    def remove_stale(cls, folder: str | None = None) -> list[str]:
+        """Remove the launch folders under `folder` (the temp dir) that no live launcher
+        holds and that are older than MIN_AGE_S. Returns those removed."""
+        removed = []
+        for path in Path(folder or tempfile.gettempdir()).glob(cls.PREFIX + "*"):
+            try:
+                if time.time() - path.stat().st_mtime < cls.MIN_AGE_S:
+                    continue
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue  # removed meanwhile, or not ours to open
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its launcher is alive
+            finally:
+                os.close(fd)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+        return removed
 
 
 class FrozenWorkerReaper:
