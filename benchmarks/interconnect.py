@@ -212,7 +212,9 @@ def say_calibrations(link: str, result: dict) -> None:
     """Print `link`'s calibrations as the run measured them."""
     def line(c: dict, overlap: bool = True) -> str:
         return (f"alpha {c['latency_us']:.0f} us, beta {c['bandwidth_gbps']:.3f} Gbit/s, {c['cpu_ns_per_byte']:.2f} "
-                f"ns CPU/byte" + (f", overlap {c['overlap_efficiency']:.2f}" if overlap else ""))
+                f"ns CPU/byte" + (f", overlap {c['overlap_efficiency']:.2f}" if overlap else "")
+                + (f", {c['beside_cpu_s_per_byte'] * 1e9:.2f} ns/byte lost by compute beside it"
+                   if c.get("beside_cpu_s_per_byte") is not None else ""))
     print(f"{link}: gloo: {line(result['calibrations'][link])}; rpc (no overlap timed): "
           f"{line(result['rpc_calibrations'][link], overlap=False)}", flush=True)
     if link in result["bf16_calibrations"]:

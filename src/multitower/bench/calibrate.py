@@ -9,7 +9,11 @@ call (all its threads: gloo's, and the kernel's TCP work done on its behalf) ove
 it sends gives the link's cpu_s_per_byte: what communication takes from the compute cores.
 One message size (OVERLAP_BYTES) is all-reduced again with each rank's core idle and with
 it computing (a thread of matrix products beside the all-reduce, as backward runs beside
-DDP's), in turn: idle over busy time is the link's overlap_efficiency.
+DDP's), in turn: idle over busy time is the link's overlap_efficiency. The products done
+beside the busy all-reduce, against as many seconds of them alone just after, give the
+compute the transfer took from the core, per byte sent: the link's beside_cpu_s_per_byte
+(over shaped links about twice its CPU time: gloo's thread wakes for every few packets on
+a core the compute holds).
 
 With hook="bf16" each call is what DDP's bf16_compress_hook does to a gradient bucket (sync
 --grad-compression bf16): the float32 bucket cast to bfloat16 and divided by the ranks, that
@@ -110,6 +114,9 @@ class _BusyCore:
                 continue
             for _ in range(8):
                 torch.mm(a, a)
+                self.products += 1  # one thread writes it; readers take differences
+
+    products = 0  # matrix products done so far: the compute's progress
 
     def __enter__(self) -> "_BusyCore":
         self._thread.start()
@@ -123,17 +130,29 @@ class _BusyCore:
 def _time_overlap(message: _Message, samples: int) -> dict:
     """Median seconds of one all-reduce of `message` with this rank's core idle and busy
     (_BusyCore), the two alternating (both ranks in the same state, a barrier between)."""
-    idle, busy = [], []
+    idle, busy, lost = [], [], []
     with _BusyCore() as core:
         for sample in range(samples):
             for computing in ((False, True) if sample % 2 == 0 else (True, False)):
                 (core.busy.set if computing else core.busy.clear)()
                 dist.barrier()
-                start = time.perf_counter()
+                start, products = time.perf_counter(), core.products
                 message.all_reduce()
-                (busy if computing else idle).append(time.perf_counter() - start)
+                took = time.perf_counter() - start
+                (busy if computing else idle).append(took)
+                if computing:
+                    # The compute's pace beside the all-reduce against its pace alone just
+                    # after, as long: the compute seconds the transfer took from the core.
+                    beside = (core.products - products) / took
+                    start, products = time.perf_counter(), core.products
+                    time.sleep(took)
+                    alone = (core.products - products) / (time.perf_counter() - start)
+                    if alone > 0:
+                        lost.append(took * max(0.0, 1 - beside / alone))
+                    dist.barrier()  # the other rank's pause ends too: no traffic while either measures alone
         core.busy.clear()
-    return {"overlap_idle_s": statistics.median(idle), "overlap_busy_s": statistics.median(busy)}
+    return {"overlap_idle_s": statistics.median(idle), "overlap_busy_s": statistics.median(busy),
+            **({"overlap_compute_lost_s": statistics.median(lost)} if lost else {})}
 
 
 def _worker(rank: int, world_size: int, store_path: str, sizes: list[int], samples: int, out_path: str,
@@ -177,6 +196,17 @@ def cpu_per_byte(timings: dict[int, dict], world_size: int = 2) -> float:
     return statistics.median(rates) if rates else 0.0
 
 
+def beside_cpu_per_byte(timings: dict[int, dict], world_size: int = 2) -> float | None:
+    """Link.beside_cpu_s_per_byte from _time_overlap's figures: the compute seconds the
+    all-reduce took from its rank's busy core, over the bytes the rank sent; None where
+    none were timed."""
+    timed = [(m, t) for m, t in timings.items() if "overlap_compute_lost_s" in t]
+    if not timed:
+        return None
+    nbytes, figures = timed[0]
+    return figures["overlap_compute_lost_s"] / ring_bytes_per_rank(nbytes, world_size)
+
+
 def overlap_efficiency(timings: dict[int, dict]) -> float:
     """Link.overlap_efficiency from _time_overlap's figures (idle over busy seconds, at most
     1); 1.0 where none were timed."""
@@ -202,6 +232,7 @@ def measure_allreduce(sizes: list[int] = MESSAGE_BYTES, samples: int = 5, world_
     cpu_s_per_byte = cpu_per_byte(timings, world_size)
     return {"backend": "gloo", "transport": "loopback", "world_size": world_size,
             "alpha_s": alpha, "beta_Bps": beta, "cpu_s_per_byte": cpu_s_per_byte,
+            "beside_cpu_s_per_byte": beside_cpu_per_byte(timings, world_size),
             "overlap_efficiency": overlap_efficiency(timings),
             "latency_us": alpha * 1e6, "bandwidth_gbps": beta * 8 / 1e9, "cpu_ns_per_byte": cpu_s_per_byte * 1e9,
             "samples": [{"bytes": m, "median_s": timings[m]["median_s"], "fitted_s": f,
@@ -213,9 +244,12 @@ def measure_allreduce(sizes: list[int] = MESSAGE_BYTES, samples: int = 5, world_
 
 def calibrated_link(name: str, calibration: dict) -> Link:
     """The Link a calibration (measure_allreduce's dict, or bench/interconnect's) measured.
-    cpu_s_per_byte, overlap_efficiency: absent from files written before they were measured."""
+    cpu_s_per_byte, overlap_efficiency, beside_cpu_s_per_byte: absent from files written
+    before they were measured."""
+    beside = calibration.get("beside_cpu_s_per_byte")
     return Link(name, float(calibration["beta_Bps"]), float(calibration["alpha_s"]),
-                float(calibration.get("cpu_s_per_byte", 0.0)), float(calibration.get("overlap_efficiency", 1.0)))
+                float(calibration.get("cpu_s_per_byte", 0.0)), float(calibration.get("overlap_efficiency", 1.0)),
+                None if beside is None else float(beside))
 
 
 def link_from_calibration(path: str | Path) -> Link:

@@ -37,6 +37,16 @@ class Link:
     threads wait for cores the compute holds). Measured by a calibration, the same
     all-reduce timed with the cores idle and busy: 0.91-1.00 for gloo between two emulated
     nodes on one core each. 1 where the transfer is offloaded, as for the presets."""
+    beside_cpu_s_per_byte: float | None = None
+    """Compute seconds a rank's cores lose per byte it sends while they compute beside the
+    transfer: its CPU time and what waking its thread on a busy core costs the compute
+    (switches, caches). Measured by a calibration (the busy core's pace beside the
+    all-reduce and alone): about twice cpu_s_per_byte between emulated nodes over links of
+    200 and 50 Mbit/s, as much at 1 Gbit/s. None: cpu_s_per_byte."""
+
+    @property
+    def beside_cpu(self) -> float:
+        return self.cpu_s_per_byte if self.beside_cpu_s_per_byte is None else self.beside_cpu_s_per_byte
 
     @classmethod
     def from_gbps(cls, name: str, gbps: float, latency_us: float) -> "Link":
@@ -174,13 +184,21 @@ def ring_bytes_per_rank(nbytes: float, n: int) -> float:
     return 2 * (n - 1) / n * nbytes if n > 1 else 0.0
 
 
-def host_exposed_s(wire_s: float, cpu_s: float, hideable_s: float, unhideable_share: float = 0.0) -> float:
+def host_exposed_s(wire_s: float, cpu_s: float, hideable_s: float, unhideable_share: float = 0.0,
+                   beside_cpu_s: float | None = None) -> float:
     """What a transfer taking `wire_s` adds to a step: its CPU part `cpu_s` in full (it runs on
     the cores the compute needs), and of the rest its `unhideable_share` in full (sent after
     the compute ends) and what the remainder outlasts `hideable_s` of compute by. With cpu_s =
-    0 (offloaded transfers) and no unhideable share it is the plain overlap max(0, wire - hideable)."""
+    0 (offloaded transfers) and no unhideable share it is the plain overlap max(0, wire - hideable).
+    `beside_cpu_s`: what the whole transfer would take from cores computing beside it
+    (Link.beside_cpu_s_per_byte); the share of the transfer that runs beside the hideable
+    compute costs that much more than its CPU part."""
     rest = max(0.0, wire_s - cpu_s)
-    return cpu_s + rest * unhideable_share + max(0.0, rest * (1 - unhideable_share) - hideable_s)
+    exposed = cpu_s + rest * unhideable_share + max(0.0, rest * (1 - unhideable_share) - hideable_s)
+    duration_s = max(wire_s, cpu_s)
+    if beside_cpu_s is not None and duration_s > 0:
+        exposed += max(0.0, beside_cpu_s - cpu_s) * min(1.0, hideable_s / duration_s)
+    return exposed
 
 
 def hierarchical_allreduce_s(nbytes: float, local: int, nodes: int, intra: Link, inter: Link,
@@ -203,12 +221,16 @@ def cluster_allreduce_s(nbytes: float, cluster: Cluster) -> float:
                                     cluster.inter, cluster.nics_per_node)
 
 
-def cluster_allreduce_cpu_s(nbytes: float, cluster: Cluster) -> float:
+def cluster_allreduce_cpu_s(nbytes: float, cluster: Cluster, beside: bool = False) -> float:
     """Host CPU seconds one rank's cores spend on hierarchical_allreduce_s's all-reduce: the
-    bytes it sends on each leg at that link's cpu_s_per_byte, times the ranks sharing its cores."""
+    bytes it sends on each leg at that link's cpu_s_per_byte (beside: its beside_cpu, what
+    cores computing beside it lose), times the ranks sharing its cores."""
     local, nodes = cluster.local_devices, cluster.nodes
-    inside = ring_bytes_per_rank(nbytes, local) * cluster.intra.cpu_s_per_byte
-    across = ring_bytes_per_rank(nbytes, nodes) / local * cluster.inter.cpu_s_per_byte if nodes > 1 else 0.0
+
+    def per_byte(link: Link) -> float:
+        return link.beside_cpu if beside else link.cpu_s_per_byte
+    inside = ring_bytes_per_rank(nbytes, local) * per_byte(cluster.intra)
+    across = ring_bytes_per_rank(nbytes, nodes) / local * per_byte(cluster.inter) if nodes > 1 else 0.0
     return (inside + across) * cluster.cores_shared_by
 
 
@@ -237,15 +259,18 @@ def predict_sync(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> Predi
     one bucket, the last is an all-reduce of its own after backward, so it pays the link's
     latency once more, in full (2 emulated nodes at 1 Gbit/s: its 0.43 MB took 8.6 ms from
     DDP's handing it over to its completion, where its bytes take 2.9; a throwaway timeline
-    of DDP's hooks, not a command of the repository)."""
+    of DDP's hooks, not a command of the repository). The part of the all-reduce beside
+    backward takes from backward what the link's beside_cpu says, not only its CPU time."""
     compute_s = w.batch_per_device * w.compute_s("sync")
     wire_s = cluster_allreduce_s(w.param_bytes, cluster)
     cpu_s = cluster_allreduce_cpu_s(w.param_bytes, cluster)
+    beside_cpu_s = cluster_allreduce_cpu_s(w.param_bytes, cluster, beside=True)
     link = cluster.inter if cluster.nodes > 1 else cluster.intra
     hideable_s = link.overlap_efficiency * w.backward_fraction * compute_s if knobs.overlap else 0.0
     split = knobs.overlap and 0 < w.last_bucket_share < 1
     last_bucket_latency_s = cluster_allreduce_s(0.0, cluster) if split else 0.0  # latency terms alone
-    exposed = host_exposed_s(wire_s, cpu_s, hideable_s, w.last_bucket_share if knobs.overlap else 0.0)
+    exposed = host_exposed_s(wire_s, cpu_s, hideable_s, w.last_bucket_share if knobs.overlap else 0.0,
+                             beside_cpu_s)
     return _prediction("sync", w, cluster.devices, compute_s, exposed + last_bucket_latency_s,
                        max(wire_s + last_bucket_latency_s, cpu_s))
 

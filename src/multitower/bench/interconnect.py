@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from multitower.bench.calibrate import cpu_per_byte, overlap_efficiency
+from multitower.bench.calibrate import beside_cpu_per_byte, cpu_per_byte, overlap_efficiency
 from multitower.bench.cost_model import Cluster, Knobs, Link, Prediction, Workload, predict_downpour, \
     predict_local_sgd, predict_pipeline, predict_sync
 from multitower.errors import UserError
@@ -126,6 +126,7 @@ def _pair_across_link(rate_bps: int | None, command: str, args_of, what: str) ->
 def _link_result(rate_bps: int | None, alpha: float, beta: float, cpu: float, timings: dict[int, dict],
                  **more) -> dict:
     return {"rate_bps": rate_bps, **more, "alpha_s": alpha, "beta_Bps": beta, "cpu_s_per_byte": cpu,
+            "beside_cpu_s_per_byte": beside_cpu_per_byte(timings),
             "overlap_efficiency": overlap_efficiency(timings),
             "latency_us": alpha * 1e6, "bandwidth_gbps": beta * 8 / 1e9, "cpu_ns_per_byte": cpu * 1e9,
             "samples": [{"bytes": m, **{k: v for k, v in timings[m].items() if k not in ("all_s", "calls")}}
