@@ -81,6 +81,24 @@ def test_a_cpu_transport_costs_the_compute_its_cpu_time():
     assert long.exposed_comm_s == pytest.approx(0.03 + (0.15002 - 0.03 - 0.1 * 2 / 3))
 
 
+def test_the_part_of_a_transfer_beside_backward_costs_the_compute_it_takes():
+    """A core computing beside a transfer loses more than the transfer's CPU time (its thread
+    woken on a busy core): Link.beside_cpu_s_per_byte, here 0.5 ns against 0.2 ns of CPU."""
+    link = Link("gloo over a shaped link", 1e9, 10e-6, cpu_s_per_byte=0.2e-9, beside_cpu_s_per_byte=0.5e-9)
+    # All 50 ms of the transfer run beside backward (66.7 ms): 25 ms lost, not 10.
+    work = Workload(1e-3, 50e6, 100)
+    assert predict_sync(work, flat(2, link), Knobs(overlap=True)).exposed_comm_s == pytest.approx(0.025)
+    # Without the figure (a calibration from before it was measured): its CPU time.
+    old = Link("gloo over a shaped link", 1e9, 10e-6, cpu_s_per_byte=0.2e-9)
+    assert predict_sync(work, flat(2, old), Knobs(overlap=True)).exposed_comm_s == pytest.approx(0.01)
+    # 150 ms on the wire: only the 66.7 ms beside backward cost the extra.
+    long = predict_sync(Workload(1e-3, 150e6, 100), flat(2, link), Knobs(overlap=True))
+    backward = 0.1 * 2 / 3
+    assert long.exposed_comm_s == pytest.approx(0.03 + (0.15002 - 0.03 - backward) + 0.045 * backward / 0.15002)
+    # Local SGD's average runs beside no compute: its CPU time, as before.
+    assert predict_local_sgd(work, flat(2, link), Knobs(local_sgd_period=1)).exposed_comm_s == pytest.approx(0.05002)
+
+
 def test_local_sgd_pays_one_allreduce_per_period():
     work = Workload(1e-3, 50e6, 100)
     p = predict_local_sgd(work, flat(2), Knobs(local_sgd_period=5))
@@ -438,3 +456,10 @@ def test_calibration_on_loopback():
     # The largest size up to 4 MiB is timed again beside a busy core: an efficiency in (0, 1].
     assert one_mib["overlap_idle_s"] > 0 and one_mib["overlap_busy_s"] > 0
     assert 0 < result["overlap_efficiency"] <= 1
+    # And the compute the busy core lost beside it, per byte sent: no more than the call's time.
+    assert 0 <= one_mib["overlap_compute_lost_s"] <= one_mib["overlap_busy_s"]
+    assert result["beside_cpu_s_per_byte"] == pytest.approx(one_mib["overlap_compute_lost_s"] / 2 ** 20)
+    assert calibrated_link("loopback", result).beside_cpu == result["beside_cpu_s_per_byte"]
+    # A calibration from before the figure was measured: the link's CPU time stands in.
+    del result["beside_cpu_s_per_byte"]
+    assert calibrated_link("loopback", result).beside_cpu == result["cpu_s_per_byte"]

@@ -62,6 +62,29 @@ def test_hung_worker_ends_the_job_within_the_timeout_naming_it(synth_dir, tmp_pa
     assert time.monotonic() - start < 90
 
 
+def test_a_worker_stuck_in_its_teardown_after_training_exits_within_the_timeout_saying_where(synth_dir, tmp_path):
+    """Under torchrun (as on every node of a multi-node job), rank 1 never returns from its
+    teardown (the "linger" fault): the run is trained and saved, so after --timeout it ends
+    itself with status 0, its threads' stacks logged. Without the bound torchrun's agent
+    waited for it for ever (across nodes: the other agents 300 s, then the job failed)."""
+    run_dir = tmp_path / "run"
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "--log-dir", str(tmp_path / "torchrun-logs"), "-m", "multitower", "train", "--data", str(synth_dir),
+         "--steps", "10", *ARGS, "--run-dir", str(run_dir), "--timeout", "5", "--progress", "off"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "MULTITOWER_FAULT": "1:0:linger"})
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - start < 90
+    log = run_dir / "logs" / "rank-1.log"
+    assert f"multitower: warning: rank 1: its teardown after training hung for 5 s (every thread's stack: {log}); " \
+           "it exits, its work saved" in result.stderr.splitlines(), result.stderr
+    stacks = log.read_text()
+    assert "still in its teardown 5 s after training ended" in stacks and "in maybe_linger" in stacks, stacks
+    assert CheckpointDir(run_dir / "checkpoints").latest_step() == 10
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+
 # torch.save on a full disk raises RuntimeError from its zip writer (torch 2.13), our own
 # writes OSError: both must end in the same one line.
 FULL_DISK = {"OSError": OSError(28, "No space left on device"),

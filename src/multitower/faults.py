@@ -9,6 +9,8 @@ of that rank injects the fault when it reaches that global step:
   stop   SIGSTOP to itself: the whole process freezes, as under a debugger or a stalled VM
   slow   sleeps after every step from STEP on: a straggler; "RANK:STEP:slow:SECONDS"
          sets the delay per step (default 0.2 s)
+  linger sleeps forever once training is over, before the process group's teardown (a
+         worker that never exits); STEP is not used ("RANK:0:linger")
 Downpour's parameter servers (global ranks workers .. workers + ps - 1) count as their
 "step" the pushes they have applied. Only the first attempt of a job injects it: after an elastic restart
 (attempt.current_attempt() > 0) the run goes on, as after a real one-off fault.
@@ -25,7 +27,7 @@ import time
 from multitower.attempt import current_attempt
 
 _SPEC = os.environ.get("MULTITOWER_FAULT", "")
-KINDS = ("raise", "exit", "kill", "hang", "stop", "slow")
+KINDS = ("raise", "exit", "kill", "hang", "stop", "slow", "linger")
 SLOW_DEFAULT_S = 0.2
 
 
@@ -53,8 +55,15 @@ _FAULT = parse(_SPEC)
 _SLOW_S = _slow_delay_s(_SPEC) if _FAULT is not None and _FAULT[2] == "slow" else 0.0
 
 
+def maybe_linger(rank: int) -> None:
+    """The "linger" fault: called once training is over (train/loop.py)."""
+    if _FAULT is not None and _FAULT[0] == rank and _FAULT[2] == "linger" and current_attempt() == 0:
+        while True:
+            time.sleep(1)
+
+
 def maybe_inject(rank: int, step: int) -> None:
-    if _FAULT is None or _FAULT[0] != rank:
+    if _FAULT is None or _FAULT[0] != rank or _FAULT[2] == "linger":
         return
     if _FAULT[2] == "slow":
         if step >= _FAULT[1] and current_attempt() == 0:

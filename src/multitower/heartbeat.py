@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -115,6 +116,7 @@ class Heartbeat:
         self._store_lost = False  # the store has not answered for --timeout
         self._last_contact = time.monotonic()  # when the store last answered the watching thread
         self._silenced = threading.Lock()  # on_silence runs once, from whichever thread judges first
+        self._teardown: TeardownBound | None = None
 
     @classmethod
     def from_environment(cls, timeout_s: float, on_silence=None) -> "Heartbeat":
@@ -142,6 +144,15 @@ class Heartbeat:
         if self.store is not None:
             self.store.set(f"step/{self.rank}", str(step))
 
+    def bound_teardown(self, bound: "TeardownBound") -> None:
+        """Hold `bound` until this heartbeat's close (or a failing stop): train()'s end."""
+        self._teardown = bound
+
+    def _release_teardown(self) -> None:
+        if self._teardown is not None:
+            self._teardown.release()
+            self._teardown = None
+
     def stop(self, failing: bool = False) -> None:
         """Stop beating; `failing`: say so ("failed"), as this process reports its own
         failure, so that no peer names it as one that fell silent."""
@@ -154,16 +165,20 @@ class Heartbeat:
                 self.store.set(f"alive/{self.rank}", "failed")
             except Exception:  # noqa: BLE001 - the job may be ending around us
                 pass
+        if failing:
+            self._release_teardown()
 
     def close(self) -> None:
         """This process ends normally: stop beating, and say so, so that no one waits for it."""
         if self.store is None:
+            self._release_teardown()
             return
         self.stop()
         try:
             self.store.set(f"alive/{self.rank}", "done")
         except Exception:  # noqa: BLE001 - the job may be ending around us
             pass
+        self._release_teardown()
 
     # -- the watching thread ---------------------------------------------------------------
     def _run(self) -> None:
@@ -323,3 +338,62 @@ def end_with_launcher() -> None:
         [*tie, "sh", "-c", ORPHAN_WATCH, "multitower-orphan-watch", str(os.getppid()), str(ORPHAN_GRACE_S),
          os.environ.get("RANK", "?")],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+
+TEARDOWN_GRACE_S = 60.0  # at most (or --timeout, if shorter): well inside the agents' 300 s exit barrier
+
+
+class TeardownBound:
+    """Training is over and saved; what train() has left (the process group's teardown, the
+    heartbeat's last word to the store) gets min(--timeout, TEARDOWN_GRACE_S). A 4-node
+    cluster job (1 of ~130) trained to its end and then failed: one worker never exited,
+    the other nodes' launchers waited out torch's 300 s exit barrier, and their store went
+    with them (RendezvousConnectionError). Past the grace, every thread's stack goes to
+    RUN_DIR/logs/rank-R.log and the process ends with status 0, its work done, saying so
+    in one line. Where a thread holds the GIL (the hang end_with_launcher met) the Python
+    timer cannot run: faulthandler's own thread then writes the stacks and exits 1.
+    Only in a worker that an elastic agent started as a command (torchrun, `multitower
+    cluster`'s nodes), which only its exit status reports; multitower's own launcher
+    (`train --workers N`) waits for each worker's return value through a multiprocessing
+    queue, so one that ends itself would leave it waiting for ever. Released when train()
+    returns."""
+
+    def __init__(self, run_dir: str | os.PathLike, rank: int, timeout_s: float):
+        self.grace_s = min(timeout_s, TEARDOWN_GRACE_S)
+        self.rank, self.path = rank, Path(run_dir) / "logs" / f"rank-{rank}.log"
+        self._released = threading.Event()
+        self._log = None
+        import multiprocessing
+        if not os.environ.get("TORCHELASTIC_RUN_ID") or multiprocessing.parent_process() is not None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.path, "a")
+        except OSError:
+            return
+        import faulthandler
+        faulthandler.dump_traceback_later(self.grace_s + 5.0, exit=True, file=self._log)
+        threading.Thread(target=self._end, name="multitower-teardown-bound", daemon=True).start()
+
+    def _end(self) -> None:
+        import faulthandler
+        if self._released.wait(self.grace_s):
+            return
+        self._log.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} pid {os.getpid()}: "
+                        f"still in its teardown {self.grace_s:g} s after training ended; every thread:\n")
+        self._log.flush()
+        faulthandler.dump_traceback(file=self._log, all_threads=True)
+        self._log.flush()
+        sys.stderr.write(f"multitower: warning: rank {self.rank}: its teardown after training hung for "
+                         f"{self.grace_s:g} s (every thread's stack: {self.path}); it exits, its work saved\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(0)
+
+    def release(self) -> None:
+        if self._log is None or self._released.is_set():
+            return
+        import faulthandler
+        faulthandler.cancel_dump_traceback_later()
+        self._released.set()
+        self._log.close()

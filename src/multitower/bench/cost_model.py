@@ -55,7 +55,10 @@ class Link:
     def describe(self) -> str:
         cpu = f", {self.cpu_s_per_byte * 1e9:.2g} ns CPU/byte" if self.cpu_s_per_byte else ""
         overlap = f", {self.overlap_efficiency:.2g} of its speed beside compute" if self.overlap_efficiency < 1 else ""
-        return f"{self.name}: {self.bandwidth_Bps * 8 / 1e9:g} Gbit/s, {self.latency_s * 1e6:g} us{cpu}{overlap}"
+        beside = f", {self.beside_cpu_s_per_byte * 1e9:.2g} ns/byte lost by compute beside it" \
+            if self.beside_cpu_s_per_byte is not None else ""
+        return (f"{self.name}: {self.bandwidth_Bps * 8 / 1e9:g} Gbit/s, {self.latency_s * 1e6:g} us"
+                f"{cpu}{overlap}{beside}")
 
 
 # Bandwidth: each direction, from the public specifications named. Latency: the vendor's

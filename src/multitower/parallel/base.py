@@ -68,6 +68,10 @@ class Strategy:
     shares_parameters = False
     """True where the processes train one set of weights in shared memory (hogwild): what
     changes the weights outside the optimizer (Lookahead) then runs on rank 0 alone."""
+    ends_in_step = True
+    """True where every rank leaves the loop at the same step (a collective each step or
+    period), so its teardown waits for no peer's training; False where ranks run apart
+    (downpour's graceful rpc shutdown waits for the slowest worker; hogwild)."""
 
     # -- facts, before any process starts ------------------------------------------------
     @classmethod

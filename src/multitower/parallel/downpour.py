@@ -246,6 +246,7 @@ def _check_job_shape(cfg: ParallelConfig, servers: int) -> None:
 class Downpour(Strategy):
     name = "downpour"
     Options = DownpourOptions
+    ends_in_step = False  # each worker at its own pace; rpc.shutdown waits for the slowest
     FLAGS = (
         Flag("--ps", "parallel.options.ps", "downpour: parameter-server processes, besides the --workers",
              type=whole_number),

@@ -46,6 +46,7 @@ class Hogwild(Strategy):
     refuses = {"--channels-last": "maps its parameters onto one flat shared buffer in NCHW order",
                "--compile": "is not built to compile its workers' models (single, sync and local-sgd are)"}
     shares_parameters = True
+    ends_in_step = False
 
     def __init__(self, cfg: ParallelConfig, device: torch.device, loss_fn: LossFn):
         if device.type != "cpu":

@@ -25,9 +25,9 @@ from multitower.attempt import current_attempt
 from multitower.config import Config
 from multitower.data.loader import augments_on_device
 from multitower.errors import Interrupted, PeerLost, PeerStopped, UserError, first_line, is_communication_error
-from multitower.faults import maybe_inject
+from multitower.faults import maybe_inject, maybe_linger
 from multitower.files import atomic_write_bytes
-from multitower.heartbeat import Heartbeat, end_with_launcher
+from multitower.heartbeat import Heartbeat, TeardownBound, end_with_launcher
 from multitower.parallel import strategy_class
 from multitower.train.build import Run, build_run, world_size
 from multitower.train.checkpoint import CheckpointDir
@@ -149,7 +149,11 @@ def _train(cfg: Config, on_step, heartbeat: Heartbeat, restarted: bool, **given)
             print(run.data.describe(), flush=True)
             remove_leftovers(run_dir)  # what a crash mid-write left, now that we hold the run
             atomic_write_bytes(run_dir / "config.json", cfg.to_json().encode())
-        return _loop(run, on_step, heartbeat, checkpoints)
+        result = _loop(run, on_step, heartbeat, checkpoints)
+        if strategy.ends_in_step:
+            heartbeat.bound_teardown(TeardownBound(run_dir, strategy.rank, cfg.parallel.timeout_s))
+        maybe_linger(strategy.rank)
+        return result
     finally:
         if lock is not None:
             lock.release()
