@@ -83,6 +83,7 @@ def test_a_worker_stuck_in_its_teardown_after_training_exits_within_the_timeout_
     assert "still in its teardown 5 s after training ended" in stacks and "in maybe_linger" in stacks, stacks
     assert CheckpointDir(run_dir / "checkpoints").latest_step() == 10
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    assert not (run_dir / "logs" / "rank-0.log").exists()  # rank 0 ended in time: nothing to log
 
 
 # torch.save on a full disk raises RuntimeError from its zip writer (torch 2.13), our own

@@ -368,6 +368,7 @@ class TeardownBound:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._made = not self.path.exists()  # then removed again on release, still empty
             self._log = open(self.path, "a")
         except OSError:
             return
@@ -397,3 +398,6 @@ class TeardownBound:
         faulthandler.cancel_dump_traceback_later()
         self._released.set()
         self._log.close()
+        with contextlib.suppress(OSError):
+            if self._made and self.path.stat().st_size == 0:
+                self.path.unlink()  # nothing to say: no empty rank log in every run
