@@ -25,18 +25,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import torch.distributed as dist
 
 from multitower.attempt import current_attempt
+from multitower.train.run_dir import rank_log
 
 BEAT_S = 1.0  # seconds between signs of life
 # The store client's timeout for the watching thread's requests and the last records of a
@@ -360,10 +362,9 @@ class TeardownBound:
 
     def __init__(self, run_dir: str | os.PathLike, rank: int, timeout_s: float):
         self.grace_s = min(timeout_s, TEARDOWN_GRACE_S)
-        self.rank, self.path = rank, Path(run_dir) / "logs" / f"rank-{rank}.log"
+        self.rank, self.path = rank, rank_log(run_dir, rank)
         self._released = threading.Event()
         self._log = None
-        import multiprocessing
         if not os.environ.get("TORCHELASTIC_RUN_ID") or multiprocessing.parent_process() is not None:
             return
         try:
@@ -372,12 +373,10 @@ class TeardownBound:
             self._log = open(self.path, "a")
         except OSError:
             return
-        import faulthandler
         faulthandler.dump_traceback_later(self.grace_s + 5.0, exit=True, file=self._log)
         threading.Thread(target=self._end, name="multitower-teardown-bound", daemon=True).start()
 
     def _end(self) -> None:
-        import faulthandler
         if self._released.wait(self.grace_s):
             return
         self._log.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} pid {os.getpid()}: "
@@ -394,7 +393,6 @@ class TeardownBound:
     def release(self) -> None:
         if self._log is None or self._released.is_set():
             return
-        import faulthandler
         faulthandler.cancel_dump_traceback_later()
         self._released.set()
         self._log.close()

@@ -128,13 +128,17 @@ def remove_leftovers(run_dir: str | os.PathLike) -> list[Path]:
     return removed + CheckpointDir(run_dir / "checkpoints").remove_uncommitted()
 
 
+def rank_log(run_dir: str | os.PathLike, rank: int) -> Path:
+    """RUN_DIR/logs/rank-<rank>.log: what a rank has to say beyond one line."""
+    return Path(run_dir) / "logs" / f"rank-{rank}.log"
+
+
 def log_traceback(run_dir: str | os.PathLike, rank: int, exc: BaseException) -> Path | None:
     """Append `exc`'s traceback to RUN_DIR/logs/rank-<rank>.log; None where the run
     directory does not exist (an error before it was made)."""
     if not run_dir or not Path(run_dir).is_dir():
         return None
-    run_dir = Path(run_dir)
-    path = run_dir / "logs" / f"rank-{rank}.log"
+    path = rank_log(run_dir, rank)
     try:
         path.parent.mkdir(exist_ok=True)
         with open(path, "a") as f:
