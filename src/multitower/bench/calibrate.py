@@ -43,6 +43,7 @@ from multitower.errors import UserError
 MESSAGE_BYTES = [1024 * 4 ** k for k in range(8)]  # 1 KB ... 16 MB
 CPU_FIT_BYTES = 2 ** 20  # messages from 1 MiB up give cpu_s_per_byte (below, per-call costs weigh in)
 OVERLAP_BYTES = 4 * 2 ** 20  # the size overlap_efficiency is timed at: a gradient bucket's (cifar10-tf: 3.8 MB)
+ALONE_S = 0.05  # the shortest window the busy core's pace alone is counted over (a product ~0.2-1 ms)
 HOOKS = ("none", "bf16")  # what one call all-reduces: the float32 message, or the bf16 hook's (module docstring)
 
 
@@ -142,17 +143,18 @@ def _time_overlap(message: _Message, samples: int) -> dict:
                 (busy if computing else idle).append(took)
                 if computing:
                     # The compute's pace beside the all-reduce against its pace alone just
-                    # after, as long: the compute seconds the transfer took from the core.
+                    # after (at least ALONE_S, for enough products to count): the compute
+                    # seconds the transfer took from the core, at most the call's time. One
+                    # figure for every busy call, so their medians compare.
                     beside = (core.products - products) / took
                     start, products = time.perf_counter(), core.products
-                    time.sleep(took)
+                    time.sleep(max(took, ALONE_S))
                     alone = (core.products - products) / (time.perf_counter() - start)
-                    if alone > 0:
-                        lost.append(took * max(0.0, 1 - beside / alone))
+                    lost.append(took * max(0.0, 1 - beside / alone) if alone > 0 else 0.0)
                     dist.barrier()  # the other rank's pause ends too: no traffic while either measures alone
         core.busy.clear()
     return {"overlap_idle_s": statistics.median(idle), "overlap_busy_s": statistics.median(busy),
-            **({"overlap_compute_lost_s": statistics.median(lost)} if lost else {})}
+            "overlap_compute_lost_s": statistics.median(lost)}
 
 
 def _worker(rank: int, world_size: int, store_path: str, sizes: list[int], samples: int, out_path: str,
