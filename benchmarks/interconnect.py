@@ -243,7 +243,7 @@ def repredict(path: Path) -> None:
     fixed = (result["param_bytes"], result["activation_bytes_per_example"], result["pipeline_cut"])
     print(f"{'nodes':>5} {'link':>8} {'strategy':>9} {'measured':>9} {'stored':>9} {'now':>9} {'error':>6} "
           f"{'bf16 over float32 link':>22} {'CPU time only':>15}")
-    within, without_beside, again = 0, 0, []
+    within, without_beside, compared, again = 0, 0, 0, []
     for c in result["cells"]:
         link, rpc_link, bf16_link = links_of(c["link"], result)
         now = predict_cell(c, link, rpc_link, bf16_link, *fixed).images_per_sec
@@ -255,18 +255,21 @@ def repredict(path: Path) -> None:
             float32 = predict_cell(c, link, rpc_link, None, *fixed).images_per_sec
             old = f"{float32:.1f} ({100 * (float32 / measured - 1):+.0f}%)"
         cpu_only, plain = "", now
-        if c["strategy"] in ("sync", "sync-bf16"):
+        measured_beside = (bf16_link if c["strategy"] == "sync-bf16" and bf16_link else link).beside_cpu_s_per_byte
+        if c["strategy"] in ("sync", "sync-bf16") and measured_beside is not None:  # else the same prediction
             plain = predict_cell(c, replace(link, beside_cpu_s_per_byte=None), rpc_link,
                                  bf16_link and replace(bf16_link, beside_cpu_s_per_byte=None), *fixed).images_per_sec
             cpu_only = f"{plain:.1f} ({100 * (plain / measured - 1):+.0f}%)"
+            compared += 1
         without_beside += abs(plain / measured - 1) <= TARGET
         print(f"{c['nodes']:>5} {c['link']:>8} {c['strategy']:>9} {measured:>9.1f} "
               f"{c['predicted']['images_per_sec']:>9.1f} {now:>9.1f} {100 * (now / measured - 1):>+5.0f}% {old:>22} "
               f"{cpu_only:>15}")
     agree = winners(again)
     print(f"predicted now: within {100 * TARGET:.0f}% in {within} of {len(result['cells'])} cells; the measured "
-          f"winner predicted in {sum(w['agree'] for w in agree)} of {len(agree)} settings; with the CPU time only "
-          f"in place of the compute lost beside a transfer, within {100 * TARGET:.0f}% in {without_beside}"
+          f"winner predicted in {sum(w['agree'] for w in agree)} of {len(agree)} settings"
+          + (f"; with the CPU time only in place of the compute lost beside a transfer, within "
+             f"{100 * TARGET:.0f}% in {without_beside}" if compared else "")
           + "".join(f"\n  {winner_line(w)}" for w in agree if not w["agree"]))
 
 

@@ -34,11 +34,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch.distributed as dist
 
 from multitower.attempt import current_attempt
-from multitower.train.run_dir import rank_log
 
 BEAT_S = 1.0  # seconds between signs of life
 # The store client's timeout for the watching thread's requests and the last records of a
@@ -360,9 +360,10 @@ class TeardownBound:
     queue, so one that ends itself would leave it waiting for ever. Released when train()
     returns."""
 
-    def __init__(self, run_dir: str | os.PathLike, rank: int, timeout_s: float):
+    def __init__(self, log_path: Path, rank: int, timeout_s: float):
+        """log_path: the rank's log (train.run_dir.rank_log), where the stacks go."""
         self.grace_s = min(timeout_s, TEARDOWN_GRACE_S)
-        self.rank, self.path = rank, rank_log(run_dir, rank)
+        self.rank, self.path = rank, log_path
         self._released = threading.Event()
         self._log = None
         if not os.environ.get("TORCHELASTIC_RUN_ID") or multiprocessing.parent_process() is not None:

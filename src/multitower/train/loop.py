@@ -33,7 +33,7 @@ from multitower.train.build import Run, build_run, world_size
 from multitower.train.checkpoint import CheckpointDir
 from multitower.train.ema import LossAverage
 from multitower.train.host import peak_memory
-from multitower.train.run_dir import HELD_BY_LAUNCHER, RunDirLock, check_run_dir, remove_leftovers, write_status
+from multitower.train.run_dir import HELD_BY_LAUNCHER, RunDirLock, check_run_dir, rank_log, remove_leftovers, write_status
 from multitower.train.summaries import Summaries, capture_activations
 
 
@@ -151,7 +151,8 @@ def _train(cfg: Config, on_step, heartbeat: Heartbeat, restarted: bool, **given)
             atomic_write_bytes(run_dir / "config.json", cfg.to_json().encode())
         result = _loop(run, on_step, heartbeat, checkpoints)
         if strategy.ends_in_step:
-            heartbeat.bound_teardown(TeardownBound(run_dir, strategy.rank, cfg.parallel.timeout_s))
+            heartbeat.bound_teardown(TeardownBound(rank_log(run_dir, strategy.rank), strategy.rank,
+                                                    cfg.parallel.timeout_s))
         maybe_linger(strategy.rank)
         return result
     finally:
