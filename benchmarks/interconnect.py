@@ -215,8 +215,10 @@ def say_calibrations(link: str, result: dict) -> None:
                 f"ns CPU/byte" + (f", overlap {c['overlap_efficiency']:.2f}" if overlap else "")
                 + (f", {c['beside_cpu_s_per_byte'] * 1e9:.2f} ns/byte lost by compute beside it"
                    if c.get("beside_cpu_s_per_byte") is not None else ""))
+    rpc = result['rpc_calibrations'][link]
+    answer = f", {rpc['answer_cpu_s_per_byte'] * 1e9:.2f} ns CPU/byte answering" if rpc.get("answer_cpu_s_per_byte") else ""
     print(f"{link}: gloo: {line(result['calibrations'][link])}; rpc (no overlap timed): "
-          f"{line(result['rpc_calibrations'][link], overlap=False)}", flush=True)
+          f"{line(rpc, overlap=False)}{answer}", flush=True)
     if link in result["bf16_calibrations"]:
         print(f"{link}: the bf16 hook (per bf16 byte): {line(result['bf16_calibrations'][link])}", flush=True)
 

@@ -7,9 +7,15 @@ the distortions, forward, backward, all-reduce, update, EMA) of
   * 1 worker using every core (the Single strategy, threads = cores), against
   * N workers with cores / N threads each (the Sync strategy: DDP over gloo on
     loopback), with gradient compression none, bf16 and PowerSGD,
-all at the same global batch. Repetitions alternate the configurations so that
-machine noise hits all of them; medians are reported. Also reported: the fraction
-of step time with an all-reduce in flight and the bytes all-reduced per step.
+all at the same global batch, and
+  * N independent workers, each the Single strategy with its share of the batch and of
+    the cores, run at the same time with nothing exchanged: the ceiling N synchronised
+    workers could reach here, so that sync's distance from it is what synchronising
+    costs (the all-reduce's CPU time on cores that also compute, and each step waiting
+    for the slower worker), apart from what splitting the cores gains or loses.
+Repetitions alternate the configurations so that machine noise hits all of them;
+medians are reported. Also reported: the fraction of step time with an all-reduce in
+flight and the bytes all-reduced per step.
 """
 
 from __future__ import annotations
@@ -36,8 +42,10 @@ def build(data_dir: str, **settings):
     return build_run(Config().with_values({"data.dir": data_dir, **settings_of(summary_every=0, **settings)}))
 
 
-def timed_steps(run, warmup: int, steps: int) -> dict:
-    """Run warmup + steps training steps; return examples/sec, comm fraction, bytes/step."""
+def timed_steps(run, warmup: int, steps: int, start_together: bool = False) -> dict:
+    """Run warmup + steps training steps; return examples/sec, comm fraction, bytes/step.
+    start_together: the timed steps start after a barrier of the process group (ranks that
+    otherwise exchange nothing)."""
     strategy, model, ema, world = run.strategy, run.model, run.ema, run.strategy.world_size
     batch_size = run.cfg.data.batch_size
     timer = getattr(strategy, "timer", None)
@@ -48,7 +56,7 @@ def timed_steps(run, warmup: int, steps: int) -> dict:
             ema.update(model, step + 1)
         if timer is not None:
             timer.take()
-        if world > 1:
+        if world > 1 or start_together:
             dist.barrier()
         start = time.perf_counter()
         comm_s, sent = 0.0, 0.0
@@ -66,12 +74,23 @@ def timed_steps(run, warmup: int, steps: int) -> dict:
 def worker(rank: int, world: int, store_path: str, data_dir: str, compression: str, batch_size: int,
            warmup: int, steps: int, out_path: str) -> None:
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
-    run = build(data_dir, strategy="sync", workers=world, grad_compression=compression, batch_size=batch_size,
-                threads=max(1, len(os.sched_getaffinity(0)) // world))
-    result = timed_steps(run, warmup, steps)
+    threads = max(1, len(os.sched_getaffinity(0)) // world)
+    if compression == INDEPENDENT:  # the Single strategy (no WORLD_SIZE here), its share of the batch
+        run = build(data_dir, batch_size=batch_size // world, threads=threads)
+        result = timed_steps(run, warmup, steps, start_together=True)
+        rates = [None] * world
+        dist.all_gather_object(rates, result["examples_per_sec"])
+        result["examples_per_sec"] = sum(rates)
+    else:
+        run = build(data_dir, strategy="sync", workers=world, grad_compression=compression, batch_size=batch_size,
+                    threads=threads)
+        result = timed_steps(run, warmup, steps)
     if rank == 0:
         torch.save(result, out_path)
     run.strategy.close()
+
+
+INDEPENDENT = "independent"  # not a compression: N workers that exchange nothing
 
 
 def run_workers(world: int, data_dir: str, compression: str, args, tmp: str, tag: str) -> dict:
@@ -96,7 +115,9 @@ def main() -> None:
 
     configs = [("1 worker x %d threads" % cores, 1, "none")] + [
         (f"{args.workers} workers x {max(1, cores // args.workers)} thread(s), {c}", args.workers, c)
-        for c in ("none", "bf16", "powersgd")]
+        for c in ("none", "bf16", "powersgd")] + [
+        (f"{args.workers} independent workers x {max(1, cores // args.workers)} thread(s), batch "
+         f"{args.batch_size // args.workers} each", args.workers, INDEPENDENT)]
     samples: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = str(make_synthetic(f"{tmp}/synthetic", train=10000, val=100).root)

@@ -131,6 +131,33 @@ def test_downpour_workers_queue_for_the_servers_links():
     assert rare == pytest.approx((4 * 1e-3 + 2e-3) / 4)
 
 
+def test_downpour_servers_on_workers_cores_slow_those_workers_by_their_answers():
+    """The emulated cluster on 2 cores puts the server node on worker 0's core: the server's CPU
+    time answering a round's exchanges (Link.answer_cpu_s_per_byte) lengthens the rounds of
+    the workers on its core."""
+    work = Workload(1e-3, 1e6, 1)
+    link = Link("no latency", 1e9, 0.0, answer_cpu_s_per_byte=0.5e-9)  # 0.5 ms to answer 1 MB
+    own = predict_downpour(work, flat(1, link), Knobs(ps=1)).step_s
+    assert own == pytest.approx(3e-3)  # servers on cores of their own: as before
+    shared = predict_downpour(work, Cluster(1, 1, link, link, server_cores_shared_by=1), Knobs(ps=1)).step_s
+    assert shared == pytest.approx(3.5e-3)
+    # Two workers, the server on one's core: 2 x 0.5 ms of answers a round, taken by that
+    # worker alone; the mean worker computes 0.5 ms longer, then queues as before.
+    two = predict_downpour(work, Cluster(2, 1, link, link, server_cores_shared_by=1), Knobs(ps=1)).step_s
+    assert two == pytest.approx(closed_network_cycle_s(2, 1.5e-3, [1e-3, 1e-3]))
+
+
+def test_an_rpc_calibration_gives_its_answering_sides_cpu_per_byte():
+    samples = [{"bytes": 4096, "median_s": 1e-3, "server_cpu_s": 1e-3},  # per-call costs: not counted
+               {"bytes": 2 ** 20, "median_s": 2e-3, "server_cpu_s": 2 ** 20 * 1e-9},
+               {"bytes": 2 ** 22, "median_s": 5e-3, "server_cpu_s": 2 ** 22 * 2e-9},
+               {"bytes": 2 ** 23, "median_s": 9e-3, "server_cpu_s": 2 ** 23 * 4e-9}]
+    rpc = calibrated_link("rpc", {"alpha_s": 1e-4, "beta_Bps": 1e8, "samples": samples})
+    assert rpc.answer_cpu_s_per_byte == pytest.approx(2e-9)
+    gloo = calibrated_link("gloo", {"alpha_s": 1e-4, "beta_Bps": 1e8, "samples": [{"bytes": 2 ** 22, "median_s": 5e-3}]})
+    assert gloo.answer_cpu_s_per_byte == 0.0
+
+
 def test_pipeline_bubble():
     assert bubble_fraction(4, 16) == pytest.approx(3 / 19)
     assert bubble_fraction(1, 8) == 0.0

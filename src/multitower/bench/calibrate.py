@@ -198,6 +198,15 @@ def cpu_per_byte(timings: dict[int, dict], world_size: int = 2) -> float:
     return statistics.median(rates) if rates else 0.0
 
 
+def answer_cpu_per_byte(samples: list[dict]) -> float:
+    """Link.answer_cpu_s_per_byte from an rpc calibration's samples (bench/interconnect's
+    calibrate_rpc: the answering side's CPU seconds per call, "server_cpu_s"): the median
+    over the messages of CPU_FIT_BYTES and up of those seconds over the request's bytes;
+    0.0 where the answering side was not timed (a gloo calibration)."""
+    rates = [t["server_cpu_s"] / t["bytes"] for t in samples if t["bytes"] >= CPU_FIT_BYTES and "server_cpu_s" in t]
+    return statistics.median(rates) if rates else 0.0
+
+
 def beside_cpu_per_byte(timings: dict[int, dict], world_size: int = 2) -> float | None:
     """Link.beside_cpu_s_per_byte from _time_overlap's figures: the compute seconds the
     all-reduce took from its rank's busy core, over the bytes the rank sent; None where
@@ -247,11 +256,12 @@ def measure_allreduce(sizes: list[int] = MESSAGE_BYTES, samples: int = 5, world_
 def calibrated_link(name: str, calibration: dict) -> Link:
     """The Link a calibration (measure_allreduce's dict, or bench/interconnect's) measured.
     cpu_s_per_byte, overlap_efficiency, beside_cpu_s_per_byte: absent from files written
-    before they were measured."""
+    before they were measured; answer_cpu_s_per_byte from the samples of an rpc calibration
+    (0 for others)."""
     beside = calibration.get("beside_cpu_s_per_byte")
     return Link(name, float(calibration["beta_Bps"]), float(calibration["alpha_s"]),
                 float(calibration.get("cpu_s_per_byte", 0.0)), float(calibration.get("overlap_efficiency", 1.0)),
-                None if beside is None else float(beside))
+                None if beside is None else float(beside), answer_cpu_per_byte(calibration.get("samples", [])))
 
 
 def link_from_calibration(path: str | Path) -> Link:

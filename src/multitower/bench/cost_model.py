@@ -44,6 +44,11 @@ class Link:
     all-reduce and alone): about twice cpu_s_per_byte between emulated nodes over links of
     200 and 50 Mbit/s, as much at 1 Gbit/s. None: cpu_s_per_byte."""
 
+    answer_cpu_s_per_byte: float = 0.0
+    """CPU seconds the answering side of a request-and-reply exchange (downpour's server)
+    spends per byte of a request, replying with as many: measured by the rpc calibration
+    (bench/interconnect.calibrate_rpc); 0 where it was not measured."""
+
     @property
     def beside_cpu(self) -> float:
         return self.cpu_s_per_byte if self.beside_cpu_s_per_byte is None else self.beside_cpu_s_per_byte
@@ -57,8 +62,9 @@ class Link:
         overlap = f", {self.overlap_efficiency:.2g} of its speed beside compute" if self.overlap_efficiency < 1 else ""
         beside = f", {self.beside_cpu_s_per_byte * 1e9:.2g} ns/byte lost by compute beside it" \
             if self.beside_cpu_s_per_byte is not None else ""
+        answer = f", {self.answer_cpu_s_per_byte * 1e9:.2g} ns CPU/byte answering" if self.answer_cpu_s_per_byte else ""
         return (f"{self.name}: {self.bandwidth_Bps * 8 / 1e9:g} Gbit/s, {self.latency_s * 1e6:g} us"
-                f"{cpu}{overlap}{beside}")
+                f"{cpu}{overlap}{beside}{answer}")
 
 
 # Bandwidth: each direction, from the public specifications named. Latency: the vendor's
@@ -141,6 +147,10 @@ class Cluster:
     # emulated nodes share one machine's cores, and the CPU part of their communication
     # queues on those cores one after the other.
     cores_shared_by: int = 1
+    # Devices whose cores downpour's servers run on too: 0 on a real cluster, where the servers
+    # have machines of their own; the emulated cluster on 2 cores puts the server node on
+    # worker 0's core (cluster/job.divide_cores), and its work slows the workers there.
+    server_cores_shared_by: int = 0
 
     @property
     def nodes(self) -> int:
@@ -330,7 +340,10 @@ def predict_downpour(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> P
     waiting, which these queues do not see: 2 nodes at 50 Mbit/s did so in one of three
     repetitions (104 images/s, against 68 and 73 queueing, 68 predicted). Servers are P
     extra processes, not counted as devices, reached over the intra link when the job fits
-    one node of several devices, else over the inter-node link."""
+    one node of several devices, else over the inter-node link; where they share cores with
+    workers (cluster.server_cores_shared_by), their CPU time answering a round's N
+    exchanges lengthens those workers' rounds. (Without it, 2 emulated nodes at 1 Gbit/s,
+    the server on worker 0's core, were predicted +16% to +24% in four runs.)"""
     n, period = cluster.devices, knobs.ps_period
     link = cluster.intra if cluster.nodes == 1 and cluster.devices_per_node > 1 else cluster.inter
     compute_s = w.batch_per_device * w.compute_s("downpour")
@@ -338,7 +351,11 @@ def predict_downpour(w: Workload, cluster: Cluster, knobs: Knobs = Knobs()) -> P
     cpu_s = w.param_bytes * link.cpu_s_per_byte * cluster.cores_shared_by
     exchange_s = host_exposed_s(2 * one_way_s, cpu_s, 0.0)
     server_link_s = w.param_bytes / (knobs.ps * link.bandwidth_Bps)
-    think_s = period * compute_s + exchange_s - 2 * server_link_s  # a round beside the shared links
+    # The servers answer N exchanges a round; where their cores are some workers' cores, those
+    # workers compute that much longer each round (the others not at all): the mean worker's share.
+    server_cpu_s = n * w.param_bytes * link.answer_cpu_s_per_byte
+    slowed_s = server_cpu_s * min(cluster.server_cores_shared_by, n) / n
+    think_s = period * compute_s + exchange_s + slowed_s - 2 * server_link_s  # a round beside the shared links
     step_s = closed_network_cycle_s(n, think_s, [server_link_s, server_link_s]) / period
     return _prediction("downpour", w, n, compute_s, step_s - compute_s, max(2 * one_way_s, cpu_s) / period)
 

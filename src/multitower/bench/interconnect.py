@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from multitower.bench.calibrate import beside_cpu_per_byte, cpu_per_byte, overlap_efficiency
+from multitower.bench.calibrate import answer_cpu_per_byte, beside_cpu_per_byte, cpu_per_byte, overlap_efficiency
 from multitower.bench.cost_model import Cluster, Knobs, Link, Prediction, Workload, predict_downpour, \
     predict_local_sgd, predict_pipeline, predict_sync
 from multitower.errors import UserError
@@ -125,12 +125,14 @@ def _pair_across_link(rate_bps: int | None, command: str, args_of, what: str) ->
 
 def _link_result(rate_bps: int | None, alpha: float, beta: float, cpu: float, timings: dict[int, dict],
                  **more) -> dict:
+    samples = [{"bytes": m, **{k: v for k, v in timings[m].items() if k not in ("all_s", "calls")}}
+               for m in sorted(timings)]
     return {"rate_bps": rate_bps, **more, "alpha_s": alpha, "beta_Bps": beta, "cpu_s_per_byte": cpu,
             "beside_cpu_s_per_byte": beside_cpu_per_byte(timings),
+            "answer_cpu_s_per_byte": answer_cpu_per_byte(samples),
             "overlap_efficiency": overlap_efficiency(timings),
             "latency_us": alpha * 1e6, "bandwidth_gbps": beta * 8 / 1e9, "cpu_ns_per_byte": cpu * 1e9,
-            "samples": [{"bytes": m, **{k: v for k, v in timings[m].items() if k not in ("all_s", "calls")}}
-                        for m in sorted(timings)]}
+            "samples": samples}
 
 
 def calibrate_link(rate_bps: int | None, samples: int = 5, hook: str = "none") -> dict:
@@ -244,6 +246,17 @@ def cores_shared_by(setup: Setup) -> int:
     return max(sum(core in share for share in cores) for core in {c for share in cores for c in share})
 
 
+def server_cores_shared_by(setup: Setup) -> int:
+    """Worker processes on the cores of downpour's server node (its last node): 1 for 2 nodes
+    on 2 cores (the server on worker 0's core), 2 for 4; 0 for the other strategies."""
+    if setup.strategy != "downpour":
+        return 0
+    from multitower.cluster.job import divide_cores
+    server = set(divide_cores(setup.cluster_nodes, 0, sorted(os.sched_getaffinity(0)))[-1])
+    cores, _ = node_layout(setup)
+    return sum(bool(server & set(share)) for share in cores)
+
+
 def pinned_compute_s(setup: Setup, data_dir: str, steps: int = 10, reps: int = 3) -> dict:
     """Seconds per example of train's step at the worker's batch (profile_batch), in the
     strategy's memory format (plan.keeps_nchw), on batches from `data_dir`'s records through
@@ -297,7 +310,8 @@ def predict(setup: Setup, compute_s_per_example: float, link: Link, param_bytes:
         return predict_local_sgd(work, cluster, Knobs(local_sgd_period=LOCAL_SGD_PERIOD))
     if setup.strategy == "downpour":
         rpc_link = rpc_link or link
-        return predict_downpour(work, Cluster(workers, 1, rpc_link, rpc_link, cores_shared_by=shared),
+        return predict_downpour(work, Cluster(workers, 1, rpc_link, rpc_link, cores_shared_by=shared,
+                                              server_cores_shared_by=server_cores_shared_by(setup)),
                                 Knobs(ps=1, ps_period=1))
     return predict_pipeline(work, cluster, Knobs(stages=PIPELINE_STAGES, micro_batches=PIPELINE_MICROBATCHES))
 
