@@ -48,7 +48,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from multitower.bench.calibrate import calibrated_link
+from multitower.bench.calibrate import answer_cpu_per_byte, calibrated_link
 from multitower.bench.interconnect import GLOBAL_BATCH, LOCAL_SGD_PERIOD, PIPELINE_STAGES, STRATEGIES, CellFailed, \
     Setup, calibrate_link, calibrate_rpc, pinned_compute_s, predict, run_cell, trained_wall_s
 from multitower.bench.measure import benchmark_data, environment, write_json
@@ -216,7 +216,8 @@ def say_calibrations(link: str, result: dict) -> None:
                 + (f", {c['beside_cpu_s_per_byte'] * 1e9:.2f} ns/byte lost by compute beside it"
                    if c.get("beside_cpu_s_per_byte") is not None else ""))
     rpc = result['rpc_calibrations'][link]
-    answer = f", {rpc['answer_cpu_s_per_byte'] * 1e9:.2f} ns CPU/byte answering" if rpc.get("answer_cpu_s_per_byte") else ""
+    answering = answer_cpu_per_byte(rpc["samples"])
+    answer = f", {answering * 1e9:.2f} ns CPU/byte answering" if answering else ""
     print(f"{link}: gloo: {line(result['calibrations'][link])}; rpc (no overlap timed): "
           f"{line(rpc, overlap=False)}{answer}", flush=True)
     if link in result["bf16_calibrations"]:
@@ -235,7 +236,9 @@ def repredict(path: Path) -> None:
     own measured inputs (calibrations, compute, backward share), next to its measured and
     stored predicted images/sec; sync-bf16 also over the float32 link (the model before the
     bf16 hook's link was calibrated); sync and sync-bf16 also without the links' compute lost
-    beside a transfer (beside_cpu_s_per_byte; the model before it was calibrated). Cores are
+    beside a transfer (beside_cpu_s_per_byte; the model before it was calibrated); downpour also
+    without its server's answers (answer_cpu_s_per_byte; the model before it counted them);
+    each cell's predicted exposed share of the step; then each link as calibrated. Cores are
     divided as on this machine, so the run must come from a machine with as many."""
     result = json.loads(path.read_text())
     cores = len(os.sched_getaffinity(0))
@@ -244,11 +247,12 @@ def repredict(path: Path) -> None:
                          f"process has {cores}: the emulated nodes would share cores differently")
     fixed = (result["param_bytes"], result["activation_bytes_per_example"], result["pipeline_cut"])
     print(f"{'nodes':>5} {'link':>8} {'strategy':>9} {'measured':>9} {'stored':>9} {'now':>9} {'error':>6} "
-          f"{'bf16 over float32 link':>22} {'CPU time only':>15}")
+          f"{'bf16 over float32 link':>22} {'CPU time only':>15} {'no server answers':>17} {'exposed':>7}")
     within, without_beside, compared, again = 0, 0, 0, []
     for c in result["cells"]:
         link, rpc_link, bf16_link = links_of(c["link"], result)
-        now = predict_cell(c, link, rpc_link, bf16_link, *fixed).images_per_sec
+        prediction = predict_cell(c, link, rpc_link, bf16_link, *fixed)
+        now = prediction.images_per_sec
         again.append({**c, "predicted": {"images_per_sec": now}})
         measured = c["measured"]["images_per_sec"]
         within += abs(now / measured - 1) <= TARGET
@@ -264,9 +268,15 @@ def repredict(path: Path) -> None:
             cpu_only = f"{plain:.1f} ({100 * (plain / measured - 1):+.0f}%)"
             compared += 1
         without_beside += abs(plain / measured - 1) <= TARGET
+        unanswered = ""
+        if c["strategy"] == "downpour" and rpc_link.answer_cpu_s_per_byte:
+            alone = predict_cell(c, link, replace(rpc_link, answer_cpu_s_per_byte=0.0), bf16_link, *fixed).images_per_sec
+            unanswered = f"{alone:.1f} ({100 * (alone / measured - 1):+.0f}%)"
         print(f"{c['nodes']:>5} {c['link']:>8} {c['strategy']:>9} {measured:>9.1f} "
               f"{c['predicted']['images_per_sec']:>9.1f} {now:>9.1f} {100 * (now / measured - 1):>+5.0f}% {old:>22} "
-              f"{cpu_only:>15}")
+              f"{cpu_only:>15} {unanswered:>17} {100 * prediction.exposed_comm_s / prediction.step_s:>6.0f}%")
+    for name in dict.fromkeys(c["link"] for c in result["cells"]):
+        print("  " + "; ".join(link.describe() for link in links_of(name, result) if link is not None))
     agree = winners(again)
     print(f"predicted now: within {100 * TARGET:.0f}% in {within} of {len(result['cells'])} cells; the measured "
           f"winner predicted in {sum(w['agree'] for w in agree)} of {len(agree)} settings"

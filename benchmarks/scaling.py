@@ -71,6 +71,9 @@ def timed_steps(run, warmup: int, steps: int, start_together: bool = False) -> d
             "bytes_per_step": sent / steps}
 
 
+INDEPENDENT = "independent"  # not a compression: N workers that exchange nothing
+
+
 def worker(rank: int, world: int, store_path: str, data_dir: str, compression: str, batch_size: int,
            warmup: int, steps: int, out_path: str) -> None:
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
@@ -88,9 +91,6 @@ def worker(rank: int, world: int, store_path: str, data_dir: str, compression: s
     if rank == 0:
         torch.save(result, out_path)
     run.strategy.close()
-
-
-INDEPENDENT = "independent"  # not a compression: N workers that exchange nothing
 
 
 def run_workers(world: int, data_dir: str, compression: str, args, tmp: str, tag: str) -> dict:

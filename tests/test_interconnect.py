@@ -145,6 +145,36 @@ def test_a_stored_run_is_predicted_again_from_its_own_measurements(tmp_path, cap
         repredict(path)
 
 
+def test_a_stored_downpour_cell_is_predicted_again_with_and_without_its_servers_answers(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """--repredict on a downpour cell whose rpc calibration timed the answering side: the row
+    also gives the prediction without the server's answers, and the link line their figure."""
+    import json
+    from dataclasses import replace
+    from multitower.bench.calibrate import calibrated_link
+    monkeypatch.setattr(interconnect.os, "sched_getaffinity", lambda pid: {0, 1})
+    repredict = benchmark_script("interconnect").repredict
+    param_bytes, activation_bytes = model_bytes("cifar10-tf", 1)
+    cut = pipeline_cut("cifar10-tf", 1, 2)
+    gloo = {"alpha_s": 1e-3, "beta_Bps": 1e8, "cpu_s_per_byte": 1e-9}
+    rpc = {**gloo, "samples": [{"bytes": 2 ** 22, "median_s": 0.1, "server_cpu_s": 2 ** 22 * 5e-9}]}
+    cell = {"strategy": "downpour", "nodes": 2, "link": "1gbit", "compute_s_per_example": 1e-3,
+            "backward_share": 0.6, "measured": {"images_per_sec": 300.0}, "predicted": {"images_per_sec": 1.0}}
+    answered = calibrated_link("l", rpc)
+    expected = [predict(Setup("downpour", 2), 1e-3, calibrated_link("l", gloo), param_bytes, activation_bytes, cut,
+                        link, 0.6).images_per_sec for link in (answered, replace(answered, answer_cpu_s_per_byte=0.0))]
+    assert expected[0] < expected[1]  # the server on worker 0's core slows it
+    path = tmp_path / "interconnect.json"
+    path.write_text(json.dumps({"environment": {"cores": 2}, "param_bytes": param_bytes,
+                                "activation_bytes_per_example": activation_bytes, "pipeline_cut": cut,
+                                "calibrations": {"1gbit": gloo}, "rpc_calibrations": {"1gbit": rpc},
+                                "bf16_calibrations": {}, "cells": [cell]}))
+    repredict(path)
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].split()[5] == f"{expected[0]:.1f}" and f"{expected[1]:.1f} (" in rows[1], rows[1]
+    assert "5 ns CPU/byte answering" in rows[2], rows[2]
+
+
 def test_a_cell_is_the_median_of_its_repetitions_with_their_spread():
     """--reps: a cell's measured rates and the compute it is predicted from are the medians
     of its repetitions (each kept), its spread max / min - 1 of their images/sec, and the

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from multitower.bench.calibrate import answer_cpu_per_byte, beside_cpu_per_byte, cpu_per_byte, overlap_efficiency
+from multitower.bench.calibrate import beside_cpu_per_byte, cpu_per_byte, overlap_efficiency
 from multitower.bench.cost_model import Cluster, Knobs, Link, Prediction, Workload, predict_downpour, \
     predict_local_sgd, predict_pipeline, predict_sync
 from multitower.errors import UserError
@@ -125,14 +125,12 @@ def _pair_across_link(rate_bps: int | None, command: str, args_of, what: str) ->
 
 def _link_result(rate_bps: int | None, alpha: float, beta: float, cpu: float, timings: dict[int, dict],
                  **more) -> dict:
-    samples = [{"bytes": m, **{k: v for k, v in timings[m].items() if k not in ("all_s", "calls")}}
-               for m in sorted(timings)]
     return {"rate_bps": rate_bps, **more, "alpha_s": alpha, "beta_Bps": beta, "cpu_s_per_byte": cpu,
             "beside_cpu_s_per_byte": beside_cpu_per_byte(timings),
-            "answer_cpu_s_per_byte": answer_cpu_per_byte(samples),
             "overlap_efficiency": overlap_efficiency(timings),
             "latency_us": alpha * 1e6, "bandwidth_gbps": beta * 8 / 1e9, "cpu_ns_per_byte": cpu * 1e9,
-            "samples": samples}
+            "samples": [{"bytes": m, **{k: v for k, v in timings[m].items() if k not in ("all_s", "calls")}}
+                        for m in sorted(timings)]}
 
 
 def calibrate_link(rate_bps: int | None, samples: int = 5, hook: str = "none") -> dict:
@@ -235,9 +233,15 @@ def node_layout(setup: Setup) -> tuple[list[list[int]], list[int]]:
     """(cores, threads) of each worker process as `multitower cluster` gives them: node I's
     share of the cores (cluster/job.py divide_cores), its threads the share's size (one
     worker per node). Downpour's server node takes a share too, but computes no steps."""
-    from multitower.cluster.job import divide_cores
-    shares = divide_cores(setup.cluster_nodes, 0, sorted(os.sched_getaffinity(0)))[:setup.workers]
+    shares = node_shares(setup)[:setup.workers]
     return shares, [len(share) for share in shares]
+
+
+def node_shares(setup: Setup) -> list[list[int]]:
+    """Every node's cores as `multitower cluster` divides them (cluster/job.py divide_cores),
+    downpour's server node last."""
+    from multitower.cluster.job import divide_cores
+    return divide_cores(setup.cluster_nodes, 0, sorted(os.sched_getaffinity(0)))
 
 
 def cores_shared_by(setup: Setup) -> int:
@@ -251,10 +255,9 @@ def server_cores_shared_by(setup: Setup) -> int:
     on 2 cores (the server on worker 0's core), 2 for 4; 0 for the other strategies."""
     if setup.strategy != "downpour":
         return 0
-    from multitower.cluster.job import divide_cores
-    server = set(divide_cores(setup.cluster_nodes, 0, sorted(os.sched_getaffinity(0)))[-1])
-    cores, _ = node_layout(setup)
-    return sum(bool(server & set(share)) for share in cores)
+    shares = node_shares(setup)
+    server = set(shares[-1])
+    return sum(bool(server & set(share)) for share in shares[:setup.workers])
 
 
 def pinned_compute_s(setup: Setup, data_dir: str, steps: int = 10, reps: int = 3) -> dict:
